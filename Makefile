@@ -1,0 +1,41 @@
+# Set-up and the main entry points. `make demo` and `make test` work on a fresh machine with
+# Python 3.11 and the package registries.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SNAKEMAKE := $(VENV)/bin/snakemake
+CORES ?= 2
+STAMP := $(VENV)/.foldsoup-installed
+
+.PHONY: setup demo report test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-workflow.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-workflow.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+demo: setup
+	$(SNAKEMAKE) --cores $(CORES)
+	@echo
+	@echo "Done. Read results/summary.md; tables in results/tables/, figures in results/figures/,"
+	@echo "soups in results/soups/. HTML report: make report"
+
+report: demo
+	$(SNAKEMAKE) --cores 1 --report results/report.html
+	@echo "Report: results/report.html"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(SNAKEMAKE) --lint
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf results .snakemake

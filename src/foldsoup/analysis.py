@@ -1,0 +1,208 @@
+"""Section 3.1 analysis: fold subsets, and the reliability of val accuracy (Tables 1 and 2).
+
+Pure pandas/numpy/itertools so that the Snakefile and light jobs can import it cheaply.
+Accuracies are fractions in [0, 1] throughout; the summary turns them into percentages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+# Order in which methods appear in every table and figure; unknown methods follow, sorted.
+METHOD_ORDER: tuple[str, ...] = (
+    "best_on_val",
+    "uniform_soup",
+    "greedy_soup",
+    "bgss",
+    "gsgs",
+    "best_uniform_per_split",
+)
+
+RELIABILITY_COLUMNS: tuple[str, ...] = (
+    "n",
+    "n_soups",
+    "rmse_avg_acc",
+    "rmse_min_acc",
+    "mean_gap_avg_acc",
+    "mean_gap_min_acc",
+    "corr_all",
+    "threshold",
+    "corr_over_threshold",
+    "n_over_threshold",
+)
+
+
+# --------------------------------------------------------------------------- fold subsets
+
+
+def format_folds(subset: Iterable[int]) -> str:
+    """Fold numbers as written in CSVs: (0, 2, 3) -> "0-2-3"."""
+    return "-".join(str(int(f)) for f in subset)
+
+
+def parse_folds(text: str | int) -> tuple[int, ...]:
+    """Inverse of `format_folds`. Accepts an int too, since pandas may read "3" as 3."""
+    if isinstance(text, (int, np.integer)):
+        return (int(text),)
+    text = str(text).strip()
+    if not text:
+        raise ValueError("empty folds string")
+    return tuple(int(part) for part in text.split("-"))
+
+
+def subsets_sampled(k: int, max_per_n: int | None) -> bool:
+    """True when a cap of `max_per_n` drops some subsets of at least one size n."""
+    if max_per_n is None:
+        return False
+    return any(math.comb(k, n) > max_per_n for n in range(1, k + 1))
+
+
+def fold_subsets(k: int, max_per_n: int | None = None, seed: int = 0) -> list[tuple[int, ...]]:
+    """Non-empty subsets of range(k), ordered by size then lexicographically.
+
+    With `max_per_n`, each size n keeps at most that many subsets, drawn without replacement
+    by one numpy Generator(seed) walked through n = 1..k in order (deterministic for a seed).
+    Sizes with C(k, n) <= max_per_n keep all their subsets and draw nothing.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if max_per_n is not None and max_per_n < 1:
+        raise ValueError(f"max_per_n must be >= 1 or None, got {max_per_n}")
+    rng = np.random.default_rng(seed)
+    out: list[tuple[int, ...]] = []
+    for n in range(1, k + 1):
+        combos = list(itertools.combinations(range(k), n))
+        if max_per_n is not None and len(combos) > max_per_n:
+            keep = np.sort(rng.choice(len(combos), size=max_per_n, replace=False))
+            combos = [combos[i] for i in keep]
+        out.extend(combos)
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation of the finite (x, y) pairs.
+
+    Returns NaN rather than raising when there are fewer than 2 pairs or either side has zero
+    variance: a table cell must stay fillable when, say, only one soup clears the threshold.
+    """
+    xa = np.asarray(x, dtype=np.float64)
+    ya = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[ok], ya[ok]
+    if xa.size < 2:
+        return float("nan")
+    dx, dy = xa - xa.mean(), ya - ya.mean()
+    sxx, syy = float(dx @ dx), float(dy @ dy)
+    # Exact zero is what constant inputs give; a relative tolerance guards against rounding.
+    if sxx <= 1e-24 * max(1.0, float(xa @ xa)) or syy <= 1e-24 * max(1.0, float(ya @ ya)):
+        return float("nan")
+    r = float(dx @ dy) / math.sqrt(sxx * syy)
+    return max(-1.0, min(1.0, r))
+
+
+def rmse(val: Sequence[float], test: Sequence[float]) -> float:
+    """sqrt(mean((val - test)^2)) over finite pairs (Eq. 4); NaN when there are none."""
+    gap = _finite_gap(val, test)
+    return float(np.sqrt(np.mean(gap**2))) if gap.size else float("nan")
+
+
+def mean_gap(val: Sequence[float], test: Sequence[float]) -> float:
+    """mean(val - test) over finite pairs: > 0 means val accuracy is optimistic."""
+    gap = _finite_gap(val, test)
+    return float(gap.mean()) if gap.size else float("nan")
+
+
+def _finite_gap(val: Sequence[float], test: Sequence[float]) -> np.ndarray:
+    gap = np.asarray(val, dtype=np.float64) - np.asarray(test, dtype=np.float64)
+    return gap[np.isfinite(gap)]
+
+
+# --------------------------------------------------------------------------- Tables 1 and 2
+
+
+def diverged_mask(models: pd.DataFrame) -> pd.Series:
+    """Boolean mask of diverged models; all False when there is no `diverged` column.
+
+    Tolerates the column coming back from CSV as strings ("True"/"False") or 0/1.
+    """
+    if "diverged" not in models.columns:
+        return pd.Series(False, index=models.index)
+    col = models["diverged"]
+    if col.dtype == bool:
+        return col.fillna(False)
+    return col.map(lambda v: str(v).strip().lower() in ("true", "1", "yes")).astype(bool)
+
+
+def val_threshold(models: pd.DataFrame) -> float:
+    """Lowest val accuracy among the single models that did not diverge (Table 2, Fig. 4).
+
+    Diverged models are left out because one collapsed run would otherwise drag the threshold
+    to chance level and make "corr over thre" the same as "corr for all". NaN if none is left.
+    """
+    kept = models.loc[~diverged_mask(models), "val_acc"].astype(float)
+    kept = kept[np.isfinite(kept)]
+    return float(kept.min()) if len(kept) else float("nan")
+
+
+def reliability_table(subsets: pd.DataFrame, models: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
+    """Tables 1 and 2 (plus mean gaps): one row per soup size n = 1..k.
+
+    `subsets`: hp, folds, n, avg_acc, min_acc, test_acc (one uniform soup per grid point and
+    fold subset). `models`: hp, fold, val_acc, test_acc[, diverged]. All statistics for size n
+    are over every (hp, subset) row of that size, diverged or not ("for all"); only the
+    threshold ignores diverged models. `k` defaults to the larger of the number of folds seen
+    in `models` and the largest n in `subsets`. Sizes without rows get n_soups 0 and NaN.
+    Correlations are NaN for fewer than 2 rows or zero variance (see `pearson`).
+    """
+    threshold = val_threshold(models)
+    k = k or _infer_k(subsets, models)
+    rows = [_reliability_row(subsets[subsets["n"].astype(int) == n], n, threshold) for n in range(1, k + 1)]
+    return pd.DataFrame(rows, columns=list(RELIABILITY_COLUMNS))
+
+
+def _infer_k(subsets: pd.DataFrame, models: pd.DataFrame) -> int:
+    n_folds = int(models["fold"].nunique()) if "fold" in models.columns and len(models) else 0
+    max_n = int(subsets["n"].max()) if len(subsets) else 0
+    return max(n_folds, max_n, 1)
+
+
+def _reliability_row(group: pd.DataFrame, n: int, threshold: float) -> dict:
+    avg, mn, test = (group[c].astype(float).to_numpy() for c in ("avg_acc", "min_acc", "test_acc"))
+    # NaN threshold (every model diverged) selects nothing, as comparisons with NaN are False.
+    over = mn >= threshold
+    return {
+        "n": n,
+        "n_soups": int(len(group)),
+        "rmse_avg_acc": rmse(avg, test),
+        "rmse_min_acc": rmse(mn, test),
+        "mean_gap_avg_acc": mean_gap(avg, test),
+        "mean_gap_min_acc": mean_gap(mn, test),
+        "corr_all": pearson(mn, test),
+        "threshold": threshold,
+        "corr_over_threshold": pearson(mn[over], test[over]),
+        "n_over_threshold": int(over.sum()),
+    }
+
+
+# --------------------------------------------------------------------------- method order
+
+
+def order_methods(names: Iterable[str]) -> list[str]:
+    """Unique method names in METHOD_ORDER, then any others alphabetically."""
+    unique = list(dict.fromkeys(names))
+    known = [m for m in METHOD_ORDER if m in unique]
+    return known + sorted(m for m in unique if m not in METHOD_ORDER)
+
+
+def sort_methods(methods: pd.DataFrame) -> pd.DataFrame:
+    """Rows of methods.csv in the canonical method order."""
+    order = {m: i for i, m in enumerate(order_methods(methods["method"]))}
+    return methods.sort_values("method", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)

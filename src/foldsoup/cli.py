@@ -1,0 +1,114 @@
+"""Command line: `python -m foldsoup <step> ...` (what the workflow rules run) and the user
+commands `evaluate` and `predict` for any saved model or soup.
+
+Imports happen inside each command so a job pays only for what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cfg(text: str) -> dict:
+    return json.loads(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="foldsoup", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def step(name: str, help: str, *args: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--config-json", type=_cfg, required="config" in args, help="resolved configuration as JSON")
+        for a in args:
+            if a == "config":
+                continue
+            multi = a.endswith("*")
+            s.add_argument(f"--{a.rstrip('*').replace('_', '-')}", nargs="+" if multi else None, required=True,
+                           type=int if a in ("fold", "k") else str)
+        return s
+
+    step("prepare", "load the dataset and write the prepared file", "config", "out")
+    step("folds", "stratified k-fold split of the pool", "config", "data", "out")
+    step("pretrain", "the shared pretrained backbone", "config", "data", "out")
+    step("lp", "linear probe of one fold", "config", "data", "folds", "backbone", "fold", "out")
+    step("finetune", "fine-tune one (grid point, fold)", "config", "data", "folds", "backbone", "head", "hp", "fold",
+         "out_dir", "resume_dir")
+    step("models-table", "gather metrics into tables/models.csv", "metrics*", "out")
+    step("uniform-subsets", "section 3.1 soups of one grid point", "config", "data", "folds", "hp", "models*", "metrics*", "out")
+    step("greedy-fold", "greedy and uniform soup of one fold", "config", "data", "folds", "fold", "models*", "metrics*",
+         "out_greedy", "out_uniform")
+    step("uniform-all", "uniform soup of all models", "config", "data", "folds", "models*", "metrics*", "out")
+    step("greedy-all", "greedy soup of all models (MinAcc)", "config", "data", "folds", "models*", "metrics*", "out")
+    step("gsgs", "greedy soup of the per-fold greedy soups", "config", "data", "folds", "fold_soups*", "out")
+    step("methods", "tables/methods.csv and the selected soups", "models_csv", "model_dir", "soups_dir", "k", "out")
+    step("reliability", "tables/uniform_subsets.csv and tables/reliability.csv", "subsets*", "models_csv", "out_subsets", "out")
+    step("figures", "figures 2-4 and the methods figure", "models_csv", "subsets", "reliability", "methods", "out*")
+    step("summary", "summary.md: tables 1-4 beside the paper", "config", "models_csv", "subsets", "reliability", "methods", "out")
+
+    ev = sub.add_parser("evaluate", help="accuracy of a saved model or soup on a prepared dataset")
+    ev.add_argument("model", help="a .safetensors file written by foldsoup")
+    ev.add_argument("--data", required=True, help="results/prepared/dataset.safetensors")
+    ev.add_argument("--folds", help="results/folds.csv, to report each fold's val accuracy too")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    pr = sub.add_parser("predict", help="class predictions of a saved model or soup for images")
+    pr.add_argument("model")
+    pr.add_argument("images", nargs="+", help="image files (PNG/JPEG), read with torchvision")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import pipeline as pl
+
+    c = args.command
+    cfg = getattr(args, "config_json", None)
+    try:
+        if c == "prepare":
+            pl.prepare(cfg, args.out)
+        elif c == "folds":
+            pl.folds(cfg, args.data, args.out)
+        elif c == "pretrain":
+            pl.pretrain(cfg, args.data, args.out)
+        elif c == "lp":
+            pl.linear_probe(cfg, args.data, args.folds, args.backbone, args.fold, args.out)
+        elif c == "finetune":
+            pl.finetune(cfg, args.data, args.folds, args.backbone, args.head, args.hp, args.fold, args.out_dir, args.resume_dir)
+        elif c == "models-table":
+            pl.models_table(args.metrics, args.out)
+        elif c == "uniform-subsets":
+            pl.uniform_subsets(cfg, args.data, args.folds, args.hp, args.models, args.metrics, args.out)
+        elif c == "greedy-fold":
+            pl.greedy_per_fold(cfg, args.data, args.folds, args.fold, args.models, args.metrics, args.out_greedy, args.out_uniform)
+        elif c == "uniform-all":
+            pl.uniform_all(cfg, args.data, args.folds, args.models, args.metrics, args.out)
+        elif c == "greedy-all":
+            pl.greedy_all(cfg, args.data, args.folds, args.models, args.metrics, args.out)
+        elif c == "gsgs":
+            pl.gsgs(cfg, args.data, args.folds, args.fold_soups, args.out)
+        elif c == "methods":
+            pl.methods(args.models_csv, args.model_dir, args.soups_dir, args.k, args.out)
+        elif c == "reliability":
+            pl.reliability(args.subsets, args.models_csv, args.out_subsets, args.out)
+        elif c == "figures":
+            pl.figures(args.models_csv, args.subsets, args.reliability, args.methods, args.out)
+        elif c == "summary":
+            pl.summary(cfg, args.models_csv, args.subsets, args.reliability, args.methods, args.out)
+        elif c == "evaluate":
+            from .usage import evaluate
+
+            print(json.dumps(evaluate(args.model, args.data, args.folds, args.device), indent=2))
+        elif c == "predict":
+            from .usage import predict
+
+            for path, label, prob in predict(args.model, args.images, args.device):
+                print(f"{path}\t{label}\t{prob:.4f}")
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Known failure modes carry messages written for the user; no traceback needed.
+        print(f"foldsoup {c}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,175 @@
+"""Datasets, prepared once into one safetensors file that every later job reads.
+
+A prepared dataset holds uint8 images [N, C, H, W] and int64 labels for the training pool and
+the test set (and, for the embedded demo, the disjoint pretraining images). Reading it needs
+numpy and safetensors only, so jobs stay cheap to start; torch tensors are made where needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset problem, naming the file or class concerned."""
+
+
+@dataclass
+class Prepared:
+    name: str
+    classes: list[str]
+    pool_images: np.ndarray  # uint8 [N, C, H, W]
+    pool_labels: np.ndarray  # int64 [N]
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    pretrain_images: np.ndarray | None = None
+    pretrain_labels: np.ndarray | None = None
+    pretrain_classes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def validate_prepared(data: Prepared, source: str) -> None:
+    """Shapes, dtypes, label ranges and non-empty classes, with errors naming `source`."""
+    parts = [("pool", data.pool_images, data.pool_labels, data.classes), ("test", data.test_images, data.test_labels, data.classes)]
+    if data.pretrain_images is not None:
+        parts.append(("pretrain", data.pretrain_images, data.pretrain_labels, data.pretrain_classes))
+    channels = None
+    for part, images, labels, classes in parts:
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"{source}: {part} images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
+        if channels is None:
+            channels = images.shape[1:]
+        elif images.shape[1:] != channels:
+            raise DataError(f"{source}: {part} images have shape {list(images.shape[1:])}, expected {list(channels)} like the pool")
+        if images.shape[1] not in (1, 3):
+            raise DataError(f"{source}: {part} images have {images.shape[1]} channels; expected 1 (grey) or 3 (RGB)")
+        if labels.shape != (images.shape[0],):
+            raise DataError(f"{source}: {part} has {images.shape[0]} images but {labels.shape[0]} labels")
+        if len(labels) == 0:
+            raise DataError(f"{source}: {part} split is empty")
+        bad = labels[(labels < 0) | (labels >= len(classes))]
+        if bad.size:
+            raise DataError(f"{source}: {part} label {int(bad[0])} is out of range for {len(classes)} classes")
+    counts = np.bincount(data.pool_labels, minlength=data.num_classes)
+    for c, n in enumerate(counts):
+        if n == 0:
+            raise DataError(f"{source}: class {data.classes[c]!r} has no images in the training pool")
+
+
+def save_prepared(path: str | Path, data: Prepared) -> None:
+    from safetensors.numpy import save_file
+
+    from .weights import atomic_path
+
+    tensors = {
+        "pool_images": data.pool_images,
+        "pool_labels": data.pool_labels.astype(np.int64),
+        "test_images": data.test_images,
+        "test_labels": data.test_labels.astype(np.int64),
+    }
+    if data.pretrain_images is not None:
+        tensors["pretrain_images"] = data.pretrain_images
+        tensors["pretrain_labels"] = data.pretrain_labels.astype(np.int64)
+    meta = {"name": data.name, "classes": json.dumps(data.classes), "pretrain_classes": json.dumps(data.pretrain_classes)}
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def load_prepared(path: str | Path) -> Prepared:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prepared dataset {str(path)!r} does not exist (run the `prepare` rule)")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise DataError(f"prepared dataset {str(path)!r} is unreadable ({exc}); delete it and rerun `prepare`") from exc
+    data = Prepared(
+        name=meta.get("name", "?"),
+        classes=json.loads(meta.get("classes", "[]")),
+        pool_images=arrays["pool_images"],
+        pool_labels=arrays["pool_labels"],
+        test_images=arrays["test_images"],
+        test_labels=arrays["test_labels"],
+        pretrain_images=arrays.get("pretrain_images"),
+        pretrain_labels=arrays.get("pretrain_labels"),
+        pretrain_classes=json.loads(meta.get("pretrain_classes", "[]")),
+    )
+    validate_prepared(data, str(path))
+    return data
+
+
+def _stratified_subset(labels: np.ndarray, keep: int | None, seed: int) -> np.ndarray:
+    """Indices of a stratified random subset of size `keep` (all indices when keep is None)."""
+    if keep is None or keep >= len(labels):
+        return np.arange(len(labels))
+    from sklearn.model_selection import train_test_split
+
+    idx, _ = train_test_split(np.arange(len(labels)), train_size=keep, stratify=labels, random_state=seed)
+    return np.sort(idx)
+
+
+def _relabel(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.array([lookup[int(v)] for v in labels], dtype=np.int64)
+
+
+def load_digits_prepared(data_cfg: dict, seed: int) -> Prepared:
+    """scikit-learn's digits: the pool/test classes and the disjoint pretraining classes."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # 0..16 grey levels -> 0..255 uint8, one channel.
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
+    target = digits.target
+    classes, pre_classes = list(data_cfg["classes"]), list(data_cfg["pretrain_classes"])
+    fine = np.isin(target, classes)
+    pre = np.isin(target, pre_classes)
+    fine_idx = np.flatnonzero(fine)
+    pool_idx, test_idx = train_test_split(
+        fine_idx, test_size=data_cfg["test_fraction"], stratify=target[fine_idx], random_state=seed
+    )
+    pool_idx, test_idx = np.sort(pool_idx), np.sort(test_idx)
+    return Prepared(
+        name="digits",
+        classes=[str(c) for c in classes],
+        pool_images=images[pool_idx],
+        pool_labels=_relabel(target[pool_idx], classes),
+        test_images=images[test_idx],
+        test_labels=_relabel(target[test_idx], classes),
+        pretrain_images=images[pre],
+        pretrain_labels=_relabel(target[pre], pre_classes),
+        pretrain_classes=[str(c) for c in pre_classes],
+    )
+
+
+def load_cifar10_prepared(data_cfg: dict, seed: int) -> Prepared:
+    from .cifar10 import read_cifar10
+
+    train_x, train_y, test_x, test_y, classes = read_cifar10(data_cfg["root"], download=data_cfg["download"])
+    return Prepared("cifar10", classes, train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64))
+
+
+LOADERS = {"digits": load_digits_prepared, "cifar10": load_cifar10_prepared}
+
+
+def prepare(data_cfg: dict, seed: int) -> Prepared:
+    """Load the configured dataset, apply the optional stratified caps, validate."""
+    data = LOADERS[data_cfg["name"]](data_cfg, seed)
+    pool = _stratified_subset(data.pool_labels, data_cfg.get("max_pool"), seed)
+    test = _stratified_subset(data.test_labels, data_cfg.get("max_test"), seed)
+    data.pool_images, data.pool_labels = data.pool_images[pool], data.pool_labels[pool]
+    data.test_images, data.test_labels = data.test_images[test], data.test_labels[test]
+    validate_prepared(data, f"dataset {data_cfg['name']!r} under {data_cfg.get('root', '')!r}")
+    return data

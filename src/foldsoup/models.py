@@ -1,0 +1,93 @@
+"""Models: a pretrained backbone plus a linear head, built the same way in every job.
+
+State dicts use the keys `backbone.*` and `head.*`, so a fine-tuned model, a soup and the
+pretrained backbone (saved with the `backbone.` prefix stripped) are interchangeable files.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Classifier(nn.Module):
+    """features = backbone(x) (optionally L2-normalised, as CLIP does); logits = head(features)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, normalize_features: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.normalize_features = normalize_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(x)
+        return nn.functional.normalize(f, dim=-1) if self.normalize_features else f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def digits_cnn(width: int) -> tuple[nn.Module, int]:
+    """A small CNN for 8x8 grey images. GroupNorm, not BatchNorm: no running statistics,
+    like the ViTs of the paper, so averaging weights is the whole story."""
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU()]
+
+    w2 = 2 * width
+    net = nn.Sequential(
+        *block(1, width),
+        *block(width, w2),
+        nn.MaxPool2d(2),
+        *block(w2, w2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    return net, w2
+
+
+def build_backbone(model_cfg: dict) -> tuple[nn.Module, int]:
+    """Architecture only (random weights); pretrained weights come from pretrained/backbone.safetensors."""
+    name = model_cfg["name"]
+    if name == "digits_cnn":
+        return digits_cnn(model_cfg["width"])
+    if name == "open_clip":
+        from .clip import open_clip_visual
+
+        return open_clip_visual(model_cfg["arch"])
+    raise ValueError(f"model.name {name!r} is unknown")
+
+
+def build_classifier(model_cfg: dict, num_classes: int) -> Classifier:
+    backbone, dim = build_backbone(model_cfg)
+    return Classifier(backbone, dim, num_classes, model_cfg.get("normalize_features", False))
+
+
+def backbone_state(model: Classifier) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.backbone.state_dict().items()}
+
+
+def load_backbone(model: Classifier, state: dict[str, torch.Tensor], source: str) -> None:
+    _load_strict(model.backbone, state, source)
+
+
+def load_full(model: Classifier, state: dict[str, torch.Tensor], source: str) -> None:
+    _load_strict(model, state, source)
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with an error naming the file and the first mismatching tensor."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(
+            f"{source}: weights do not fit the configured model: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
+    for key, value in own.items():
+        if value.shape != state[key].shape:
+            raise ValueError(f"{source}: tensor {key!r} has shape {list(state[key].shape)}, the model expects {list(value.shape)}")
+    with torch.no_grad():
+        for key, value in own.items():
+            value.copy_(state[key])  # in place: keeps the resident model's storage (and device)

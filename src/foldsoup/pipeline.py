@@ -1,0 +1,454 @@
+"""One function per workflow step: read inputs, call the library, write outputs atomically.
+
+The Snakemake rules call these through `python -m foldsoup <step>`; they are plain functions,
+so tests and users can run any step without Snakemake.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import GridPoint, grid_point
+from .data import load_prepared, prepare as prepare_data, save_prepared
+from .folds import make_folds, read_folds, write_folds
+from .weights import atomic_write_json, load_weights, save_weights
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- data and folds (no torch)
+
+
+def prepare(cfg: dict, out: str) -> None:
+    data = prepare_data(cfg["data"], cfg["seed"])
+    counts = np.bincount(data.pool_labels, minlength=data.num_classes)
+    log(f"{data.name}: pool {len(data.pool_labels)} images (per class {counts.tolist()}), "
+        f"test {len(data.test_labels)}, image shape {list(data.pool_images.shape[1:])}"
+        + (f", pretraining {len(data.pretrain_labels)} images of classes {data.pretrain_classes}" if data.pretrain_images is not None else ""))
+    save_prepared(out, data)
+
+
+def folds(cfg: dict, data_path: str, out: str) -> None:
+    data = load_prepared(data_path)
+    fold_of = make_folds(data.pool_labels, cfg["folds"]["k"], cfg["seed"], data.classes)
+    write_folds(out, data.pool_labels, fold_of)
+    log(f"{cfg['folds']['k']} stratified folds of sizes {np.bincount(fold_of).tolist()}")
+
+
+# ---------------------------------------------------------------- models
+
+
+class Context:
+    """What every torch job needs: device, prepared data, folds, the model template."""
+
+    def __init__(self, cfg: dict, data_path: str, folds_path: str | None = None):
+        import torch
+
+        from .devices import place
+        from .train import ImageSpec
+
+        self.cfg = cfg
+        threads = int(os.environ.get("FOLDSOUP_THREADS", "0") or 0)
+        if threads:
+            torch.set_num_threads(threads)
+        placement = place(cfg["device"])
+        log(f"device: {placement.note}")
+        self.device = torch.device(placement.device)
+        self.data = load_prepared(data_path)
+        self.fold_of = read_folds(folds_path, self.data.pool_labels) if folds_path else None
+        self.spec = ImageSpec.from_config(cfg["data"], self.data.pool_images.shape[1])
+        self.k = cfg["folds"]["k"]
+
+    def model(self, num_classes: int | None = None):
+        from .models import build_classifier
+
+        return build_classifier(self.cfg["model"], num_classes or self.data.num_classes).to(self.device)
+
+    def tensor(self, array: np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def metadata(self, **extra) -> dict:
+        return {"model": self.cfg["model"], "classes": self.data.classes, "image": vars(self.spec), **extra}
+
+    def evaluator(self):
+        from .evaluation import Evaluator
+
+        d = self.data
+        return Evaluator(self.model(), d.pool_images, d.pool_labels, self.fold_of, d.test_images, d.test_labels,
+                         self.spec, self.cfg["finetune"]["eval_batch_size"], self.cfg["finetune"]["precision"], self.device)
+
+
+def pretrain(cfg: dict, data_path: str, out: str) -> None:
+    """The shared pretrained backbone: trained here for digits_cnn, exported for open_clip."""
+    from .models import backbone_state
+
+    ctx = Context(cfg, data_path)
+    if cfg["model"]["name"] == "open_clip":
+        from .clip import export_pretrained_visual
+
+        state = export_pretrained_visual(cfg["model"])
+    else:
+        from .train import LoopConfig, train
+
+        d = ctx.data
+        if d.pretrain_images is None:
+            raise ValueError(f"{data_path}: has no pretraining images for model {cfg['model']['name']!r}")
+        model = ctx.model(len(d.pretrain_classes))
+        p = cfg["pretrain"]
+        loop = LoopConfig(p["epochs"], p["batch_size"], p["lr"], p["weight_decay"], warmup_steps=0, grad_clip=1.0,
+                          label_smoothing=0.0, precision="fp32", aug=cfg["augment"]["medium"], mixup_alpha=None,
+                          seed=cfg["seed"], tag="pretrain")
+        train(model, ctx.tensor(d.pretrain_images), ctx.tensor(d.pretrain_labels), ctx.spec, loop, log)
+        state = backbone_state(model)
+    save_weights(out, state, {"model": cfg["model"], "kind": "backbone"})
+    log(f"saved backbone ({sum(v.numel() for v in state.values()) / 1e6:.2f} M values) to {out}")
+
+
+def linear_probe(cfg: dict, data_path: str, folds_path: str, backbone_path: str, fold: int, out: str) -> None:
+    from .models import load_backbone
+    from .train import accuracy, linear_probe as fit_head, predict_logits
+
+    ctx = Context(cfg, data_path, folds_path)
+    model = ctx.model()
+    load_backbone(model, load_weights(backbone_path)[0], backbone_path)
+    train_idx = np.flatnonzero(ctx.fold_of != fold)
+    val_idx = np.flatnonzero(ctx.fold_of == fold)
+    d = ctx.data
+    head = fit_head(model, ctx.tensor(d.pool_images[train_idx]), ctx.tensor(d.pool_labels[train_idx]), ctx.spec,
+                    cfg["lp"], cfg["finetune"]["precision"], cfg["seed"], log)
+    val_logits = predict_logits(model, ctx.tensor(d.pool_images[val_idx]), ctx.spec, cfg["finetune"]["eval_batch_size"])
+    val_acc = accuracy(val_logits, ctx.tensor(d.pool_labels[val_idx]))
+    log(f"fold {fold}: linear probe val acc {val_acc:.4f}")
+    save_weights(out, head, {"kind": "head", "fold": fold, "val_acc": val_acc})
+
+
+def _injected_failure(tag: str) -> int | None:
+    """FOLDSOUP_FAIL='<hp>/fold<i>[:step]' makes that fine-tune fail (tests of --keep-going and reruns)."""
+    spec = os.environ.get("FOLDSOUP_FAIL", "")
+    target, _, step = spec.partition(":")
+    return int(step or 0) if target and target == tag else None
+
+
+def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, head_path: str, hp: str, fold: int,
+             out_dir: str, resume_dir: str) -> None:
+    import torch
+
+    from .models import load_backbone
+    from .train import Diverged, LoopConfig, ResumeStore, fold_accuracies, predict_logits, train
+
+    point: GridPoint = grid_point(cfg, hp)
+    tag = f"{hp}/fold{fold}"
+    ctx = Context(cfg, data_path, folds_path)
+    model = ctx.model()
+    load_backbone(model, load_weights(backbone_path)[0], backbone_path)
+    model.head.load_state_dict(load_weights(head_path)[0])
+    d, ft = ctx.data, cfg["finetune"]
+    train_idx = np.flatnonzero(ctx.fold_of != fold)
+    loop = LoopConfig(ft["epochs"], ft["batch_size"], point.lr, ft["weight_decay"], ft["warmup_steps"], ft["grad_clip"],
+                      ft["label_smoothing"], ft["precision"], cfg["augment"][point.aug],
+                      ft["mixup_alpha"] if point.mixup else None, cfg["seed"], tag)
+    resume = ResumeStore(resume_dir)
+    log(f"{tag}: fine-tuning on {len(train_idx)} images, {ft['epochs']} epochs, lr {point.lr:g}, aug {point.aug}, mixup {point.mixup}")
+    diverged = False
+    try:
+        stats = train(model, ctx.tensor(d.pool_images[train_idx]), ctx.tensor(d.pool_labels[train_idx]), ctx.spec, loop,
+                      log, resume, fail_at_step=_injected_failure(tag))
+    except Diverged as exc:
+        if ft["on_divergence"] != "exclude":
+            raise
+        log(f"{exc}; marked diverged (finetune.on_divergence: exclude), excluded from every soup")
+        diverged, stats = True, {"steps": None, "final_loss": float("nan"), "images_per_s": None, "train_seconds": None}
+    batch = ft["eval_batch_size"]
+    pool_logits = predict_logits(model, ctx.tensor(d.pool_images), ctx.spec, batch, ft["precision"])
+    test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
+    labels = ctx.tensor(d.pool_labels)
+    accs = fold_accuracies(pool_logits, labels, ctx.tensor(ctx.fold_of), ctx.k)
+    test_acc = (test_logits.argmax(1) == ctx.tensor(d.test_labels)).float().mean().item()
+    out = Path(out_dir)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ft["save_dtype"]]
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    meta = ctx.metadata(kind="finetune", **point.as_dict(), fold=fold)
+    save_weights(out / "model.safetensors", state, meta)
+    save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits}, {"hp": hp, "fold": fold})
+    metrics = {**point.as_dict(), "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
+               "fold_accs": {str(i): a for i, a in accs.items()}, "diverged": diverged, **stats}
+    atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished
+    resume.clear()
+    log(f"{tag}: val acc (fold {fold}) {accs[fold]:.4f}, test acc {test_acc:.4f}")
+
+
+# ---------------------------------------------------------------- gathering
+
+
+def models_table(metrics_paths: list[str], out: str) -> None:
+    import json
+
+    import pandas as pd
+
+    from .weights import atomic_write_text
+
+    rows = []
+    for path in metrics_paths:
+        with open(path) as f:
+            m = json.load(f)
+        row = {key: m[key] for key in ("hp", "lr", "aug", "mixup", "fold", "val_acc", "test_acc", "diverged")}
+        row.update({f"acc_fold{i}": a for i, a in m["fold_accs"].items()})
+        row["images_per_s"] = m.get("images_per_s")
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values(["hp", "fold"], kind="stable")
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    log(f"{len(table)} models, val acc {table.val_acc.min():.4f}..{table.val_acc.max():.4f}")
+
+
+# ---------------------------------------------------------------- soups
+
+
+def _model_metrics(paths: list[str]) -> list[dict]:
+    import json
+
+    out = []
+    for path in paths:
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def _soup_record(method: str, ingredients: list[str], fold_accs: dict[int, float], cross_fold: str, test_acc: float,
+                 **extra) -> dict:
+    from .select import avg_acc, min_acc
+
+    val = min_acc(fold_accs) if cross_fold == "min" else avg_acc(fold_accs)
+    return {"method": method, "ingredients": ingredients, "n_ingredients": len(ingredients),
+            "folds": sorted(int(i) for i in fold_accs), "fold_accs": {str(i): a for i, a in fold_accs.items()},
+            "val_metric": cross_fold if len(fold_accs) > 1 else "own", "val_acc": val, "test_acc": test_acc, **extra}
+
+
+def _save_soup(ctx: Context, out_weights: str, state, record: dict) -> None:
+    save_weights(out_weights, state, ctx.metadata(kind="soup", method=record["method"], ingredients=record["ingredients"]))
+    atomic_write_json(Path(out_weights).with_suffix(".json"), record)
+    log(f"{record['method']}: {record['n_ingredients']} ingredient(s), val ({record['val_metric']}) "
+        f"{record['val_acc']:.4f}, test {record['test_acc']:.4f}")
+
+
+def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_paths: list[str], metrics_paths: list[str],
+                    out: str) -> None:
+    """Section 3.1: uniform soups of one grid point's models over every (sampled) fold subset."""
+    import pandas as pd
+
+    from .analysis import fold_subsets, format_folds, subsets_sampled
+    from .select import avg_acc, min_acc
+    from .soup import average
+    from .weights import atomic_write_text
+
+    ctx = Context(cfg, data_path, folds_path)
+    ev = ctx.evaluator()
+    metrics = _model_metrics(metrics_paths)
+    states = {m["fold"]: load_weights(p)[0] for m, p in zip(metrics, model_paths) if not m["diverged"]}
+    k, cap = ctx.k, cfg["analysis"]["max_subsets_per_n"]
+    rows = []
+    for subset in fold_subsets(k, cap, cfg["seed"]):
+        if not set(subset) <= set(states):
+            continue  # a diverged model is never averaged in
+        soup = average(states[i] for i in subset)
+        accs = ev.fold_accs(soup, subset)
+        rows.append({"hp": hp, "folds": format_folds(subset), "n": len(subset), "avg_acc": avg_acc(accs),
+                     "min_acc": min_acc(accs), "test_acc": ev.test_acc(), "sampled": subsets_sampled(k, cap),
+                     **{f"acc_fold{i}": a for i, a in accs.items()}})
+    atomic_write_text(out, pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
+    log(f"{hp}: {len(rows)} uniform soups evaluated")
+
+
+def _candidates(metrics: list[dict], paths: list[str]):
+    """Single models as greedy candidates (diverged ones left out), with a loader by name."""
+    from .select import Candidate
+
+    by_name = {}
+    cands = []
+    for m, p in zip(metrics, paths):
+        if m["diverged"]:
+            continue
+        c = Candidate(name=f"{m['hp']}/fold{m['fold']}", folds=frozenset({m["fold"]}), val_acc=m["val_acc"])
+        cands.append(c)
+        by_name[c.name] = p
+    return cands, by_name
+
+
+def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model_paths: list[str], metrics_paths: list[str],
+                    out_greedy: str, out_uniform: str) -> None:
+    """Alg. 1 over the grid's models of one fold (plain val acc on that fold), and their uniform soup."""
+    from .soup import RunningSoupScorer
+    from .select import greedy_soup
+    from .soup import average
+
+    ctx = Context(cfg, data_path, folds_path)
+    ev = ctx.evaluator()
+    cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
+    scorer = RunningSoupScorer(lambda c: load_weights(paths[c.name])[0], ev.fold_accs)
+    result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
+    state = scorer.mean()
+    record = _soup_record(f"greedy_fold{fold}", [c.name for c in result.ingredients], dict(result.fold_accs),
+                          cfg["soups"]["cross_fold_val"], ev.test_acc(state), steps=[vars(s) for s in result.steps])
+    _save_soup(ctx, out_greedy, state, record)
+    uniform = average(load_weights(paths[c.name])[0] for c in cands)
+    accs = ev.fold_accs(uniform, {fold})
+    _save_soup(ctx, out_uniform, uniform, _soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
+                                                        cfg["soups"]["cross_fold_val"], ev.test_acc()))
+
+
+def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str) -> None:
+    """Uniform soup of every model of the grid and every fold (streamed from disk)."""
+    from .soup import average
+
+    ctx = Context(cfg, data_path, folds_path)
+    ev = ctx.evaluator()
+    cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
+    state = average(load_weights(paths[c.name])[0] for c in cands)
+    accs = ev.fold_accs(state, range(ctx.k))
+    _save_soup(ctx, out, state, _soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"],
+                                             ev.test_acc()))
+
+
+def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str) -> None:
+    """Greedy soup over all models of all folds, scored by MinAcc (or AvgAcc) over the included folds."""
+    from .soup import RunningSoupScorer
+    from .select import greedy_soup
+
+    ctx = Context(cfg, data_path, folds_path)
+    ev = ctx.evaluator()
+    cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
+    scorer = RunningSoupScorer(lambda c: load_weights(paths[c.name])[0], ev.fold_accs)
+    result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
+    state = scorer.mean()
+    _save_soup(ctx, out, state, _soup_record("greedy_soup", [c.name for c in result.ingredients], dict(result.fold_accs),
+                                             cfg["soups"]["cross_fold_val"], ev.test_acc(state),
+                                             steps=[vars(s) for s in result.steps]))
+
+
+def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str], out: str) -> None:
+    """GSGS: Alg. 1 over the per-fold greedy soups (each soup weighs the same), scored across folds."""
+    import json
+
+    from .soup import RunningSoupScorer
+    from .select import Candidate, greedy_soup
+
+    ctx = Context(cfg, data_path, folds_path)
+    ev = ctx.evaluator()
+    cands, paths = [], {}
+    for path in fold_soup_paths:
+        with open(Path(path).with_suffix(".json")) as f:
+            rec = json.load(f)
+        c = Candidate(name=rec["method"], folds=frozenset(rec["folds"]), val_acc=rec["val_acc"])
+        cands.append(c)
+        paths[c.name] = path
+    scorer = RunningSoupScorer(lambda c: load_weights(paths[c.name])[0], ev.fold_accs)
+    result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
+    state = scorer.mean()
+    _save_soup(ctx, out, state, _soup_record("gsgs", [c.name for c in result.ingredients], dict(result.fold_accs),
+                                             cfg["soups"]["cross_fold_val"], ev.test_acc(state),
+                                             steps=[vars(s) for s in result.steps]))
+
+
+def methods(models_csv: str, model_dir: str, soups_dir: str, k: int, out: str) -> None:
+    """Table 3/4 rows. Selections copy an existing file (best on val, BGSS, best uniform per split)."""
+    import json
+
+    import pandas as pd
+
+    from .weights import atomic_write_text
+
+    soups = Path(soups_dir)
+
+    def record(name: str) -> dict:
+        with open(soups / f"{name}.json") as f:
+            return json.load(f)
+
+    def adopt(src: Path, method: str, rec: dict) -> dict:
+        tmp = soups / f".{method}.safetensors.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, soups / f"{method}.safetensors")
+        rec = {**rec, "method": method, "selected_from": str(src)}
+        atomic_write_json(soups / f"{method}.json", rec)
+        return rec
+
+    models = pd.read_csv(models_csv)
+    usable = models[~models.diverged.astype(bool)]
+    best = usable.loc[usable.val_acc.idxmax()]  # idxmax: first of ties, in table order
+    best_rec = {"ingredients": [f"{best.hp}/fold{best.fold}"], "n_ingredients": 1, "folds": [int(best.fold)],
+                "val_metric": "own", "val_acc": float(best.val_acc), "test_acc": float(best.test_acc)}
+    rows = [adopt(Path(model_dir) / best.hp / f"fold{best.fold}" / "model.safetensors", "best_on_val", best_rec)]
+    rows.append(record("uniform_soup"))
+    rows.append(record("greedy_soup"))
+    per_fold = [record(f"greedy_fold{i}") for i in range(k)]
+    pick = max(per_fold, key=lambda r: r["val_acc"])  # max(): first of ties, in fold order
+    rows.append(adopt(soups / f"{pick['method']}.safetensors", "bgss", pick))
+    rows.append(record("gsgs"))
+    uniform = [record(f"uniform_fold{i}") for i in range(k)]
+    pick = max(uniform, key=lambda r: r["val_acc"])
+    rows.append(adopt(soups / f"{pick['method']}.safetensors", "best_uniform_per_split", pick))
+    table = pd.DataFrame([{"method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"],
+                           "n_ingredients": r["n_ingredients"], "val_metric": r["val_metric"],
+                           "folds": "-".join(map(str, r["folds"])), "selected_from": Path(r.get("selected_from", "")).stem or ""}
+                          for r in rows])
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    log("\n" + table.to_string(index=False))
+
+
+# ---------------------------------------------------------------- analysis and report (no torch)
+
+
+def reliability(subset_paths: list[str], models_csv: str, out_subsets: str, out: str) -> None:
+    import pandas as pd
+
+    from .analysis import reliability_table
+    from .weights import atomic_write_text
+
+    subsets = pd.concat([pd.read_csv(p, dtype={"folds": str}) for p in subset_paths], ignore_index=True)
+    models = pd.read_csv(models_csv)
+    table = reliability_table(subsets, models)
+    atomic_write_text(out_subsets, subsets.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    log(f"{len(subsets)} uniform soups\n" + table.to_string(index=False))
+
+
+def figures(models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, outs: list[str]) -> None:
+    import pandas as pd
+
+    from .plots import plot_methods, plot_models_val_test, plot_subsets_val_test
+
+    models, subsets = pd.read_csv(models_csv), pd.read_csv(subsets_csv, dtype={"folds": str})
+    threshold = float(pd.read_csv(reliability_csv).threshold.iloc[0])
+    fig2, fig3, fig4, fig_methods = outs
+    plot_models_val_test(models, fig2)
+    plot_subsets_val_test(subsets, fig3)
+    plot_subsets_val_test(subsets, fig4, threshold=threshold)
+    plot_methods(pd.read_csv(methods_csv), models, fig_methods)
+
+
+def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, out: str) -> None:
+    import pandas as pd
+
+    from .analysis import subsets_sampled
+    from .summary import write_summary
+
+    models = pd.read_csv(models_csv)
+    run_info = {
+        "dataset": cfg["data"]["name"],
+        "model": cfg["model"]["name"] if cfg["model"]["name"] != "open_clip" else f"open_clip {cfg['model']['arch']} ({cfg['model']['pretrained']})",
+        "k": cfg["folds"]["k"],
+        "grid_points": models.hp.nunique(),
+        "models": len(models),
+        "sampled": subsets_sampled(cfg["folds"]["k"], cfg["analysis"]["max_subsets_per_n"]),
+        "diverged": models.loc[models.diverged.astype(bool), "hp"].tolist() if "diverged" in models else [],
+    }
+    write_summary(out, pd.read_csv(reliability_csv), pd.read_csv(methods_csv), models,
+                  pd.read_csv(subsets_csv, dtype={"folds": str}), run_info)

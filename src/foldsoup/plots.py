@@ -1,0 +1,247 @@
+"""Figures 2-4 of the paper plus a methods comparison, as 150 dpi PNGs.
+
+matplotlib is imported inside the functions (it costs ~0.5 s) and used through the Figure /
+Agg canvas API, never pyplot, so no global backend or figure state is touched. Every file is
+written to a temporary name in the target folder, then renamed, so a killed job never leaves a
+truncated PNG under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from foldsoup.analysis import diverged_mask, order_methods, pearson
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+DPI = 150
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
+METHOD_LABELS = {
+    "best_on_val": "Best on val",
+    "uniform_soup": "Uniform soup",
+    "greedy_soup": "Greedy soup",
+    "bgss": "BGSS",
+    "gsgs": "GSGS",
+    "best_uniform_per_split": "Best uniform\nper split",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _new_figure(width: float = 6.4, height: float = 5.6) -> tuple[Figure, Axes]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    """Write `fig` as PNG atomically: temp file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder, so os.replace is atomic; the pid keeps concurrent writers apart.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _colors(count: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"] if count <= 10 else colormaps["viridis"]
+    return [cmap(i) if count <= 10 else cmap(i / max(count - 1, 1)) for i in range(count)]
+
+
+def _pct(values) -> np.ndarray:
+    return 100.0 * np.asarray(values, dtype=np.float64)
+
+
+def _square_limits(ax: Axes, x: np.ndarray, y: np.ndarray, extra: list[float] | None = None) -> None:
+    """Same range on both axes and a y = x line, so distance from the line reads as val - test."""
+    vals = np.concatenate([x, y, np.asarray(extra or [], dtype=np.float64)])
+    vals = vals[np.isfinite(vals)]
+    lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 100.0)
+    pad = max(0.05 * (hi - lo), 0.05)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], color="0.4", linestyle="--", linewidth=1, label="y = x", zorder=1)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
+    ax.grid(True, color="0.9", zorder=0)
+
+
+def _fmt_r(r: float) -> str:
+    return "n/a" if not np.isfinite(r) else f"{r:.3f}"
+
+
+# --------------------------------------------------------------------------- Figure 2
+
+
+def plot_models_val_test(models_df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Figure 2: own-fold val accuracy vs test accuracy of every fine-tuned model.
+
+    Colour = learning rate (grid point's `lr`, or `hp` when there is no lr column); marker =
+    fold. Diverged models are left off the axes (they would squash the rest) and counted in the
+    title. The best-on-val model is ringed.
+    """
+    fig, ax = _new_figure(6.8, 6.0)
+    diverged = diverged_mask(models_df)
+    df = models_df.loc[~diverged]
+    x, y = _pct(df["val_acc"]), _pct(df["test_acc"])
+    _square_limits(ax, x, y)
+
+    colour_key = "lr" if "lr" in df.columns else "hp"
+    levels = sorted(df[colour_key].unique(), reverse=colour_key == "lr")
+    folds = sorted(df["fold"].unique()) if "fold" in df.columns else [None]
+    colours = dict(zip(levels, _colors(len(levels))))
+    markers = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(folds)}
+    for level in levels:
+        for fold in folds:
+            sel = (df[colour_key] == level) & ((df["fold"] == fold) if fold is not None else True)
+            if sel.any():
+                ax.scatter(_pct(df.loc[sel, "val_acc"]), _pct(df.loc[sel, "test_acc"]), s=36,
+                           color=colours[level], marker=markers[fold], edgecolor="black",
+                           linewidth=0.4, alpha=0.85, zorder=3)
+    if len(df):
+        best = df["val_acc"].astype(float).idxmax()
+        ax.scatter(_pct([df.at[best, "val_acc"]]), _pct([df.at[best, "test_acc"]]), s=180,
+                   facecolor="none", edgecolor="red", linewidth=1.5, zorder=4, label="best on val")
+    _legends_colour_marker(ax, colours, markers, "learning rate" if colour_key == "lr" else "grid point")
+
+    ax.set_xlabel("validation accuracy on own fold (%)")
+    ax.set_ylabel("test accuracy (%)")
+    title = f"Figure 2: single fine-tuned models ({len(df)} models)"
+    if diverged.any():
+        title += f"\n{int(diverged.sum())} diverged model(s) not shown"
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def _legends_colour_marker(ax: Axes, colours: dict, markers: dict, colour_title: str) -> None:
+    """Two legends: colour for `colour_title`, marker for fold (plus y = x and best on val)."""
+    from matplotlib.lines import Line2D
+
+    fmt = (lambda v: f"{v:g}") if colour_title == "learning rate" else str
+    colour_handles = [Line2D([], [], linestyle="", marker="o", markersize=7, color=c,
+                             markeredgecolor="black", label=fmt(v)) for v, c in colours.items()]
+    first = ax.legend(handles=colour_handles, title=colour_title, loc="upper left", fontsize=8,
+                      title_fontsize=8, framealpha=0.9)
+    ax.add_artist(first)
+    marker_handles = [Line2D([], [], linestyle="", marker=m, markersize=7, color="0.6",
+                             markeredgecolor="black", label=f"fold {f}") for f, m in markers.items() if f is not None]
+    extra, extra_labels = ax.get_legend_handles_labels()
+    ax.legend(handles=marker_handles + extra, labels=[h.get_label() for h in marker_handles] + extra_labels,
+              loc="lower right", fontsize=8, framealpha=0.9)
+
+
+# --------------------------------------------------------------------------- Figures 3 and 4
+
+
+def plot_subsets_val_test(subsets_df: pd.DataFrame, path: str | os.PathLike, threshold: float | None = None) -> None:
+    """Figure 3 (threshold None): MinAcc vs test accuracy of every uniform soup, by size n.
+
+    Figure 4 (threshold given): only soups with min_acc >= threshold, with the threshold drawn.
+    n is shown by colour and marker; the legend gives each n's soup count and Pearson r (the
+    numbers of Table 2).
+    """
+    fig, ax = _new_figure(6.8, 6.0)
+    df = subsets_df
+    if threshold is not None:
+        df = df[df["min_acc"].astype(float) >= threshold]
+    extra = [100.0 * threshold] if threshold is not None and np.isfinite(threshold) else None
+    _square_limits(ax, _pct(df["min_acc"]), _pct(df["test_acc"]), extra)
+
+    sizes = sorted(int(n) for n in subsets_df["n"].unique())
+    colours = dict(zip(sizes, _colors(len(sizes))))
+    for i, n in enumerate(sizes):
+        part = df[df["n"].astype(int) == n]
+        r = pearson(part["min_acc"], part["test_acc"])
+        ax.scatter(_pct(part["min_acc"]), _pct(part["test_acc"]), s=30, color=colours[n],
+                   marker=MARKERS[i % len(MARKERS)], edgecolor="black", linewidth=0.4, alpha=0.8,
+                   zorder=3 + i * 0.01, label=f"n = {n} ({len(part)} soups, r = {_fmt_r(r)})")
+    if extra:
+        ax.axvline(extra[0], color="red", linestyle=":", linewidth=1.2,
+                   label=f"threshold = {extra[0]:.2f}% (lowest single-model val)")
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    ax.set_xlabel("MinAcc over the soup's validation folds (%)")
+    ax.set_ylabel("test accuracy (%)")
+    sampled = "sampled" in subsets_df.columns and bool(subsets_df["sampled"].astype(str).str.lower().eq("true").any())
+    note = " (fold subsets sampled)" if sampled else ""
+    if threshold is None:
+        ax.set_title(f"Figure 3: uniform soups of n folds per grid point{note}")
+    else:
+        ax.set_title(f"Figure 4: uniform soups with MinAcc \u2265 threshold{note}")
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- methods figure
+
+
+def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Test (filled) and val (hollow) accuracy of every method, over the single models' spread.
+
+    The leftmost column shows every non-diverged single model's test accuracy (box + jittered
+    points); its min-max range is shaded across the whole plot and its median dashed, so each
+    method reads against what one fine-tune gives.
+    """
+    fig, ax = _new_figure(8.0, 5.8)
+    diverged = diverged_mask(models_df)
+    singles = models_df.loc[~diverged, "test_acc"].astype(float).to_numpy()
+    singles = 100.0 * singles[np.isfinite(singles)]
+    methods = methods_df.set_index("method")
+    names = order_methods(methods_df["method"])
+    positions = np.arange(1, len(names) + 1)
+
+    if singles.size:
+        ax.axhspan(singles.min(), singles.max(), color="0.85", alpha=0.6, zorder=0,
+                   label="single models: test range")
+        ax.axhline(np.median(singles), color="0.5", linestyle="--", linewidth=1, zorder=1,
+                   label="single models: median test")
+        ax.boxplot([singles], positions=[0], widths=0.5, showfliers=False, zorder=2,
+                   medianprops={"color": "0.3"})
+        jitter = np.random.default_rng(0).uniform(-0.18, 0.18, singles.size)  # fixed: stable images
+        ax.scatter(jitter, singles, s=10, color="0.35", alpha=0.6, zorder=3)
+
+    val = _pct([methods.at[m, "val_acc"] for m in names])
+    test = _pct([methods.at[m, "test_acc"] for m in names])
+    ax.vlines(positions, np.minimum(val, test), np.maximum(val, test), color="0.6", linewidth=1, zorder=3)
+    ax.scatter(positions, val, s=70, marker="^", facecolor="white", edgecolor="tab:blue", linewidth=1.5,
+               zorder=4, label="val accuracy (MinAcc for soups spanning folds)")
+    ax.scatter(positions, test, s=70, marker="o", color="tab:orange", edgecolor="black", linewidth=0.6,
+               zorder=5, label="test accuracy")
+    for x, t in zip(positions, test):
+        if np.isfinite(t):
+            ax.annotate(f"{t:.2f}", (x, t), xytext=(8, -3), textcoords="offset points", fontsize=7)
+
+    single_label = f"single models\n({singles.size}" + (f", {int(diverged.sum())} diverged\nnot shown)" if diverged.any() else ")")
+    ax.set_xticks(np.concatenate([[0], positions]), [single_label]
+                  + [_method_label(m, methods) for m in names], fontsize=8)
+    ax.set_xlim(-0.6, len(names) + 0.8)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, axis="y", color="0.9", zorder=0)
+    # Below the axes, so the legend never hides a marker whatever the accuracies are.
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)
+    ax.set_title("Methods: test and val accuracy against single fine-tuned models")
+    _save(fig, path)
+
+
+def _method_label(method: str, methods: pd.DataFrame) -> str:
+    label = METHOD_LABELS.get(method, method)
+    if "n_ingredients" in methods.columns and pd.notna(methods.at[method, "n_ingredients"]):
+        count = int(methods.at[method, "n_ingredients"])
+        label += f"\n({count} ingredient{'' if count == 1 else 's'})"
+    return label

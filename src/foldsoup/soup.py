@@ -1,0 +1,336 @@
+"""Weight averaging (Eq. 1): streamed, precise, and strict about what may be averaged.
+
+* Floating-point (and complex) tensors are averaged. The running sum is kept in float32 (or
+  float64) whatever the ingredients' dtype, because summing many bf16/fp16 tensors in their own
+  precision loses the small increments; the mean is cast back to each tensor's own dtype.
+* Every other tensor (BatchNorm's `num_batches_tracked`, bool masks, index buffers) is copied
+  from the first ingredient and must be equal in all of them: `int_buffer * (1/N)` is never
+  computed.
+* Ingredients are added one at a time (`RunningSum`), so a soup of 90 models needs memory for
+  one model plus the running sum, never for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from foldsoup.weights import load_weights
+
+if TYPE_CHECKING:
+    from foldsoup.select import Candidate
+
+State = dict[str, torch.Tensor]
+AccumDtype = torch.dtype | str
+
+_ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_MAX_LISTED = 5  # keys listed in a key-mismatch message before "..."
+
+
+class SoupError(ValueError):
+    """Ingredients that cannot be averaged: different keys, shapes, dtypes or integer buffers."""
+
+
+def resolve_accum_dtype(accum_dtype: AccumDtype) -> torch.dtype:
+    """Accept torch.float32/float64 or their names (config files hold strings)."""
+    if isinstance(accum_dtype, str):
+        if accum_dtype not in _ACCUM_DTYPES:
+            raise ValueError(f"accum_dtype must be one of {sorted(_ACCUM_DTYPES)}, got {accum_dtype!r}")
+        return _ACCUM_DTYPES[accum_dtype]
+    if accum_dtype not in _ACCUM_DTYPES.values():
+        raise ValueError(f"accum_dtype must be torch.float32 or torch.float64, got {accum_dtype!r}")
+    return accum_dtype
+
+
+def is_averaged(t: torch.Tensor) -> bool:
+    """Whether a tensor is averaged (floating point or complex) rather than copied."""
+    return t.is_floating_point() or t.is_complex()
+
+
+# --------------------------------------------------------------------------------------------
+# Compatibility checks
+# --------------------------------------------------------------------------------------------
+
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
+
+
+def _check_keys(ref_keys: Iterable[str], state: Mapping[str, object], name: str, ref_name: str) -> None:
+    ref_keys = set(ref_keys)
+    missing = ref_keys - state.keys()
+    extra = state.keys() - ref_keys
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_listing(missing)}")
+        if extra:
+            parts.append(f"unexpected keys {_listing(extra)}")
+        raise SoupError(f"ingredient {name!r} does not match {ref_name!r}: " + "; ".join(parts))
+
+
+def _check_tensor(key: str, t: object, ref: torch.Tensor, name: str, ref_name: str) -> torch.Tensor:
+    """Shape and dtype of one tensor against the reference; returns it detached."""
+    if not isinstance(t, torch.Tensor):
+        raise SoupError(f"ingredient {name!r}: {key!r} is a {type(t).__name__}, not a tensor")
+    if t.shape != ref.shape:
+        raise SoupError(
+            f"ingredient {name!r}: tensor {key!r} has shape {tuple(t.shape)}, "
+            f"but {ref_name!r} has shape {tuple(ref.shape)}"
+        )
+    if t.dtype != ref.dtype:
+        raise SoupError(
+            f"ingredient {name!r}: tensor {key!r} has dtype {t.dtype}, but {ref_name!r} has {ref.dtype}"
+        )
+    return t.detach()
+
+
+def _check_fixed_equal(key: str, t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    """Non-averaged tensors must be identical: averaging them has no meaning."""
+    if not torch.equal(t.to(ref.device), ref):
+        raise SoupError(
+            f"ingredient {name!r}: non-float tensor {key!r} ({t.dtype}) differs from {ref_name!r}; "
+            "integer/bool buffers are copied, not averaged, so they must be equal in every ingredient"
+        )
+
+
+def check_compatible(
+    reference_state: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    name: str,
+    reference_name: str = "reference",
+) -> None:
+    """Raise SoupError unless `state` can be averaged with `reference_state`.
+
+    Same keys, shapes and dtypes; non-float tensors equal. Messages name `name`, the key and
+    both shapes.
+    """
+    _check_keys(reference_state.keys(), state, name, reference_name)
+    for key, ref in reference_state.items():
+        t = _check_tensor(key, state[key], ref, name, reference_name)
+        if not is_averaged(ref):
+            _check_fixed_equal(key, t, ref, name, reference_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming average
+# --------------------------------------------------------------------------------------------
+
+
+def _check_weight(weight: float, name: str) -> float:
+    w = float(weight)
+    if not math.isfinite(w) or w <= 0:
+        raise SoupError(f"ingredient {name!r}: weight must be finite and > 0, got {weight!r}")
+    return w
+
+
+class RunningSum:
+    """Weighted running sum of state dicts; `mean()` is the soup of everything added so far.
+
+    Accumulators live on the device of the first ingredient's tensors (later ingredients are
+    moved there) in `promote(tensor dtype, accum_dtype)`, so float64 tensors stay float64.
+    """
+
+    def __init__(self, accum_dtype: AccumDtype = "float32") -> None:
+        self.accum_dtype = resolve_accum_dtype(accum_dtype)
+        self._ref: dict[str, torch.Tensor] = {}  # key -> meta tensor (shape, dtype), key order
+        self._sums: dict[str, torch.Tensor] = {}  # averaged keys -> weighted sum
+        self._fixed: dict[str, torch.Tensor] = {}  # other keys -> first ingredient's value
+        self._names: list[str] = []
+        self._total_weight = 0.0
+
+    @property
+    def count(self) -> int:
+        """Number of ingredients added."""
+        return len(self._names)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._names)
+
+    @property
+    def total_weight(self) -> float:
+        return self._total_weight
+
+    def _label(self, name: str | None) -> str:
+        return name if name is not None else f"#{self.count}"
+
+    def _check(self, state: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+        """Validate everything before any accumulator is touched (no half-added ingredient)."""
+        first = self._names[0]
+        _check_keys(self._ref.keys(), state, name, first)
+        checked = {}
+        for key, ref in self._ref.items():
+            t = _check_tensor(key, state[key], ref, name, first)
+            if key in self._fixed:
+                _check_fixed_equal(key, t, self._fixed[key], name, first)
+            checked[key] = t
+        return checked
+
+    def _start(self, state: Mapping[str, torch.Tensor], name: str, weight: float) -> None:
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise SoupError(f"ingredient {name!r}: {key!r} is a {type(value).__name__}, not a tensor")
+        for key, value in state.items():
+            t = value.detach()
+            self._ref[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            if is_averaged(t):
+                # copy=True: the accumulator must never alias the caller's tensor (add_ would
+                # then modify the ingredient).
+                acc = t.to(dtype=torch.promote_types(t.dtype, self.accum_dtype), copy=True)
+                if weight != 1.0:
+                    acc.mul_(weight)
+                self._sums[key] = acc
+            else:
+                self._fixed[key] = t.clone()
+
+    def add(self, state: Mapping[str, torch.Tensor], name: str | None = None, weight: float = 1.0) -> None:
+        """Add one ingredient (`name` is used in error messages; default `#<index>`)."""
+        label = self._label(name)
+        w = _check_weight(weight, label)
+        if self.count == 0:
+            self._start(state, label, w)
+        else:
+            checked = self._check(state, label)
+            for key, acc in self._sums.items():
+                t = checked[key]
+                if t.device != acc.device:
+                    t = t.to(acc.device)
+                if w == 1.0:
+                    acc.add_(t)
+                else:
+                    acc.add_(t, alpha=w)
+        self._names.append(label)
+        self._total_weight += w
+
+    def _finish(self, key: str, summed: torch.Tensor, total: float) -> torch.Tensor:
+        return summed.div(total).to(self._ref[key].dtype)
+
+    def mean(self) -> State:
+        """The (weighted) average of all ingredients, each tensor in its original dtype."""
+        if self.count == 0:
+            raise SoupError("cannot average zero ingredients")
+        return {
+            key: (
+                self._finish(key, self._sums[key], self._total_weight)
+                if key in self._sums
+                else self._fixed[key].clone()
+            )
+            for key in self._ref
+        }
+
+    def mean_with(self, state: Mapping[str, torch.Tensor], name: str | None = None, weight: float = 1.0) -> State:
+        """The mean as if `state` had been added, leaving this sum unchanged (greedy soups)."""
+        if self.count == 0:
+            tmp = RunningSum(self.accum_dtype)
+            tmp.add(state, name, weight)
+            return tmp.mean()
+        label = self._label(name)
+        w = _check_weight(weight, label)
+        checked = self._check(state, label)
+        total = self._total_weight + w
+        out: State = {}
+        for key in self._ref:
+            if key in self._sums:
+                acc = self._sums[key]
+                summed = torch.add(acc, checked[key].to(acc.device), alpha=w)
+                out[key] = summed.div_(total).to(self._ref[key].dtype)
+            else:
+                out[key] = self._fixed[key].clone()
+        return out
+
+    def copy(self) -> RunningSum:
+        """An independent copy (accumulators cloned)."""
+        other = RunningSum(self.accum_dtype)
+        other._ref = dict(self._ref)  # meta tensors hold no data; sharing them is safe
+        other._sums = {k: v.clone() for k, v in self._sums.items()}
+        other._fixed = {k: v.clone() for k, v in self._fixed.items()}
+        other._names = list(self._names)
+        other._total_weight = self._total_weight
+        return other
+
+
+_END = object()
+
+
+def average(
+    states: Iterable[Mapping[str, torch.Tensor]],
+    names: Iterable[str] | None = None,
+    accum_dtype: AccumDtype = "float32",
+) -> State:
+    """Uniform soup of `states`, consumed one at a time (a generator that loads lazily is fine)."""
+    running = RunningSum(accum_dtype)
+    name_iter = iter(names) if names is not None else None
+    # A plain loop plus `del`: zip/enumerate would keep the previous ingredient alive (in their
+    # reused result tuple) while the next one is being loaded.
+    for state in states:
+        name = None if name_iter is None else next(name_iter, _END)
+        if name is _END:
+            raise SoupError("more states than names")
+        running.add(state, name)
+        del state
+    if name_iter is not None and next(name_iter, _END) is not _END:
+        raise SoupError("more names than states")
+    return running.mean()
+
+
+def average_files(
+    paths: Iterable[str | os.PathLike],
+    device: str | torch.device = "cpu",
+    accum_dtype: AccumDtype = "float32",
+) -> State:
+    """Uniform soup of safetensors files, loading one file at a time."""
+    paths = [os.fspath(p) for p in paths]
+    return average((load_weights(p, device=device)[0] for p in paths), names=paths, accum_dtype=accum_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# A SoupScorer over real weights
+# --------------------------------------------------------------------------------------------
+
+
+class RunningSoupScorer:
+    """`foldsoup.select.SoupScorer` built on a RunningSum of the accepted ingredients.
+
+    `load(candidate)` returns the candidate's state dict (a model, or a whole soup in the second
+    GSGS stage: each candidate weighs the same). `evaluate(state, folds)` returns the val
+    accuracy of `state` on each fold in `folds`. Each candidate is loaded once: the state loaded
+    for scoring is kept until `accept` (Alg. 1 accepts right after scoring) or the next candidate.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[Candidate], Mapping[str, torch.Tensor]],
+        evaluate: Callable[[State, frozenset[int]], Mapping[int, float]],
+        accum_dtype: AccumDtype = "float32",
+    ) -> None:
+        self._load = load
+        self._evaluate = evaluate
+        self.running = RunningSum(accum_dtype)
+        self.folds: frozenset[int] = frozenset()
+        self._cached: tuple[str, Mapping[str, torch.Tensor]] | None = None
+
+    def _state(self, candidate: Candidate) -> Mapping[str, torch.Tensor]:
+        if self._cached is None or self._cached[0] != candidate.name:
+            self._cached = None  # free the previous candidate before loading the next
+            self._cached = (candidate.name, self._load(candidate))
+        return self._cached[1]
+
+    def fold_accs_with(self, candidate: Candidate) -> dict[int, float]:
+        soup = self.running.mean_with(self._state(candidate), name=candidate.name)
+        return {int(f): float(a) for f, a in self._evaluate(soup, self.folds | candidate.folds).items()}
+
+    def accept(self, candidate: Candidate) -> None:
+        self.running.add(self._state(candidate), name=candidate.name)
+        self.folds = self.folds | candidate.folds
+        self._cached = None
+
+    def mean(self) -> State:
+        """The accepted soup."""
+        return self.running.mean()

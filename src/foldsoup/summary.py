@@ -1,0 +1,320 @@
+"""summary.md: this run's Tables 1-4 beside the numbers the paper publishes.
+
+Cheap to import (pandas/numpy only). Accuracies in the tables are fractions; they are shown
+as percentages with 2 decimals, RMSE as percentage points, correlations with 3 decimals.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from foldsoup.analysis import diverged_mask, order_methods, val_threshold
+
+# The paper's published numbers, copied as printed (Suzuki & Matsuzawa, AI 2022, 3, 796-808).
+# Accuracies and RMSEs are in percent (percentage points), correlations are plain numbers;
+# None marks a cell the paper leaves blank.
+PAPER: dict[str, Any] = {
+    "setup": {"dataset": "cifar10", "model": "CLIP ViT-B/32", "k": 5, "grid_size": 18, "n_models": 90},
+    # Section 4 text about Figure 2 (given there as fractions 0.9844 etc.).
+    "figure2": {"best_val": 98.44, "best_val_test": 98.09, "lowest_val": 97.20, "lowest_val_test": 97.21},
+    "table1": {  # RMSE of (ValAcc - test accuracy), Eq. 4
+        1: {"avg_acc": None, "min_acc": 0.30},
+        2: {"avg_acc": 0.87, "min_acc": 0.92},
+        3: {"avg_acc": 0.98, "min_acc": 1.06},
+        4: {"avg_acc": 1.02, "min_acc": 1.11},
+        5: {"avg_acc": 1.03, "min_acc": 1.14},
+    },
+    "table2": {  # Pearson correlation of MinAcc vs test accuracy
+        1: {"corr_all": None, "corr_over_threshold": 0.878},
+        2: {"corr_all": 0.934, "corr_over_threshold": 0.763},
+        3: {"corr_all": 0.978, "corr_over_threshold": 0.707},
+        4: {"corr_all": 0.985, "corr_over_threshold": 0.673},
+        5: {"corr_all": 0.989, "corr_over_threshold": 0.685},
+    },
+    "table3": {  # val (MinAcc except Best on val) and test accuracy
+        "best_on_val": {"val": 98.44, "test": 98.09},
+        "uniform_soup": {"val": 98.14, "test": 96.88},
+        "greedy_soup": {"val": 99.67, "test": 98.26},
+        "bgss": {"val": 98.66, "test": 98.27},
+        "gsgs": {"val": 98.97, "test": 98.32},
+    },
+    "table4": {  # a single "Acc" column, as printed
+        "best_on_val": 98.44,
+        "uniform_soup": 98.14,
+        "best_uniform_per_split": 96.88,
+    },
+}
+
+TABLE4_METHODS: tuple[str, ...] = ("best_on_val", "uniform_soup", "best_uniform_per_split")
+METHOD_NAMES = {
+    "best_on_val": "Best on val",
+    "uniform_soup": "Uniform soup",
+    "greedy_soup": "Greedy soup (all subsets)",
+    "bgss": "BGSS",
+    "gsgs": "GSGS",
+    "best_uniform_per_split": "Best uniform soup per split on val",
+}
+NOT_REPORTED = "—"  # a cell the paper leaves blank or a method it does not have
+NOT_AVAILABLE = "n/a"  # this run cannot compute the value (e.g. fewer than 2 soups)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, (float, np.floating)) and not math.isfinite(x))
+
+
+def fmt_pct(fraction: Any) -> str:
+    """0.98437 -> '98.44%'; NaN -> 'n/a'."""
+    if _missing(fraction):
+        return NOT_AVAILABLE
+    value = round(100.0 * float(fraction), 2)
+    return f"{value + 0.0 if value else 0.0:.2f}%"  # never print "-0.00%"
+
+
+def fmt_paper_pct(percent: float | None) -> str:
+    """Paper numbers are stored in percent already."""
+    return NOT_REPORTED if percent is None else f"{percent:.2f}%"
+
+
+def fmt_corr(r: Any) -> str:
+    return NOT_AVAILABLE if _missing(r) else f"{float(r):.3f}"
+
+
+def fmt_paper_corr(r: float | None) -> str:
+    return NOT_REPORTED if r is None else f"{r:.3f}"
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table; first column left-aligned, the others right."""
+    align = [":---"] + ["---:"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _info(run_info: dict, *keys: str, default: Any = None) -> Any:
+    """First present key among aliases (callers name things differently: grid_size/grid_points)."""
+    return next((run_info[k] for k in keys if run_info.get(k) is not None), default)
+
+
+def _is_paper_preset(run_info: dict) -> bool:
+    """Explicit flag, else a preset named "paper...", else the paper's setup recognised by value."""
+    if "paper_preset" in run_info:
+        return bool(run_info["paper_preset"])
+    if run_info.get("preset"):
+        return str(run_info["preset"]).startswith("paper")
+    model = str(run_info.get("model", "")).lower().replace("/", "-")
+    return (str(run_info.get("dataset", "")).lower() == "cifar10" and "vit-b-32" in model
+            and _info(run_info, "k") == PAPER["setup"]["k"]
+            and _info(run_info, "grid_size", "grid_points") == PAPER["setup"]["grid_size"])
+
+
+def _sampled(run_info: dict, subsets_df: pd.DataFrame) -> bool:
+    if "sampled" in run_info:
+        return bool(run_info["sampled"])
+    if "sampled" in subsets_df.columns:
+        return bool(subsets_df["sampled"].astype(str).str.lower().eq("true").any())
+    return False
+
+
+def header_section(run_info: dict, models_df: pd.DataFrame, subsets_df: pd.DataFrame) -> str:
+    diverged = models_df.loc[diverged_mask(models_df)]
+    k = _info(run_info, "k", default=models_df["fold"].nunique() if "fold" in models_df.columns else "?")
+    grid = _info(run_info, "grid_size", "grid_points",
+                 default=models_df["hp"].nunique() if "hp" in models_df.columns else "?")
+    cap = run_info.get("max_subsets_per_n")
+    n_models = _info(run_info, "n_models", "models", default=len(models_df))
+    if not isinstance(n_models, (int, np.integer)):  # e.g. a list of model names
+        n_models = len(models_df)
+    sampled = _sampled(run_info, subsets_df)
+    lines = [
+        "# foldsoup summary",
+        "",
+        f"- dataset: {run_info.get('dataset', '?')}",
+        f"- model: {run_info.get('model', '?')}",
+    ]
+    if run_info.get("preset"):
+        lines.append(f"- preset: {run_info['preset']}")
+    lines += [
+        f"- folds k: {k}",
+        f"- grid points: {grid}",
+        f"- fine-tuned models: {n_models}",
+        f"- uniform soups analysed (Section 3.1): {len(subsets_df)}; fold subsets "
+        + (("sampled" + (f", at most {cap} per size n per grid point" if cap else " per size n"))
+           if sampled else "all 2^k - 1 per grid point"),
+    ]
+    if "seed" in run_info:
+        lines.append(f"- seed: {run_info['seed']}")
+    if len(diverged):
+        names = ", ".join(f"{r.hp}/fold{r.fold}" for r in diverged.itertuples()) if {"hp", "fold"} <= set(diverged.columns) else ""
+        lines.append(f"- diverged models: {len(diverged)} ({names}); excluded from the threshold and the figures' "
+                     "single-model points, kept in the soups and in 'corr for all'")
+    else:
+        lines.append("- diverged models: none")
+    lines += ["", _context_note(run_info), ""]
+    return "\n".join(lines)
+
+
+def _context_note(run_info: dict) -> str:
+    units = ("Accuracies are percentages with 2 decimals; RMSE is in percentage points; "
+             f"'{NOT_REPORTED}' marks a cell the paper leaves blank, '{NOT_AVAILABLE}' a value this run cannot compute.")
+    if _is_paper_preset(run_info):
+        return ("This run uses the paper preset (CIFAR-10, CLIP ViT-B/32, k = 5, 18 grid points), so the paper "
+                "column is the target; details the paper does not state (epochs, batch size, augmentation "
+                "definitions) are our choices, so expect differences of a few tenths of a percent. " + units)
+    return ("This run is not the paper preset: its dataset, model, grid or k differ from the paper's, so the "
+            "paper column is context, not a target. Compare trends (e.g. RMSE growing with n, the ranking of "
+            "methods), not values. " + units)
+
+
+def figure2_section(models_df: pd.DataFrame) -> str:
+    df = models_df.loc[~diverged_mask(models_df)]
+    p = PAPER["figure2"]
+    if not len(df):
+        return "## Single models (Figure 2)\n\nNo non-diverged models.\n"
+    best, low = df.loc[df["val_acc"].astype(float).idxmax()], df.loc[df["val_acc"].astype(float).idxmin()]
+    rows = [
+        ["highest val accuracy: val", fmt_pct(best["val_acc"]), fmt_paper_pct(p["best_val"])],
+        ["highest val accuracy: its test", fmt_pct(best["test_acc"]), fmt_paper_pct(p["best_val_test"])],
+        ["lowest val accuracy (threshold): val", fmt_pct(low["val_acc"]), fmt_paper_pct(p["lowest_val"])],
+        ["lowest val accuracy: its test", fmt_pct(low["test_acc"]), fmt_paper_pct(p["lowest_val_test"])],
+    ]
+    return "## Single models (Figure 2)\n\n" + md_table(["", "this run", "paper"], rows) + "\n"
+
+
+def table1_section(reliability_df: pd.DataFrame) -> str:
+    rows = []
+    for r in reliability_df.itertuples():
+        paper = PAPER["table1"].get(int(r.n), {"avg_acc": None, "min_acc": None})
+        rows.append([int(r.n), fmt_pct(r.rmse_avg_acc), fmt_paper_pct(paper["avg_acc"]),
+                     fmt_pct(r.rmse_min_acc), fmt_paper_pct(paper["min_acc"]),
+                     fmt_pct(getattr(r, "mean_gap_min_acc", float("nan"))), int(r.n_soups)])
+    headers = ["n", "AvgAcc RMSE (this run)", "AvgAcc RMSE (paper)", "MinAcc RMSE (this run)",
+               "MinAcc RMSE (paper)", "mean MinAcc − test (this run)", "soups"]
+    text = ("## Table 1: RMSE of val vs test accuracy of uniform soups of n folds\n\n"
+            "RMSE over every grid point and fold subset of size n of (ValAcc − test accuracy), Eq. 4, with "
+            "ValAcc = AvgAcc (Eq. 2) or MinAcc (Eq. 3). For n = 1 both equal the model's own val accuracy "
+            "(the paper prints only MinAcc). A positive mean gap means val accuracy is optimistic. Note: the "
+            "paper's text says MinAcc's RMSE is smaller than AvgAcc's, but its printed numbers show the opposite.\n\n")
+    return text + md_table(headers, rows) + "\n"
+
+
+def table2_section(reliability_df: pd.DataFrame, models_df: pd.DataFrame) -> str:
+    rows = []
+    for r in reliability_df.itertuples():
+        paper = PAPER["table2"].get(int(r.n), {"corr_all": None, "corr_over_threshold": None})
+        rows.append([int(r.n), fmt_corr(r.corr_all), fmt_paper_corr(paper["corr_all"]),
+                     fmt_corr(r.corr_over_threshold), fmt_paper_corr(paper["corr_over_threshold"]),
+                     f"{int(r.n_over_threshold)} / {int(r.n_soups)}"])
+    threshold = reliability_df["threshold"].iloc[0] if len(reliability_df) else val_threshold(models_df)
+    headers = ["n", "corr for all (this run)", "corr for all (paper)", "corr over thre (this run)",
+               "corr over thre (paper)", "soups over thre"]
+    text = ("## Table 2: Pearson correlation of MinAcc and test accuracy\n\n"
+            "Over all uniform soups of n folds ('corr for all') and over those with MinAcc ≥ threshold "
+            f"('corr over thre'). Threshold = lowest val accuracy among the single (non-diverged) models: "
+            f"{fmt_pct(threshold)} in this run, {fmt_paper_pct(PAPER['figure2']['lowest_val'])} in the paper. "
+            "A correlation needs at least 2 soups with varying accuracies, else n/a.\n\n")
+    return text + md_table(headers, rows) + "\n"
+
+
+def _method_row(methods: pd.DataFrame, method: str) -> pd.Series | None:
+    hit = methods[methods["method"] == method]
+    return hit.iloc[0] if len(hit) else None
+
+
+def table3_section(methods_df: pd.DataFrame) -> str:
+    names = order_methods(list(methods_df["method"]) + list(PAPER["table3"]))
+    names = [m for m in names if m != "best_uniform_per_split"]  # Table 4's baseline, not in Table 3
+    rows = []
+    for m in names:
+        row, paper = _method_row(methods_df, m), PAPER["table3"].get(m, {"val": None, "test": None})
+        ours = ("—", "—", "") if row is None else (fmt_pct(row["val_acc"]), fmt_pct(row["test_acc"]), _ingredients(row))
+        rows.append([METHOD_NAMES.get(m, m), ours[0], fmt_paper_pct(paper["val"]), ours[1],
+                     fmt_paper_pct(paper["test"]), ours[2]])
+    headers = ["method", "val (this run)", "val (paper)", "test (this run)", "test (paper)", "ingredients"]
+    text = ("## Table 3: methods\n\n"
+            "Val accuracy is MinAcc over the folds of the soup's ingredients (own-fold val accuracy for "
+            "single-fold entries such as Best on val and BGSS); test accuracy never takes part in a decision. "
+            "'—' in the this-run columns marks a method this run did not produce.\n\n")
+    return text + md_table(headers, rows) + "\n"
+
+
+def _ingredients(row: pd.Series) -> str:
+    value = row.get("n_ingredients")
+    return "" if _missing(value) or value is None else str(int(value))
+
+
+def table4_section(methods_df: pd.DataFrame) -> str:
+    rows = []
+    for m in TABLE4_METHODS:
+        row = _method_row(methods_df, m)
+        val, test = ("—", "—") if row is None else (fmt_pct(row["val_acc"]), fmt_pct(row["test_acc"]))
+        rows.append([METHOD_NAMES[m], val, test, fmt_paper_pct(PAPER["table4"][m])])
+    text = ("## Table 4: uniform soups and Best on val\n\n"
+            "Best uniform soup per split: per fold, the uniform soup of its grid points' models, then the one "
+            "with the highest val accuracy. The paper prints a single 'Acc' column (98.44%, 98.14%, 96.88%). "
+            "These numbers appear to repeat Table 3's val/test columns (Best on val val, Uniform soups val, "
+            "Uniform soups test) rather than report new measurements, so read that column with care.\n\n")
+    return text + md_table(["method", "val (this run)", "test (this run)", "Acc (paper)"], rows) + "\n"
+
+
+def figures_section(run_info: dict) -> str:
+    figures = run_info.get("figures") or {}
+    if not figures:
+        return ""
+    lines = ["## Figures", ""] + [f"- [{title}]({rel})" for title, rel in figures.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, models_df: pd.DataFrame,
+                   subsets_df: pd.DataFrame, run_info: dict) -> str:
+    """The Markdown text of summary.md (see `write_summary`)."""
+    parts = [
+        header_section(run_info, models_df, subsets_df),
+        figure2_section(models_df),
+        table1_section(reliability_df),
+        table2_section(reliability_df, models_df),
+        table3_section(methods_df),
+        table4_section(methods_df),
+        figures_section(run_info),
+    ]
+    return "\n".join(p for p in parts if p).rstrip() + "\n"
+
+
+def write_summary(path: str | os.PathLike, reliability_df: pd.DataFrame, methods_df: pd.DataFrame,
+                  models_df: pd.DataFrame, subsets_df: pd.DataFrame, run_info: dict) -> None:
+    """Write summary.md atomically (temp file in the same folder, then os.replace).
+
+    run_info keys, all optional: dataset, model, preset (name; "paper..." marks the paper
+    preset), paper_preset (bool, overrides the name test; without either, a cifar10 +
+    ViT-B-32 run with k = 5 and 18 grid points counts as the paper preset), k, grid_size
+    (alias grid_points), n_models (alias models), seed, max_subsets_per_n, sampled (bool;
+    default from subsets_df["sampled"]), figures ({title: path relative to the summary}).
+    Diverged models are read from models_df["diverged"], not from run_info.
+    """
+    text = render_summary(reliability_df, methods_df, models_df, subsets_df, run_info)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden temp name in the same folder (same filesystem, so os.replace is atomic); the pid
+    # keeps two writers apart. A plain open() honours the umask, unlike tempfile.mkstemp (0600).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,302 @@
+"""Training: backbone pretraining (demo only), linear probe per fold, full fine-tune per
+(grid point, fold). One loop serves all three; data stays on the device as uint8.
+
+Fine-tunes save resume state (weights, AdamW moments, step, generator state) after every epoch
+and on SIGTERM, outside the job's declared outputs, so a killed or preempted job continues
+where it stopped and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import eval_transform, mixup, train_transform
+from .models import Classifier
+
+Log = Callable[[str], None]
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM arrived; resume state was saved."""
+
+
+def stable_seed(*parts) -> int:
+    """A seed derived from names and numbers, the same in every process (unlike hash())."""
+    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class ImageSpec:
+    size: int
+    mean: list[float]
+    std: list[float]
+    hflip: bool
+
+    @classmethod
+    def from_config(cls, data_cfg: dict, channels: int) -> "ImageSpec":
+        # One value given for a multi-channel dataset applies to every channel.
+        def per_channel(v):
+            return list(v) * channels if len(v) == 1 else list(v)
+
+        return cls(data_cfg["image_size"], per_channel(data_cfg["mean"]), per_channel(data_cfg["std"]), data_cfg["hflip"])
+
+
+def autocast(device: torch.device, precision: str):
+    enabled = precision == "bf16" and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: Classifier, images: torch.Tensor, spec: ImageSpec, batch_size: int, precision: str = "fp32"
+) -> torch.Tensor:
+    """float32 logits [N, classes] of uint8 images already on the model's device."""
+    model.eval()
+    device = images.device
+    out = []
+    with autocast(device, precision):
+        for start in range(0, images.shape[0], batch_size):
+            x = eval_transform(images[start : start + batch_size], spec.size, spec.mean, spec.std)
+            out.append(model(x).float())
+    return torch.cat(out) if out else torch.zeros(0, model.head.out_features, device=device)
+
+
+@torch.no_grad()
+def extract_features(model: Classifier, images: torch.Tensor, spec: ImageSpec, batch_size: int, precision: str) -> torch.Tensor:
+    model.eval()
+    out = []
+    with autocast(images.device, precision):
+        for start in range(0, images.shape[0], batch_size):
+            x = eval_transform(images[start : start + batch_size], spec.size, spec.mean, spec.std)
+            out.append(model.features(x).float())
+    return torch.cat(out)
+
+
+def linear_probe(
+    model: Classifier, images: torch.Tensor, labels: torch.Tensor, spec: ImageSpec, lp_cfg: dict, precision: str, seed: int, log: Log
+) -> dict[str, torch.Tensor]:
+    """Train model.head on frozen features (full batch AdamW); returns the head's state."""
+    t0 = time.perf_counter()
+    feats = extract_features(model, images, spec, lp_cfg["batch_size"], precision)
+    torch.manual_seed(seed)
+    head = model.head
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.AdamW(head.parameters(), lr=lp_cfg["lr"], weight_decay=lp_cfg["weight_decay"])
+    with torch.enable_grad():
+        for epoch in range(lp_cfg["epochs"]):
+            loss = F.cross_entropy(head(feats), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (head(feats).argmax(1) == labels).float().mean().item()
+    log(f"linear probe: {len(labels)} images, {lp_cfg['epochs']} epochs, final loss {loss.item():.4f}, "
+        f"train acc {acc:.4f}, {time.perf_counter() - t0:.1f} s")
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+@dataclass
+class LoopConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float | None
+    label_smoothing: float
+    precision: str
+    aug: dict
+    mixup_alpha: float | None  # None: no mixup
+    seed: int
+    tag: str  # names the run in messages ("grid point ..., fold ...")
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to zero (model soups' schedule)."""
+    warmup = min(warmup, total)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ResumeStore:
+    """Resume state in one safetensors file plus JSON, written atomically (never pickled)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / "state.safetensors"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, progress: dict) -> None:
+        from .weights import save_weights
+
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        for idx, state in opt.state_dict()["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        tensors["generator"] = gen.get_state()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_weights(self.path, tensors, {"progress": progress})
+
+    def load(self, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+        from .weights import load_weights
+
+        tensors, meta = load_weights(self.path)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        device = next(model.parameters()).device
+        for s in state.values():
+            for name in ("exp_avg", "exp_avg_sq"):
+                s[name] = s[name].to(device)
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        gen.set_state(tensors["generator"])
+        return meta["progress"]
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _Sigterm:
+    """Turns SIGTERM (SLURM time limit, preemption) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received = False
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train(
+    model: Classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    spec: ImageSpec,
+    cfg: LoopConfig,
+    log: Log,
+    resume: ResumeStore | None = None,
+    fail_at_step: int | None = None,
+) -> dict:
+    """Train the whole model; returns {"steps", "final_loss", "images_per_s"}."""
+    device = images.device
+    n = images.shape[0]
+    num_classes = model.head.out_features
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    gen = torch.Generator(device=device)
+
+    progress = {"epoch": 0, "step_in_epoch": 0}
+    if resume is not None and resume.exists():
+        progress = resume.load(model, opt, gen)
+        log(f"resumed {cfg.tag} from epoch {progress['epoch']} step {progress['step_in_epoch']} ({resume.path})")
+
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    last_loss = float("nan")
+    seen, t_start = 0, time.perf_counter()
+    with _Sigterm() as sigterm:
+        for epoch in range(progress["epoch"], cfg.epochs):
+            epoch_seed = stable_seed(cfg.seed, cfg.tag, epoch)
+            start_step = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
+            saved_gen_state = gen.get_state() if start_step else None
+            gen.manual_seed(epoch_seed)
+            perm = torch.randperm(n, generator=gen, device=device)
+            lams = np.random.default_rng(epoch_seed).beta(cfg.mixup_alpha, cfg.mixup_alpha, steps_per_epoch) if cfg.mixup_alpha else None
+            if saved_gen_state is not None:
+                gen.set_state(saved_gen_state)  # continue the epoch's random stream where it stopped
+            loss_sum.zero_()
+            t_epoch = time.perf_counter()
+            for step in range(start_step, steps_per_epoch):
+                global_step = epoch * steps_per_epoch + step
+                if fail_at_step is not None and global_step == fail_at_step:
+                    raise RuntimeError(f"{cfg.tag}: injected failure at step {global_step} (FOLDSOUP_FAIL_AT_STEP)")
+                if sigterm.received:
+                    if resume is not None:
+                        resume.save(model, opt, gen, {"epoch": epoch, "step_in_epoch": step})
+                    raise Interrupted(f"{cfg.tag}: SIGTERM at epoch {epoch} step {step}; resume state saved")
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(global_step, cfg.warmup_steps, total)
+                idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                x = train_transform(images[idx], spec.size, spec.mean, spec.std, cfg.aug, spec.hflip, gen)
+                target = F.one_hot(labels[idx], num_classes).float()
+                if lams is not None:
+                    x, target = mixup(x, target, float(lams[step]), gen)
+                with autocast(device, cfg.precision):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                bad = ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, global_step), first_bad)
+                loss_sum += loss.detach()
+                seen += idx.shape[0]
+            # One host sync per epoch: divergence check and progress line.
+            bad_step = int(first_bad.item())
+            if bad_step >= 0:
+                raise Diverged(f"{cfg.tag}: loss became non-finite at step {bad_step} (epoch {epoch})")
+            done = steps_per_epoch - start_step
+            last_loss = loss_sum.item() / max(1, done)
+            rate = done * cfg.batch_size / max(1e-9, time.perf_counter() - t_epoch)
+            log(f"{cfg.tag} epoch {epoch + 1}/{cfg.epochs} loss {last_loss:.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {rate:.0f} images/s")
+            progress = {"epoch": epoch + 1, "step_in_epoch": 0}
+            if resume is not None and epoch + 1 < cfg.epochs:
+                resume.save(model, opt, gen, progress)
+    elapsed = time.perf_counter() - t_start
+    return {"steps": total, "final_loss": last_loss, "images_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
+
+
+def fold_accuracies(pool_logits: torch.Tensor, pool_labels: torch.Tensor, fold_of: torch.Tensor, k: int) -> dict[int, float]:
+    """Acc(model, D_val,i) for every fold i, from logits on the whole pool."""
+    correct = (pool_logits.argmax(1) == pool_labels).float()
+    return {i: correct[fold_of == i].mean().item() for i in range(k)}
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    from .weights import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+def read_json(path: str | Path) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,200 @@
+"""Weight files (safetensors, never pickle) and atomic text/JSON writes.
+
+Every writer here goes through a temporary file in the destination folder, is fsync'ed and then
+renamed over the final name with `os.replace`, so a crash or a killed job never leaves a
+half-written file under a name that Snakemake (or a resumed run) would trust.
+
+torch and safetensors are imported inside the functions that need them: CSV/JSON writers use
+this module too and must stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+PathLike = str | os.PathLike
+
+# Metadata key listing the keys whose values were JSON-encoded on save (safetensors metadata
+# only holds strings). A dotted name keeps it apart from ordinary user keys.
+JSON_KEYS_MARKER = "foldsoup.json_keys"
+
+
+class WeightsError(ValueError):
+    """A weight file that is missing, truncated, corrupt or otherwise unreadable."""
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself; best effort because not every filesystem allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success fsync it and rename it to `path`.
+
+    On any exception the temporary file is removed and `path` is left untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target: os.replace is only atomic within one filesystem.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    # mkstemp creates 0600; give the final file the permissions a plain open() would.
+    os.chmod(tmp, 0o666 & ~_current_umask())
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(final.parent)
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write `text` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding=encoding, newline="") as f:
+            f.write(text)
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write `obj` as JSON to `path` atomically (serialised first, so a bad object writes nothing)."""
+    text = json.dumps(obj, indent=indent, sort_keys=False) + "\n"
+    atomic_write_text(path, text)
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata encoding
+# --------------------------------------------------------------------------------------------
+
+
+def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """Strings stay as they are; anything else is JSON-encoded and its key recorded."""
+    if not metadata:
+        return None
+    if JSON_KEYS_MARKER in metadata:
+        raise ValueError(f"metadata key {JSON_KEYS_MARKER!r} is reserved")
+    out: dict[str, str] = {}
+    json_keys: list[str] = []
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metadata keys must be strings, got {key!r}")
+        if isinstance(value, str):
+            out[key] = value
+        else:
+            out[key] = json.dumps(value)
+            json_keys.append(key)
+    if json_keys:
+        out[JSON_KEYS_MARKER] = json.dumps(json_keys)
+    return out
+
+
+def _decode_metadata(raw: Mapping[str, str] | None) -> dict[str, Any]:
+    meta = dict(raw or {})
+    json_keys = json.loads(meta.pop(JSON_KEYS_MARKER, "[]"))
+    for key in json_keys:
+        if key in meta:
+            meta[key] = json.loads(meta[key])
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_for_save(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, detached; tensors sharing storage (tied weights) get their own copy,
+    because safetensors refuses shared storage."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state keys must be strings, got {key!r}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state[{key!r}] is a {type(value).__name__}, not a tensor")
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen_storages:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        if t.numel():
+            seen_storages.add(ptr)
+        out[key] = t
+    return out
+
+
+def save_weights(
+    path: PathLike,
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Save a state dict as safetensors, atomically. Non-string metadata values are JSON-encoded."""
+    from safetensors.torch import save_file
+
+    tensors = _prepare_for_save(state)
+    meta = _encode_metadata(metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_weights(
+    path: PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load `(state, metadata)` from a safetensors file written by `save_weights` (or any other).
+
+    Raises WeightsError naming the file when it is missing, truncated or corrupt.
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weight file not found: {p}")
+    try:
+        with safe_open(str(p), framework="pt", device=str(device)) as f:
+            raw_meta = f.metadata()
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # SafetensorError, OSError, RuntimeError: all mean "unreadable"
+        raise WeightsError(
+            f"cannot read weight file {p} (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        metadata = _decode_metadata(raw_meta)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise WeightsError(f"corrupt metadata in weight file {p}: {exc}") from exc
+    return state, metadata

@@ -1,0 +1,31 @@
+localrules:
+    prepare,
+    folds,
+
+
+rule prepare:
+    output:
+        f"{R}/prepared/dataset.safetensors",
+    params:
+        cfg=cfg_json("seed", "data"),
+    log:
+        f"{R}/logs/prepare.log",
+    conda:
+        ENV
+    shell:
+        "{PY} prepare --config-json {params.cfg:q} --out {output} 2> {log}"
+
+
+rule folds:
+    input:
+        rules.prepare.output,
+    output:
+        f"{R}/folds.csv",
+    params:
+        cfg=cfg_json("seed", "folds"),
+    log:
+        f"{R}/logs/folds.log",
+    conda:
+        ENV
+    shell:
+        "{PY} folds --config-json {params.cfg:q} --data {input} --out {output} 2> {log}"

@@ -1,0 +1,146 @@
+localrules:
+    models_table,
+    methods,
+
+
+rule models_table:
+    input:
+        model_paths(name="metrics.json"),
+    output:
+        report(f"{R}/tables/models.csv", caption="../report/models.rst", category="Tables"),
+    log:
+        f"{R}/logs/models_table.log",
+    conda:
+        ENV
+    shell:
+        "{PY} models-table --metrics {input} --out {output} 2> {log}"
+
+
+# Common inputs of the soup jobs: the data, the split and every model's weights and metrics.
+SOUP_INPUTS = dict(
+    data=rules.prepare.output,
+    folds=rules.folds.output,
+)
+SOUP_SECTIONS = (*STEP_SECTIONS, "grid", "soups", "analysis")
+
+
+rule uniform_subsets:
+    input:
+        **SOUP_INPUTS,
+        models=lambda w: model_paths(hps=[w.hp]),
+        metrics=lambda w: model_paths(hps=[w.hp], name="metrics.json"),
+    output:
+        f"{R}/analysis/uniform_subsets/{{hp}}.csv",
+    params:
+        cfg=cfg_json(*SOUP_SECTIONS),
+    log:
+        f"{R}/logs/uniform_subsets/{{hp}}.log",
+    benchmark:
+        f"{R}/benchmarks/uniform_subsets/{{hp}}.tsv"
+    resources:
+        gpu=1,
+        runtime=runtime("soups"),
+        mem_mb=mem_mb("soups"),
+    conda:
+        ENV
+    shell:
+        "{PY} uniform-subsets --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        " --hp {wildcards.hp} --models {input.models} --metrics {input.metrics} --out {output} 2> {log}"
+
+
+rule greedy_fold:
+    input:
+        **SOUP_INPUTS,
+        models=lambda w: model_paths(folds=[int(w.fold)]),
+        metrics=lambda w: model_paths(folds=[int(w.fold)], name="metrics.json"),
+    output:
+        greedy=f"{R}/soups/greedy_fold{{fold}}.safetensors",
+        greedy_json=f"{R}/soups/greedy_fold{{fold}}.json",
+        uniform=f"{R}/soups/uniform_fold{{fold}}.safetensors",
+        uniform_json=f"{R}/soups/uniform_fold{{fold}}.json",
+    params:
+        cfg=cfg_json(*SOUP_SECTIONS),
+    log:
+        f"{R}/logs/greedy_fold/fold{{fold}}.log",
+    benchmark:
+        f"{R}/benchmarks/greedy_fold/fold{{fold}}.tsv"
+    resources:
+        gpu=1,
+        runtime=runtime("soups"),
+        mem_mb=mem_mb("soups"),
+    conda:
+        ENV
+    shell:
+        "{PY} greedy-fold --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        " --fold {wildcards.fold} --models {input.models} --metrics {input.metrics}"
+        " --out-greedy {output.greedy} --out-uniform {output.uniform} 2> {log}"
+
+
+rule soup_all:
+    input:
+        **SOUP_INPUTS,
+        models=model_paths(),
+        metrics=model_paths(name="metrics.json"),
+    output:
+        weights=f"{R}/soups/{{method}}.safetensors",
+        record=f"{R}/soups/{{method}}.json",
+    wildcard_constraints:
+        method="uniform_soup|greedy_soup",
+    params:
+        cfg=cfg_json(*SOUP_SECTIONS),
+        step=lambda w: {"uniform_soup": "uniform-all", "greedy_soup": "greedy-all"}[w.method],
+    log:
+        f"{R}/logs/{{method}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{method}}.tsv"
+    resources:
+        gpu=1,
+        runtime=runtime("soups"),
+        mem_mb=mem_mb("soups"),
+    conda:
+        ENV
+    shell:
+        "{PY} {params.step} --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        " --models {input.models} --metrics {input.metrics} --out {output.weights} 2> {log}"
+
+
+rule gsgs:
+    input:
+        **SOUP_INPUTS,
+        fold_soups=expand(f"{R}/soups/greedy_fold{{fold}}.safetensors", fold=FOLDS),
+        records=expand(f"{R}/soups/greedy_fold{{fold}}.json", fold=FOLDS),
+    output:
+        weights=f"{R}/soups/gsgs.safetensors",
+        record=f"{R}/soups/gsgs.json",
+    params:
+        cfg=cfg_json(*SOUP_SECTIONS),
+    log:
+        f"{R}/logs/gsgs.log",
+    benchmark:
+        f"{R}/benchmarks/gsgs.tsv"
+    resources:
+        gpu=1,
+        runtime=runtime("soups"),
+        mem_mb=mem_mb("soups"),
+    conda:
+        ENV
+    shell:
+        "{PY} gsgs --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        " --fold-soups {input.fold_soups} --out {output.weights} 2> {log}"
+
+
+rule methods:
+    input:
+        models=rules.models_table.output,
+        soups=expand(f"{R}/soups/{{method}}.json", method=["uniform_soup", "greedy_soup", "gsgs"]),
+        per_fold=expand(f"{R}/soups/{{kind}}_fold{{fold}}.json", kind=["greedy", "uniform"], fold=FOLDS),
+    output:
+        table=report(f"{R}/tables/methods.csv", caption="../report/methods.rst", category="Tables"),
+        selected=expand(f"{R}/soups/{{method}}.safetensors", method=["best_on_val", "bgss", "best_uniform_per_split"]),
+    log:
+        f"{R}/logs/methods.log",
+    conda:
+        ENV
+    shell:
+        "{PY} methods --models-csv {input.models} --model-dir {R}/models --soups-dir {R}/soups --k {K}"
+        " --out {output.table} 2> {log}"
