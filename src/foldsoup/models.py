@@ -54,7 +54,7 @@ def build_backbone(model_cfg: dict) -> tuple[nn.Module, int]:
     if name == "open_clip":
         from .clip import open_clip_visual
 
-        return open_clip_visual(model_cfg["arch"])
+        return open_clip_visual(model_cfg["arch"], model_cfg.get("pretrained"))
     raise ValueError(f"model.name {name!r} is unknown")
 
 

@@ -56,9 +56,6 @@ class Context:
         from .train import ImageSpec
 
         self.cfg = cfg
-        threads = int(os.environ.get("FOLDSOUP_THREADS", "0") or 0)
-        if threads:
-            torch.set_num_threads(threads)
         placement = place(cfg["device"])
         log(f"device: {placement.note}")
         self.device = torch.device(placement.device)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .augment import eval_transform, mixup, train_transform
 from .models import Classifier
+from .optim import AdamW
 
 Log = Callable[[str], None]
 
@@ -97,11 +98,11 @@ def linear_probe(
     head = model.head
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.AdamW(head.parameters(), lr=lp_cfg["lr"], weight_decay=lp_cfg["weight_decay"])
+    opt = AdamW(head.parameters(), lr=lp_cfg["lr"], weight_decay=lp_cfg["weight_decay"])
     with torch.enable_grad():
         for epoch in range(lp_cfg["epochs"]):
             loss = F.cross_entropy(head(feats), labels)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
@@ -146,32 +147,21 @@ class ResumeStore:
     def exists(self) -> bool:
         return self.path.is_file()
 
-    def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, progress: dict) -> None:
+    def save(self, model: torch.nn.Module, opt: AdamW, gen: torch.Generator, progress: dict) -> None:
         from .weights import save_weights
 
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        for idx, state in opt.state_dict()["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        tensors.update({f"optim.{k}": v for k, v in opt.state_tensors().items()})
         tensors["generator"] = gen.get_state()
         self.folder.mkdir(parents=True, exist_ok=True)
         save_weights(self.path, tensors, {"progress": progress})
 
-    def load(self, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    def load(self, model: torch.nn.Module, opt: AdamW, gen: torch.Generator) -> dict:
         from .weights import load_weights
 
         tensors, meta = load_weights(self.path)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value
-        device = next(model.parameters()).device
-        for s in state.values():
-            for name in ("exp_avg", "exp_avg_sq"):
-                s[name] = s[name].to(device)
-        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        opt.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
         gen.set_state(tensors["generator"])
         return meta["progress"]
 
@@ -212,8 +202,7 @@ def train(
     num_classes = model.head.out_features
     steps_per_epoch = max(1, n // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device)
 
     progress = {"epoch": 0, "step_in_epoch": 0}
@@ -246,8 +235,7 @@ def train(
                     if resume is not None:
                         resume.save(model, opt, gen, {"epoch": epoch, "step_in_epoch": step})
                     raise Interrupted(f"{cfg.tag}: SIGTERM at epoch {epoch} step {step}; resume state saved")
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(global_step, cfg.warmup_steps, total)
+                opt.lr = cfg.lr * lr_factor(global_step, cfg.warmup_steps, total)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 x = train_transform(images[idx], spec.size, spec.mean, spec.std, cfg.aug, spec.hflip, gen)
                 target = F.one_hot(labels[idx], num_classes).float()
@@ -256,7 +244,7 @@ def train(
                 with autocast(device, cfg.precision):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -273,7 +261,7 @@ def train(
             last_loss = loss_sum.item() / max(1, done)
             rate = done * cfg.batch_size / max(1e-9, time.perf_counter() - t_epoch)
             log(f"{cfg.tag} epoch {epoch + 1}/{cfg.epochs} loss {last_loss:.4f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} {rate:.0f} images/s")
+                f"lr {opt.lr:.2e} {rate:.0f} images/s")
             progress = {"epoch": epoch + 1, "step_in_epoch": 0}
             if resume is not None and epoch + 1 < cfg.epochs:
                 resume.save(model, opt, gen, progress)

@@ -6,6 +6,7 @@ R = config["results"]
 K = config["folds"]["k"]
 FOLDS = list(range(K))
 HPS = [point.name for point in grid_points(config)]
+# Snakemake sets OMP_NUM_THREADS to the rule's threads, which torch takes as its thread count.
 PY = "python -m foldsoup"
 ENV = "../../envs/foldsoup.yaml"
 

@@ -1,0 +1,105 @@
+"""Training pieces: our AdamW equals torch's, the schedule, augmentation, resume equality."""
+
+import math
+
+import pytest
+import torch
+
+from foldsoup.augment import eval_transform, mixup, train_transform
+from foldsoup.models import build_classifier
+from foldsoup.optim import AdamW
+from foldsoup.train import ImageSpec, LoopConfig, ResumeStore, lr_factor, train
+
+AUG = {"scale": [0.35, 1.0], "rotate": 20, "translate": 0.15, "jitter": 0.4, "erase": 0.25}
+
+
+def test_adamw_matches_torch():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
+    b.load_state_dict(a.state_dict())
+    ours = AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(20):
+        x = torch.randn(16, 5)
+        lr = 1e-2 * lr_factor(step, 5, 20)
+        ours.lr = lr
+        for g in ref.param_groups:
+            g["lr"] = lr
+        for model, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    total, warmup = 100, 10
+    factors = [lr_factor(s, warmup, total) for s in range(total)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(factors[9:], factors[10:]))
+    assert factors[-1] < 1e-3
+    assert lr_factor(0, 500, 20) == pytest.approx(1 / 20)  # warm-up capped at the run's length
+
+
+def test_train_transform_shapes_randomness_and_reproducibility():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = train_transform(images, 224, [0.5] * 3, [0.25] * 3, AUG, True, g1)
+    b = train_transform(images, 224, [0.5] * 3, [0.25] * 3, AUG, True, g2)
+    assert a.shape == (6, 3, 224, 224) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b)  # same generator state, same batch
+    c = train_transform(images, 224, [0.5] * 3, [0.25] * 3, AUG, True, g1)
+    assert not torch.allclose(a, c)  # the stream moves on
+
+
+def test_eval_transform_resizes_and_normalises():
+    images = torch.full((2, 3, 32, 32), 255, dtype=torch.uint8)
+    out = eval_transform(images, 224, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    assert out.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(out, torch.full_like(out, 2.0))  # (1 - 0.5) / 0.25
+
+
+def test_mixup_is_a_convex_combination():
+    x = torch.arange(12.0).view(4, 3)
+    y = torch.eye(4)
+    mx, my = mixup(x, y, 0.7, torch.Generator().manual_seed(0))
+    assert torch.allclose(my.sum(1), torch.ones(4))
+    assert torch.allclose(my.max(1).values >= 0.7 - 1e-6, torch.ones(4, dtype=torch.bool))
+    assert torch.allclose(mx.sum(), x.sum())  # a permutation mixes mass, never creates it
+
+
+def _tiny_run(tmp_path, resume_dir=None, fail_at_step=None):
+    torch.manual_seed(0)
+    model = build_classifier({"name": "digits_cnn", "width": 8, "normalize_features": False}, 3)
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (40,))
+    spec = ImageSpec(8, [0.5], [0.5], False)
+    cfg = LoopConfig(3, 8, 1e-3, 0.1, 2, 1.0, 0.0, "fp32", AUG, 0.4, 0, "test/fold0")
+    store = ResumeStore(resume_dir) if resume_dir else None
+    train(model, images, labels, spec, cfg, lambda m: None, store, fail_at_step=fail_at_step)
+    return model
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path):
+    straight = _tiny_run(tmp_path)
+    resume = tmp_path / "resume"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _tiny_run(tmp_path, resume, fail_at_step=12)  # dies in epoch 3 (5 steps per epoch)
+    assert (resume / "state.safetensors").is_file()
+    resumed = _tiny_run(tmp_path, resume)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_divergence_names_the_run_and_step():
+    from foldsoup.train import Diverged
+
+    torch.manual_seed(0)
+    model = build_classifier({"name": "digits_cnn", "width": 8, "normalize_features": False}, 3)
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    spec = ImageSpec(8, [0.5], [0.5], False)
+    cfg = LoopConfig(1, 8, math.inf, 0.0, 0, None, 0.0, "fp32", AUG, None, 0, "lr_inf/fold3")
+    with pytest.raises(Diverged, match=r"lr_inf/fold3: loss became non-finite at step \d+"):
+        train(model, images, torch.zeros(16, dtype=torch.long), spec, cfg, lambda m: None)
