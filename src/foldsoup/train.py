@@ -91,25 +91,36 @@ def extract_features(model: Classifier, images: torch.Tensor, spec: ImageSpec, b
 def linear_probe(
     model: Classifier, images: torch.Tensor, labels: torch.Tensor, spec: ImageSpec, lp_cfg: dict, precision: str, seed: int, log: Log
 ) -> dict[str, torch.Tensor]:
-    """Train model.head on frozen features (full batch AdamW); returns the head's state."""
+    """Train model.head on frozen features (full batch AdamW); returns the head's state.
+
+    The head is fit on standardised features, then the standardisation is folded into its
+    weights (W' = W / s, b' = b - W' m): exactly the same function of the raw features, and
+    one learning rate works whatever the backbone's feature scale (CLIP's are unit-norm).
+    """
     t0 = time.perf_counter()
     feats = extract_features(model, images, spec, lp_cfg["batch_size"], precision)
+    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mean) / std
     torch.manual_seed(seed)
-    head = model.head
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    opt = AdamW(head.parameters(), lr=lp_cfg["lr"], weight_decay=lp_cfg["weight_decay"])
+    probe = torch.nn.Linear(z.shape[1], model.head.out_features).to(z.device)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
+    opt = AdamW(probe.parameters(), lr=lp_cfg["lr"], weight_decay=lp_cfg["weight_decay"])
     with torch.enable_grad():
         for epoch in range(lp_cfg["epochs"]):
-            loss = F.cross_entropy(head(feats), labels)
+            loss = F.cross_entropy(probe(z), labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        acc = (head(feats).argmax(1) == labels).float().mean().item()
+        acc = (probe(z).argmax(1) == labels).float().mean().item()
+        weight = probe.weight / std
+        bias = probe.bias - weight @ mean
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
     log(f"linear probe: {len(labels)} images, {lp_cfg['epochs']} epochs, final loss {loss.item():.4f}, "
         f"train acc {acc:.4f}, {time.perf_counter() - t0:.1f} s")
-    return {k: v.detach().clone() for k, v in head.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.head.state_dict().items()}
 
 
 @dataclass
