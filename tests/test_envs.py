@@ -1,0 +1,39 @@
+"""The conda environment of the rules (--sdm conda) and the pip pins stay in step."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins(lines):
+    return {re.split(r"==", line)[0].lower().replace("_", "-"): line.split("==")[1] for line in lines if "==" in line}
+
+
+def test_conda_env_pins_equal_requirements():
+    env = yaml.safe_load((ROOT / "envs" / "foldsoup.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    reqs = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert _pins(pip) == _pins(reqs)
+    assert "python=3.11" in env["dependencies"]
+
+
+def test_every_rule_names_an_existing_conda_env():
+    rules = list((ROOT / "workflow" / "rules").glob("*.smk"))
+    common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    env_path = re.search(r'^ENV = "(.+)"', common, re.M).group(1)
+    assert (ROOT / "workflow" / "rules" / env_path).resolve() == (ROOT / "envs" / "foldsoup.yaml")
+    for path in rules:
+        text = path.read_text()
+        n_rules = len(re.findall(r"^rule \w+:", text, re.M))
+        assert text.count("conda:\n        ENV") == n_rules, f"{path.name}: every rule must name the conda env"
+
+
+def test_installed_versions_match_pins():
+    from importlib.metadata import version
+
+    reqs = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line]
+    for name, pinned in _pins(reqs).items():
+        assert version(name) == pinned, name
