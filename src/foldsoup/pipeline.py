@@ -74,6 +74,10 @@ class Context:
 
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
+    def load(self, path: str):
+        """Weights onto the job's device: soups are summed and evaluated there."""
+        return load_weights(path, device=str(self.device))[0]
+
     def metadata(self, **extra) -> dict:
         return {"model": self.cfg["model"], "classes": self.data.classes, "image": vars(self.spec), **extra}
 
@@ -250,7 +254,7 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     metrics = _model_metrics(metrics_paths)
-    states = {m["fold"]: load_weights(p)[0] for m, p in zip(metrics, model_paths) if not m["diverged"]}
+    states = {m["fold"]: ctx.load(p) for m, p in zip(metrics, model_paths) if not m["diverged"]}
     k, cap = ctx.k, cfg["analysis"]["max_subsets_per_n"]
     rows = []
     for subset in fold_subsets(k, cap, cfg["seed"]):
@@ -290,13 +294,13 @@ def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
-    scorer = RunningSoupScorer(lambda c: load_weights(paths[c.name])[0], ev.fold_accs)
+    scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
     result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
     state = scorer.mean()
     record = _soup_record(f"greedy_fold{fold}", [c.name for c in result.ingredients], dict(result.fold_accs),
                           cfg["soups"]["cross_fold_val"], ev.test_acc(state), steps=[vars(s) for s in result.steps])
     _save_soup(ctx, out_greedy, state, record)
-    uniform = average(load_weights(paths[c.name])[0] for c in cands)
+    uniform = average(ctx.load(paths[c.name]) for c in cands)
     accs = ev.fold_accs(uniform, {fold})
     _save_soup(ctx, out_uniform, uniform, _soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
                                                         cfg["soups"]["cross_fold_val"], ev.test_acc()))
@@ -309,7 +313,7 @@ def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[st
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
-    state = average(load_weights(paths[c.name])[0] for c in cands)
+    state = average(ctx.load(paths[c.name]) for c in cands)
     accs = ev.fold_accs(state, range(ctx.k))
     _save_soup(ctx, out, state, _soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"],
                                              ev.test_acc()))
@@ -323,7 +327,7 @@ def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
-    scorer = RunningSoupScorer(lambda c: load_weights(paths[c.name])[0], ev.fold_accs)
+    scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
     result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
     state = scorer.mean()
     _save_soup(ctx, out, state, _soup_record("greedy_soup", [c.name for c in result.ingredients], dict(result.fold_accs),
@@ -347,7 +351,7 @@ def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str],
         c = Candidate(name=rec["method"], folds=frozenset(rec["folds"]), val_acc=rec["val_acc"])
         cands.append(c)
         paths[c.name] = path
-    scorer = RunningSoupScorer(lambda c: load_weights(paths[c.name])[0], ev.fold_accs)
+    scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
     result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
     state = scorer.mean()
     _save_soup(ctx, out, state, _soup_record("gsgs", [c.name for c in result.ingredients], dict(result.fold_accs),

@@ -1,0 +1,223 @@
+"""Benchmarks (not tests): throughput of training, evaluation and soup evaluation, the fraction
+of the compute-bound peak, per-job start-up, the demo's per-rule breakdown and how the DAG
+scales with k and the grid. Prints Markdown; `--json PATH` also writes the numbers.
+
+  .venv/bin/python scripts/bench.py                       # embedded default model, this device
+  .venv/bin/python scripts/bench.py --model vit-b-32      # CLIP ViT-B/32 (use on a GPU)
+  .venv/bin/python scripts/bench.py --demo-results results   # + per-rule breakdown of a finished demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from foldsoup.augment import eval_transform  # noqa: E402
+from foldsoup.models import build_classifier  # noqa: E402
+from foldsoup.soup import RunningSum  # noqa: E402
+from foldsoup.train import ImageSpec, LoopConfig, predict_logits, train  # noqa: E402
+
+MODELS = {
+    "digits_cnn": dict(cfg={"name": "digits_cnn", "width": 16, "normalize_features": False}, shape=(1, 8, 8), size=8,
+                       classes=5, batch=32, eval_batch=1024, n_train=512),
+    "vit-b-32": dict(cfg={"name": "open_clip", "arch": "ViT-B-32", "pretrained": "openai", "normalize_features": True},
+                     shape=(3, 32, 32), size=224, classes=10, batch=256, eval_batch=1024, n_train=4096),
+}
+AUG = {"scale": [0.6, 1.0], "rotate": 10, "translate": 0.1, "jitter": 0.2, "erase": 0.0}
+# Dense bf16 peak (no sparsity) of GPUs we know; others are measured with a matmul.
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_image(model, spec, shape, device) -> float:
+    """Forward FLOPs of one image (torch's flop counter: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = eval_transform(torch.zeros((2, *shape), dtype=torch.uint8, device=device), spec.size, spec.mean, spec.std)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+def measured_peak(device, dtype) -> float:
+    """FLOP/s of a large square matmul: the compute-bound ceiling this device reaches."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 50 if device.type == "cuda" else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def bench_model(name: str, device: torch.device, precision: str) -> dict:
+    m = MODELS[name]
+    torch.manual_seed(0)
+    model = build_classifier(m["cfg"], m["classes"]).to(device)
+    channels = m["shape"][0]
+    spec = ImageSpec(m["size"], [0.5] * channels, [0.25] * channels, True)
+    images = torch.randint(0, 256, (m["n_train"], *m["shape"]), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, m["classes"], (m["n_train"],), device=device)
+    loop = LoopConfig(2, m["batch"], 1e-4, 0.1, 10, 1.0, 0.0, precision, AUG, 0.4, 0, "bench")
+    warm = dataclasses.replace(loop, epochs=1)
+    train(model, images[: m["batch"] * 2], labels[: m["batch"] * 2], spec, warm, lambda s: None)
+    sync(device)
+    stats = train(model, images, labels, spec, loop, lambda s: None)
+    train_ips = stats["images_per_s"]
+
+    predict_logits(model, images[:64], spec, m["eval_batch"], precision)
+    sync(device)
+    t = time.perf_counter()
+    predict_logits(model, images, spec, m["eval_batch"], precision)
+    sync(device)
+    eval_ips = m["n_train"] / (time.perf_counter() - t)
+
+    # Soups per second: swap a running-sum mean into the resident model and evaluate a val set.
+    states = [{k: v.clone() for k, v in model.state_dict().items()} for _ in range(3)]
+    acc = RunningSum()
+    acc.add(states[0])
+    val = images[: min(len(images), 2048)]
+    t = time.perf_counter()
+    n_soups = 5
+    for i in range(n_soups):
+        soup = acc.mean_with(states[1 + i % 2])
+        model.load_state_dict(soup)
+        predict_logits(model, val, spec, m["eval_batch"], precision)
+    sync(device)
+    soups_per_s = n_soups / (time.perf_counter() - t)
+
+    fwd = flops_per_image(model, spec, m["shape"], device)
+    dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+    known = next((v for k, v in KNOWN_PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    peak = known * 1e12 if known and dtype == torch.bfloat16 else measured_peak(device, dtype)
+    return {
+        "model": name, "device": device_name(device), "precision": precision,
+        "train_images_per_s": train_ips, "eval_images_per_s": eval_ips,
+        "soups_per_s": soups_per_s, "soup_val_images": len(val),
+        "forward_gflop_per_image": fwd / 1e9,
+        "peak_tflops": peak / 1e12, "peak_source": "spec sheet" if known and dtype == torch.bfloat16 else "measured matmul",
+        "train_fraction_of_peak": train_ips * 3 * fwd / peak,
+        "eval_fraction_of_peak": eval_ips * fwd / peak,
+    }
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def startup_seconds(repeats: int = 3) -> dict:
+    """What every job pays before its first step: interpreter, imports, model build."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    code = {
+        "python": "pass",
+        "import torch": "import torch",
+        "foldsoup job imports": "import foldsoup.pipeline, foldsoup.train, foldsoup.models, torch",
+        "+ build digits_cnn": "import foldsoup.models as m; m.build_classifier({'name':'digits_cnn','width':16,'normalize_features':False}, 5)",
+    }
+    out = {}
+    for label, snippet in code.items():
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", snippet], env=env, check=True)
+            times.append(time.perf_counter() - t)
+        out[label] = min(times)
+    return out
+
+
+def demo_breakdown(results: str) -> list[dict]:
+    """Per-rule count, mean and total seconds from Snakemake's benchmark files."""
+    import pandas as pd
+
+    rows = {}
+    for path in glob.glob(f"{results}/benchmarks/**/*.tsv", recursive=True):
+        rule = Path(path).relative_to(Path(results) / "benchmarks").parts[0].removesuffix(".tsv")
+        rows.setdefault(rule, []).append(float(pd.read_csv(path, sep="\t").s.iloc[0]))
+    return [{"rule": r, "jobs": len(v), "mean_s": sum(v) / len(v), "total_s": sum(v)} for r, v in sorted(rows.items())]
+
+
+def dag_scaling() -> list[dict]:
+    """Job counts of the DAG for k in {3, 5, 10} and grids of 4 and 18 points (dry runs)."""
+    grids = {4: {"lr": [0.002, 0.0005], "aug": ["minimal"], "mixup": [False, True]},
+             18: {"lr": [0.002, 0.001, 0.0005], "aug": ["minimal", "medium", "strong"], "mixup": [False, True]}}
+    out = []
+    snakemake = str(Path(sys.executable).parent / "snakemake")
+    for k in (3, 5, 10):
+        for t, grid in grids.items():
+            cap = 20 if k == 10 else None
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+                json.dump({"folds": {"k": k}, "grid": grid, "analysis": {"max_subsets_per_n": cap},
+                           "results": tempfile.mkdtemp(prefix="foldsoup-bench-")}, f)
+            res = subprocess.run([snakemake, "-n", "--configfile", f.name, "--workflow-profile", "none"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True)
+            counts = dict(re.findall(r"^(\w+)\s+(\d+)$", res.stdout, re.M))
+            from foldsoup.analysis import fold_subsets
+
+            out.append({"k": k, "grid_points": t, "finetune_jobs": int(counts.get("finetune", 0)),
+                        "total_jobs": int(counts.get("total", 0)), "analysis_soups": t * len(fold_subsets(k, cap, 0)),
+                        "subset_cap_per_n": cap})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=list(MODELS), default="digits_cnn")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPUs, fp32 on CPUs")
+    p.add_argument("--demo-results", help="a finished run's results folder, for the per-rule breakdown")
+    p.add_argument("--skip-startup", action="store_true")
+    p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--json", help="also write the numbers here")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    report = {"throughput": bench_model(args.model, device, precision)}
+    print("## Throughput\n\n" + table([report["throughput"]]) + "\n")
+    if not args.skip_startup:
+        report["startup_s"] = startup_seconds()
+        print("## Per-job start-up (best of 3, seconds)\n\n" + table([report["startup_s"]]) + "\n")
+    if args.demo_results:
+        report["demo_rules"] = demo_breakdown(args.demo_results)
+        print(f"## Per-rule time of {args.demo_results} (Snakemake benchmark files)\n\n" + table(report["demo_rules"]) + "\n")
+    if not args.skip_scaling:
+        report["scaling"] = dag_scaling()
+        print("## DAG scaling (dry runs)\n\n" + table(report["scaling"]) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
