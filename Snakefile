@@ -22,8 +22,11 @@ except ConfigError as err:
 
 # Jobs run `python -m foldsoup`: this interpreter (a conda env, when used, comes first in PATH)
 # with this checkout's library on the path, locally and on cluster nodes alike.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+# (Set here, not required from the user: hence no `envvars:` directive.)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
+)
 
 
 include: "workflow/rules/common.smk"
@@ -41,3 +44,19 @@ rule all:
         rules.figures.output,
         rules.summary.output,
     default_target: True
+
+
+# Local runs: one job server pays the torch import once for all jobs (foldsoup.zygote).
+# onstart runs only for real (not dry) runs; cluster executors run their jobs elsewhere.
+onstart:
+    if config["local_job_server"] and workflow.local_exec:
+        import subprocess
+        import tempfile
+
+        socket_path = os.path.join(tempfile.mkdtemp(prefix="foldsoup-"), "jobs.sock")
+        subprocess.Popen(
+            [sys.executable, "-m", "foldsoup.zygote", socket_path],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+        )
+        os.environ["FOLDSOUP_JOB_SERVER"] = socket_path

@@ -1,5 +1,15 @@
+import os
 import sys
 
-from .cli import main
+# Under a local Snakemake run a job server may hold torch already imported (foldsoup.zygote).
+_server = os.environ.get("FOLDSOUP_JOB_SERVER")
+if _server:
+    from .zygote import run_via_server
+
+    _status = run_via_server(_server, sys.argv[1:])
+    if _status is not None:
+        sys.exit(_status)
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())
