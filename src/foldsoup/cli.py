@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     step("uniform-all", "uniform soup of all models", "config", "data", "folds", "models*", "metrics*", "out")
     step("greedy-all", "greedy soup of all models (MinAcc)", "config", "data", "folds", "models*", "metrics*", "out")
     step("gsgs", "greedy soup of the per-fold greedy soups", "config", "data", "folds", "fold_soups*", "out")
-    step("methods", "tables/methods.csv and the selected soups", "models_csv", "model_dir", "soups_dir", "k", "out")
+    step("methods", "tables/methods.csv, the selected soups, ensembles and intervals", "config", "data", "folds",
+         "models_csv", "model_dir", "soups_dir", "out")
     step("reliability", "tables/uniform_subsets.csv and tables/reliability.csv", "subsets*", "models_csv", "out_subsets", "out")
     step("figures", "figures 2-4 and the methods figure", "models_csv", "subsets", "reliability", "methods", "out*")
     step("summary", "summary.md: tables 1-4 beside the paper", "config", "models_csv", "subsets", "reliability", "methods", "out")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         elif c == "gsgs":
             pl.gsgs(cfg, args.data, args.folds, args.fold_soups, args.out)
         elif c == "methods":
-            pl.methods(args.models_csv, args.model_dir, args.soups_dir, args.k, args.out)
+            pl.methods(cfg, args.data, args.folds, args.models_csv, args.model_dir, args.soups_dir, args.out)
         elif c == "reliability":
             pl.reliability(args.subsets, args.models_csv, args.out_subsets, args.out)
         elif c == "figures":

@@ -57,8 +57,11 @@ class Evaluator:
         self.evaluations += 1
         return {i: self._acc(self.fold_images[i], self.fold_labels[i]) for i in sorted(folds)}
 
-    def test_acc(self, state: Mapping[str, torch.Tensor] | None = None) -> float:
-        """Reporting only: no selection decision ever calls this."""
+    def test_logits(self, state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Reporting only: no selection decision ever calls this (or test_acc)."""
         if state is not None:
             self.load(state)
-        return self._acc(self.test_images, self.test_labels)
+        return predict_logits(self.model, self.test_images, self.spec, self.batch_size, self.precision)
+
+    def test_acc(self, state: Mapping[str, torch.Tensor] | None = None) -> float:
+        return (self.test_logits(state).argmax(1) == self.test_labels).float().mean().item()

@@ -224,18 +224,26 @@ def _model_metrics(paths: list[str]) -> list[dict]:
     return out
 
 
-def _soup_record(method: str, ingredients: list[str], fold_accs: dict[int, float], cross_fold: str, test_acc: float,
-                 **extra) -> dict:
+def _soup_record(method: str, ingredients: list[str], fold_accs: dict[int, float], cross_fold: str, **extra) -> dict:
     from .select import avg_acc, min_acc
 
     val = min_acc(fold_accs) if cross_fold == "min" else avg_acc(fold_accs)
     return {"method": method, "ingredients": ingredients, "n_ingredients": len(ingredients),
             "folds": sorted(int(i) for i in fold_accs), "fold_accs": {str(i): a for i, a in fold_accs.items()},
-            "val_metric": cross_fold if len(fold_accs) > 1 else "own", "val_acc": val, "test_acc": test_acc, **extra}
+            "val_metric": cross_fold if len(fold_accs) > 1 else "own", "val_acc": val, **extra}
 
 
-def _save_soup(ctx: Context, out_weights: str, state, record: dict) -> None:
+def predictions_path(weights_path: str | Path) -> Path:
+    """soups/gsgs.safetensors -> soups/gsgs.predictions.safetensors (test logits, for bootstraps)."""
+    return Path(weights_path).with_suffix(".predictions.safetensors")
+
+
+def _save_soup(ctx: Context, ev, out_weights: str, state, record: dict) -> None:
+    """Weights, test logits and the record; test accuracy is measured here, after every decision."""
+    test_logits = ev.test_logits(state)
+    record["test_acc"] = (test_logits.argmax(1) == ev.test_labels).float().mean().item()
     save_weights(out_weights, state, ctx.metadata(kind="soup", method=record["method"], ingredients=record["ingredients"]))
+    save_weights(predictions_path(out_weights), {"test_logits": test_logits}, {"method": record["method"]})
     atomic_write_json(Path(out_weights).with_suffix(".json"), record)
     log(f"{record['method']}: {record['n_ingredients']} ingredient(s), val ({record['val_metric']}) "
         f"{record['val_acc']:.4f}, test {record['test_acc']:.4f}")
@@ -298,12 +306,12 @@ def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model
     result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
     state = scorer.mean()
     record = _soup_record(f"greedy_fold{fold}", [c.name for c in result.ingredients], dict(result.fold_accs),
-                          cfg["soups"]["cross_fold_val"], ev.test_acc(state), steps=[vars(s) for s in result.steps])
-    _save_soup(ctx, out_greedy, state, record)
+                          cfg["soups"]["cross_fold_val"], steps=[vars(s) for s in result.steps])
+    _save_soup(ctx, ev, out_greedy, state, record)
     uniform = average(ctx.load(paths[c.name]) for c in cands)
     accs = ev.fold_accs(uniform, {fold})
-    _save_soup(ctx, out_uniform, uniform, _soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
-                                                        cfg["soups"]["cross_fold_val"], ev.test_acc()))
+    _save_soup(ctx, ev, out_uniform, uniform, _soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
+                                                            cfg["soups"]["cross_fold_val"]))
 
 
 def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str) -> None:
@@ -315,8 +323,7 @@ def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[st
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
     state = average(ctx.load(paths[c.name]) for c in cands)
     accs = ev.fold_accs(state, range(ctx.k))
-    _save_soup(ctx, out, state, _soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"],
-                                             ev.test_acc()))
+    _save_soup(ctx, ev, out, state, _soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"]))
 
 
 def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str) -> None:
@@ -330,9 +337,8 @@ def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str
     scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
     result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
     state = scorer.mean()
-    _save_soup(ctx, out, state, _soup_record("greedy_soup", [c.name for c in result.ingredients], dict(result.fold_accs),
-                                             cfg["soups"]["cross_fold_val"], ev.test_acc(state),
-                                             steps=[vars(s) for s in result.steps]))
+    _save_soup(ctx, ev, out, state, _soup_record("greedy_soup", [c.name for c in result.ingredients], dict(result.fold_accs),
+                                                 cfg["soups"]["cross_fold_val"], steps=[vars(s) for s in result.steps]))
 
 
 def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str], out: str) -> None:
@@ -354,52 +360,102 @@ def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str],
     scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
     result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
     state = scorer.mean()
-    _save_soup(ctx, out, state, _soup_record("gsgs", [c.name for c in result.ingredients], dict(result.fold_accs),
-                                             cfg["soups"]["cross_fold_val"], ev.test_acc(state),
-                                             steps=[vars(s) for s in result.steps]))
+    _save_soup(ctx, ev, out, state, _soup_record("gsgs", [c.name for c in result.ingredients], dict(result.fold_accs),
+                                                 cfg["soups"]["cross_fold_val"], steps=[vars(s) for s in result.steps]))
 
 
-def methods(models_csv: str, model_dir: str, soups_dir: str, k: int, out: str) -> None:
-    """Table 3/4 rows. Selections copy an existing file (best on val, BGSS, best uniform per split)."""
+def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, soups_dir: str, out: str) -> None:
+    """Tables 3/4 rows, logit ensembles of the same ingredients, and paired bootstrap intervals.
+
+    Selections (best on val, BGSS, best uniform per split) copy an existing soup or model. No
+    torch: ensembles and intervals come from saved logits.
+    """
     import json
 
     import pandas as pd
+    from safetensors.numpy import load_file
 
+    from .data import load_prepared
+    from .uncertainty import ensemble_logits, fold_accuracies, paired_bootstrap
     from .weights import atomic_write_text
 
-    soups = Path(soups_dir)
+    soups, models_root = Path(soups_dir), Path(model_dir)
+    k, cross_fold = cfg["folds"]["k"], cfg["soups"]["cross_fold_val"]
+    data = load_prepared(data_path)
+    fold_of = read_folds(folds_path, data.pool_labels)
 
     def record(name: str) -> dict:
         with open(soups / f"{name}.json") as f:
             return json.load(f)
 
+    def model_file(name: str, file: str) -> Path:
+        hp, fold = name.split("/")
+        return models_root / hp / fold / file
+
     def adopt(src: Path, method: str, rec: dict) -> dict:
-        tmp = soups / f".{method}.safetensors.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, soups / f"{method}.safetensors")
-        rec = {**rec, "method": method, "selected_from": str(src)}
+        """A selection: the chosen weights and test logits under the method's own name."""
+        for src_file, dst in ((src, soups / f"{method}.safetensors"),
+                              (predictions_path(src) if src.parent == soups else src.with_name("predictions.safetensors"),
+                               predictions_path(soups / f"{method}.safetensors"))):
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(src_file, tmp)
+            os.replace(tmp, dst)
+        rec = {**rec, "method": method, "selected": rec.get("method", rec["ingredients"][0])}
         atomic_write_json(soups / f"{method}.json", rec)
         return rec
 
     models = pd.read_csv(models_csv)
     usable = models[~models.diverged.astype(bool)]
     best = usable.loc[usable.val_acc.idxmax()]  # idxmax: first of ties, in table order
-    best_rec = {"ingredients": [f"{best.hp}/fold{best.fold}"], "n_ingredients": 1, "folds": [int(best.fold)],
-                "val_metric": "own", "val_acc": float(best.val_acc), "test_acc": float(best.test_acc)}
-    rows = [adopt(Path(model_dir) / best.hp / f"fold{best.fold}" / "model.safetensors", "best_on_val", best_rec)]
-    rows.append(record("uniform_soup"))
-    rows.append(record("greedy_soup"))
+    best_name = f"{best.hp}/fold{best.fold}"
+    rows = [adopt(model_file(best_name, "model.safetensors"), "best_on_val",
+                  {"ingredients": [best_name], "n_ingredients": 1, "folds": [int(best.fold)], "val_metric": "own",
+                   "val_acc": float(best.val_acc), "test_acc": float(best.test_acc)})]
+    rows += [record("uniform_soup"), record("greedy_soup")]
     per_fold = [record(f"greedy_fold{i}") for i in range(k)]
-    pick = max(per_fold, key=lambda r: r["val_acc"])  # max(): first of ties, in fold order
-    rows.append(adopt(soups / f"{pick['method']}.safetensors", "bgss", pick))
+    rows.append(adopt(soups / f"{max(per_fold, key=lambda r: r['val_acc'])['method']}.safetensors", "bgss",
+                      max(per_fold, key=lambda r: r["val_acc"])))  # max(): first of ties, in fold order
     rows.append(record("gsgs"))
     uniform = [record(f"uniform_fold{i}") for i in range(k)]
     pick = max(uniform, key=lambda r: r["val_acc"])
     rows.append(adopt(soups / f"{pick['method']}.safetensors", "best_uniform_per_split", pick))
-    table = pd.DataFrame([{"method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"],
-                           "n_ingredients": r["n_ingredients"], "val_metric": r["val_metric"],
-                           "folds": "-".join(map(str, r["folds"])), "selected_from": Path(r.get("selected_from", "")).stem or ""}
-                          for r in rows])
+    test_logits = {r["method"]: load_file(predictions_path(soups / f"{r['method']}.safetensors"))["test_logits"] for r in rows}
+
+    # Logit ensembles of the same ingredients: what choosing a single model costs.
+    logits = {name: load_file(model_file(name, "predictions.safetensors")) for name in
+              (f"{m.hp}/fold{m.fold}" for m in usable.itertuples())}
+
+    def ensemble(method: str, members: list[str], folds) -> dict:
+        pool = ensemble_logits([logits[m]["pool_logits"] for m in members])
+        accs = fold_accuracies(pool, data.pool_labels, fold_of, folds)
+        rec = _soup_record(method, members, accs, cross_fold)
+        test_logits[method] = ensemble_logits([logits[m]["test_logits"] for m in members])
+        rec["test_acc"] = float((test_logits[method].argmax(1) == data.test_labels).mean())
+        return rec
+
+    def folds_of(members: list[str]) -> set[int]:
+        return {int(name.rsplit("/fold", 1)[1]) for name in members}
+
+    fold_ensembles = [ensemble(f"ensemble_fold{i}", [n for n in logits if folds_of([n]) == {i}], [i]) for i in range(k)]
+    best_fold = max(fold_ensembles, key=lambda r: r["val_acc"])  # an ensemble's BGSS: best fold on its own val
+    test_logits["ensemble_best_fold"] = test_logits[best_fold["method"]]
+    greedy_members = record("greedy_soup")["ingredients"]
+    gsgs_members = [m for soup in record("gsgs")["ingredients"] for m in record(soup)["ingredients"]]
+    rows += [
+        ensemble("ensemble_all", list(logits), range(k)),
+        {**best_fold, "method": "ensemble_best_fold", "selected": best_fold["method"]},
+        ensemble("ensemble_greedy_soup", greedy_members, folds_of(greedy_members)),
+        ensemble("ensemble_gsgs", gsgs_members, folds_of(gsgs_members)),
+    ]
+
+    a = cfg["analysis"]
+    correct = {r["method"]: test_logits[r["method"]].argmax(1) == data.test_labels for r in rows}
+    intervals = {b["method"]: b for b in paired_bootstrap(correct, "best_on_val", a["bootstrap_resamples"], cfg["seed"], a["ci_level"])}
+    table = pd.DataFrame([{
+        "method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"], "n_ingredients": r["n_ingredients"],
+        "val_metric": r["val_metric"], "folds": "-".join(map(str, r["folds"])),
+        **{key: value for key, value in intervals[r["method"]].items() if key not in ("method", "test_acc")},
+    } for r in rows])
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log("\n" + table.to_string(index=False))
 

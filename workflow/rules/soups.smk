@@ -13,7 +13,7 @@ rule models_table:
     conda:
         ENV
     shell:
-        "{PY} models-table --metrics {input} --out {output} 2> {log}"
+        "python -m foldsoup models-table --metrics {input} --out {output} 2> {log}"
 
 
 # Common inputs of the soup jobs: the data, the split and every model's weights and metrics.
@@ -44,7 +44,7 @@ rule uniform_subsets:
     conda:
         ENV
     shell:
-        "{PY} uniform-subsets --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup uniform-subsets --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
         " --hp {wildcards.hp} --models {input.models} --metrics {input.metrics} --out {output} 2> {log}"
 
 
@@ -55,8 +55,10 @@ rule greedy_fold:
         metrics=lambda w: model_paths(folds=[int(w.fold)], name="metrics.json"),
     output:
         greedy=f"{R}/soups/greedy_fold{{fold}}.safetensors",
+        greedy_predictions=f"{R}/soups/greedy_fold{{fold}}.predictions.safetensors",
         greedy_json=f"{R}/soups/greedy_fold{{fold}}.json",
         uniform=f"{R}/soups/uniform_fold{{fold}}.safetensors",
+        uniform_predictions=f"{R}/soups/uniform_fold{{fold}}.predictions.safetensors",
         uniform_json=f"{R}/soups/uniform_fold{{fold}}.json",
     params:
         cfg=cfg_json(*SOUP_SECTIONS),
@@ -71,7 +73,7 @@ rule greedy_fold:
     conda:
         ENV
     shell:
-        "{PY} greedy-fold --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup greedy-fold --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
         " --fold {wildcards.fold} --models {input.models} --metrics {input.metrics}"
         " --out-greedy {output.greedy} --out-uniform {output.uniform} 2> {log}"
 
@@ -83,6 +85,7 @@ rule soup_all:
         metrics=model_paths(name="metrics.json"),
     output:
         weights=f"{R}/soups/{{method}}.safetensors",
+        predictions=f"{R}/soups/{{method}}.predictions.safetensors",
         record=f"{R}/soups/{{method}}.json",
     wildcard_constraints:
         method="uniform_soup|greedy_soup",
@@ -100,7 +103,7 @@ rule soup_all:
     conda:
         ENV
     shell:
-        "{PY} {params.step} --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup {params.step} --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
         " --models {input.models} --metrics {input.metrics} --out {output.weights} 2> {log}"
 
 
@@ -111,6 +114,7 @@ rule gsgs:
         records=expand(f"{R}/soups/greedy_fold{{fold}}.json", fold=FOLDS),
     output:
         weights=f"{R}/soups/gsgs.safetensors",
+        predictions=f"{R}/soups/gsgs.predictions.safetensors",
         record=f"{R}/soups/gsgs.json",
     params:
         cfg=cfg_json(*SOUP_SECTIONS),
@@ -125,22 +129,34 @@ rule gsgs:
     conda:
         ENV
     shell:
-        "{PY} gsgs --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup gsgs --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
         " --fold-soups {input.fold_soups} --out {output.weights} 2> {log}"
 
 
 rule methods:
     input:
+        data=rules.prepare.output,
+        folds=rules.folds.output,
         models=rules.models_table.output,
+        predictions=model_paths(name="predictions.safetensors"),
         soups=expand(f"{R}/soups/{{method}}.json", method=["uniform_soup", "greedy_soup", "gsgs"]),
         per_fold=expand(f"{R}/soups/{{kind}}_fold{{fold}}.json", kind=["greedy", "uniform"], fold=FOLDS),
     output:
         table=report(f"{R}/tables/methods.csv", caption="../report/methods.rst", category="Tables"),
-        selected=expand(f"{R}/soups/{{method}}.safetensors", method=["best_on_val", "bgss", "best_uniform_per_split"]),
+        selected=expand(
+            f"{R}/soups/{{method}}{{ext}}",
+            method=["best_on_val", "bgss", "best_uniform_per_split"],
+            ext=[".safetensors", ".predictions.safetensors", ".json"],
+        ),
+    params:
+        cfg=cfg_json("seed", "folds", "soups", "analysis"),
+        model_dir=lambda w: f"{R}/models",
+        soups_dir=lambda w, input: os.path.dirname(input.soups[0]),
     log:
         f"{R}/logs/methods.log",
     conda:
         ENV
     shell:
-        "{PY} methods --models-csv {input.models} --model-dir {R}/models --soups-dir {R}/soups --k {K}"
+        "python -m foldsoup methods --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        " --models-csv {input.models} --model-dir {params.model_dir} --soups-dir {params.soups_dir}"
         " --out {output.table} 2> {log}"
