@@ -310,8 +310,9 @@ def test_summary_table2_rows(tmp_path):
 def test_summary_table3_rows(tmp_path):
     text = _write_summary(tmp_path)
     # method, val this run, val paper, test this run, test paper, ingredients
-    assert _row(text, "Table 3", "Best on val") == ["Best on val", "82.00%", "98.44%", "81.00%", "98.09%", "1"]
-    assert _row(text, "Table 3", "Uniform soup") == ["Uniform soup", "79.00%", "98.14%", "77.00%", "96.88%", "6"]
+    # (without interval columns in methods.csv the two interval cells stay empty)
+    assert _row(text, "Table 3", "Best on val") == ["Best on val", "82.00%", "98.44%", "81.00%", "98.09%", "1", "", ""]
+    assert _row(text, "Table 3", "Uniform soup")[:6] == ["Uniform soup", "79.00%", "98.14%", "77.00%", "96.88%", "6"]
     assert _row(text, "Table 3", "Greedy soup (all subsets)")[1:5] == ["86.00%", "99.67%", "81.50%", "98.26%"]
     assert _row(text, "Table 3", "BGSS")[1:5] == ["83.50%", "98.66%", "82.00%", "98.27%"]
     assert _row(text, "Table 3", "GSGS")[1:5] == ["83.00%", "98.97%", "82.50%", "98.32%"]
@@ -319,6 +320,20 @@ def test_summary_table3_rows(tmp_path):
     methods = [line.split("|")[1].strip() for line in text.split("## Table 3", 1)[1].split("## Table 4")[0].splitlines()
                if line.startswith("| ") and "---" not in line][1:]
     assert methods == ["Best on val", "Uniform soup", "Greedy soup (all subsets)", "BGSS", "GSGS", "zero_shot"]
+
+
+def test_summary_table3_intervals():
+    from foldsoup.summary import table3_section
+
+    methods = pd.DataFrame([
+        {"method": "best_on_val", "val_acc": 0.9, "test_acc": 0.8, "n_ingredients": 1, "test_ci_low": 0.75,
+         "test_ci_high": 0.85, "diff_vs_best_on_val": 0.0, "diff_ci_low": 0.0, "diff_ci_high": 0.0, "diff_significant": False},
+        {"method": "gsgs", "val_acc": 0.92, "test_acc": 0.83, "n_ingredients": 3, "test_ci_low": 0.78,
+         "test_ci_high": 0.88, "diff_vs_best_on_val": 0.03, "diff_ci_low": 0.01, "diff_ci_high": 0.05, "diff_significant": True},
+    ])
+    text = table3_section(methods)
+    gsgs = next(line for line in text.splitlines() if line.startswith("| GSGS"))
+    assert gsgs.split("|")[7:9] == [" 78.00%–88.00% ", " +3.00 [+1.00, +5.00]* "]
 
 
 def test_summary_table4_rows_and_note(tmp_path):

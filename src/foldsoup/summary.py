@@ -241,13 +241,26 @@ def table3_section(methods_df: pd.DataFrame) -> str:
         row, paper = _method_row(methods_df, m), PAPER["table3"].get(m, {"val": None, "test": None})
         ours = ("—", "—", "") if row is None else (fmt_pct(row["val_acc"]), fmt_pct(row["test_acc"]), _ingredients(row))
         rows.append([METHOD_NAMES.get(m, m), ours[0], fmt_paper_pct(paper["val"]), ours[1],
-                     fmt_paper_pct(paper["test"]), ours[2]])
-    headers = ["method", "val (this run)", "val (paper)", "test (this run)", "test (paper)", "ingredients"]
+                     fmt_paper_pct(paper["test"]), ours[2], *_intervals(row)])
+    headers = ["method", "val (this run)", "val (paper)", "test (this run)", "test (paper)", "ingredients",
+               "test interval", "test − best on val [interval]"]
     text = ("## Table 3: methods\n\n"
             "Val accuracy is MinAcc over the folds of the soup's ingredients (own-fold val accuracy for "
             "single-fold entries such as Best on val and BGSS); test accuracy never takes part in a decision. "
-            "'—' in the this-run columns marks a method this run did not produce.\n\n")
+            "'—' in the this-run columns marks a method this run did not produce. Intervals are paired "
+            "bootstrap percentile intervals over the test images (the same resamples for every method); a "
+            "difference marked * has its whole interval on one side of zero, any other is not a win. "
+            "ensemble_* rows average the logits of the same ingredients: the accuracy a single model gives up.\n\n")
     return text + md_table(headers, rows) + "\n"
+
+
+def _intervals(row: pd.Series | None) -> list[str]:
+    if row is None or _missing(row.get("test_ci_low")):
+        return ["", ""]
+    diff = row.get("diff_vs_best_on_val")
+    mark = "*" if bool(row.get("diff_significant")) else ""
+    return [f"{fmt_pct(row['test_ci_low'])}–{fmt_pct(row['test_ci_high'])}",
+            f"{diff * 100:+.2f} [{row['diff_ci_low'] * 100:+.2f}, {row['diff_ci_high'] * 100:+.2f}]{mark}"]
 
 
 def _ingredients(row: pd.Series) -> str:
