@@ -7,9 +7,12 @@ This module is imported by the Snakefile at parse time, so it must stay cheap: n
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,43 +57,273 @@ def fill_defaults(config: dict, schema: dict) -> dict:
     return fill(copy.deepcopy(config), schema)
 
 
-def _describe_error(err) -> str:
-    path = ".".join(str(p) for p in err.absolute_path) or "<top level>"
-    if err.validator == "additionalProperties":
-        allowed = sorted(err.schema.get("properties", {}))
-        extra = sorted(set(err.instance) - set(allowed))
-        return f"unknown key(s) {', '.join(repr(e) for e in extra)} under {path}; allowed: {', '.join(allowed)}"
-    if err.validator == "enum":
-        return f"{path}: {err.instance!r} is not allowed; choose one of {err.validator_value}"
-    if err.validator == "type":
-        return f"{path}: {err.instance!r} has the wrong type; expected {err.validator_value}"
-    if err.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
-        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[err.validator]
-        return f"{path}: {err.instance!r} is out of range; must be {op} {err.validator_value}"
-    if err.validator == "minItems":
-        return f"{path}: needs at least {err.validator_value} item(s), got {len(err.instance)}"
-    if err.validator == "maxItems":
-        return f"{path}: allows at most {err.validator_value} item(s), got {len(err.instance)}"
-    if err.validator == "uniqueItems":
-        return f"{path}: items must be unique, got {err.instance!r}"
-    if err.validator == "required":
-        return f"{path}: {err.message}"
-    return f"{path}: {err.message}"
+# ---------------------------------------------------------------------------- readable errors
+#
+# Every message names the key (dotted path, list items as [i]), the bad value and what is
+# allowed, described from the schema node itself, so a new key gets good messages for free.
+
+_TYPE_WORDS = {"number": "a number", "integer": "an integer", "string": "a string", "boolean": "true or false",
+               "array": "a list", "object": "a mapping (key: value)", "null": "null"}
+_BOUND_OPS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+_NUMBER_LIKE = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "the top level"
+
+
+def _type_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _allowed(node: dict, schema: dict) -> str:
+    """What a schema node accepts, in words: 'a number > 0', "one of 'a', 'b'", ..."""
+    node = _resolve(node, schema)
+    if "enum" in node:
+        return "one of " + ", ".join(repr(v) for v in node["enum"])
+    types = node.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    main = [t for t in types if t != "null"]
+    text = " or ".join(_TYPE_WORDS.get(t, t) for t in main) or "a value"
+    bounds = [f"{op} {node[key]}" for key, op in _BOUND_OPS if key in node]
+    if bounds:
+        text += " " + " and ".join(bounds)
+    if "array" in main:
+        parts = []
+        if "items" in node:
+            parts.append(_items_allowed(node["items"], schema))
+        lo, hi = node.get("minItems"), node.get("maxItems")
+        if lo is not None and lo == hi:
+            parts.append(f"exactly {lo} item(s)")
+        else:
+            if lo:
+                parts.append(f"at least {lo} item(s)")
+            if hi is not None:
+                parts.append(f"at most {hi} item(s)")
+        if node.get("uniqueItems"):
+            parts.append("no duplicates")
+        head = parts.pop(0) if "items" in node else ""
+        text += (" " + head if head else "") + (" (" + ", ".join(parts) + ")" if parts else "")
+    if "object" in main and node.get("properties"):
+        text += " with keys " + ", ".join(node["properties"])
+    if node.get("minLength"):
+        text += " (non-empty)"
+    if "null" in types:
+        text += " or null"
+    return text
+
+
+def _items_allowed(node: dict, schema: dict) -> str:
+    """'of numbers > 0', "of values from 'a', 'b'", 'of true/false values'."""
+    node = _resolve(node, schema)
+    if "enum" in node:
+        return "of values from " + ", ".join(repr(v) for v in node["enum"])
+    if node.get("type") == "boolean":
+        return "of true/false values"
+    plural = {"number": "numbers", "integer": "integers", "string": "strings", "object": "mappings", "array": "lists"}
+    text = "of " + plural.get(node.get("type"), "values")
+    bounds = [f"{op} {node[key]}" for key, op in _BOUND_OPS if key in node]
+    return text + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _string_hint(value: Any, node: dict, schema: dict) -> str:
+    """Why a number may have arrived as a string, and how to fix it."""
+    node = _resolve(node, schema)
+    types = node.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if not (isinstance(value, str) and {"number", "integer"} & set(types) and _NUMBER_LIKE.match(value)):
+        return ""
+    if re.match(r"^\s*[-+]?\d+[eE]", value):  # YAML 1.1 needs a dot in the mantissa: 1e-3 is a string
+        fixed = re.sub(r"^(\s*[-+]?\d+)([eE])", r"\1.0\2", value).strip()
+        return f" (YAML reads {value.strip()} as text: write {fixed} or {float(value):g})"
+    return (" (write the number without quotes; Snakemake's --config passes values inside {...} or [...] as "
+            "strings, so give nested values in a YAML file with --configfile)")
+
+
+def _all_keys(schema: dict) -> dict[str, list[str]]:
+    """Leaf name -> dotted paths of every key the schema knows (for 'did you mean')."""
+    found: dict[str, list[str]] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        node = _resolve(node, schema)
+        for key, sub in node.get("properties", {}).items():
+            path = f"{prefix}.{key}" if prefix else key
+            found.setdefault(key, []).append(path)
+            walk(sub, path)
+
+    walk(schema, "")
+    return found
+
+
+def _suggest(key: str, where: str, allowed: list[str], schema: dict) -> str:
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    elsewhere = [p for p in _all_keys(schema).get(str(key), []) if p.rpartition(".")[0] != where]
+    if elsewhere:
+        return f"; it belongs under {' or '.join(p.rpartition('.')[0] or 'the top level' for p in elsewhere)} ({', '.join(elsewhere)})"
+    return ""
+
+
+def _duplicates(items: list) -> list:
+    seen, dups = [], []
+    for item in items:
+        # JSON equality: 1 == 1.0, but true is not 1.
+        key = (isinstance(item, bool), item)
+        if key in seen and item not in dups:
+            dups.append(item)
+        seen.append(key)
+    return dups
+
+
+def _describe_error(err, schema: dict) -> list[str]:
+    path = _key_path(err.absolute_path)
+    value, node, kind = err.instance, err.schema, err.validator
+    if kind == "additionalProperties":
+        allowed = list(node.get("properties", {}))
+        where = ".".join(str(p) for p in err.absolute_path)
+        extra = [k for k in value if k not in allowed]
+        return [f"{where + '.' if where else ''}{key}: unknown key{_suggest(key, where, allowed, schema)} "
+                f"(allowed {'under ' + where if where else 'at the top level'}: {', '.join(allowed)})" for key in extra]
+    if kind == "required":
+        missing = [k for k in err.validator_value if k not in value]
+        where = ".".join(str(p) for p in err.absolute_path)
+        return [f"{where + '.' if where else ''}{key}: missing; it is required "
+                f"(allowed: {_allowed(node['properties'][key], schema)})" for key in missing]
+    if kind == "type":
+        return [f"{path}: {value!r} is {_type_of(value)}{_string_hint(value, node, schema)}; allowed: {_allowed(node, schema)}"]
+    if kind == "enum":
+        close = difflib.get_close_matches(str(value), [str(v) for v in node["enum"]], n=1, cutoff=0.6)
+        mean = f"; did you mean {close[0]!r}?" if close else ""
+        return [f"{path}: {value!r} is not allowed{mean} (allowed: {_allowed(node, schema)})"]
+    if kind in dict(_BOUND_OPS):
+        return [f"{path}: {value!r} is out of range; allowed: {_allowed(node, schema)}"]
+    if kind == "minItems":
+        what = "is empty" if not value else f"has {len(value)} item(s)"
+        return [f"{path}: {value!r} {what}; allowed: {_allowed(node, schema)}"]
+    if kind == "minLength":
+        return [f"{path}: {value!r} is empty; allowed: a non-empty string"]
+    if kind == "maxItems":
+        return [f"{path}: {value!r} has {len(value)} item(s); allowed: {_allowed(node, schema)}"]
+    if kind == "uniqueItems":
+        dups = ", ".join(repr(d) for d in _duplicates(value))
+        why = " (a repeated grid value would train the same models twice)" if path.startswith("grid.") else ""
+        return [f"{path}: {dups} appears more than once in {value!r}; every value may appear only once{why}"]
+    return [f"{path}: {err.message}"]
+
+
+def _coerce_integers(value: Any, node: dict, schema: dict) -> Any:
+    """2.0 where an integer is expected becomes 2 (YAML and JSON tools write integral floats):
+    jsonschema accepts it as an integer, but range(2.0) would fail deep inside a job."""
+    node = _resolve(node, schema)
+    types = node.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if isinstance(value, float) and "integer" in types and "number" not in types and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        props = node.get("properties", {})
+        return {k: (_coerce_integers(v, props[k], schema) if k in props else v) for k, v in value.items()}
+    if isinstance(value, list) and isinstance(node.get("items"), dict):
+        return [_coerce_integers(v, node["items"], schema) for v in value]
+    return value
 
 
 def validate(config: dict, schema: dict | None = None, check_paths: bool = True) -> dict:
-    """Validate a merged configuration; return it with defaults filled. Raises ConfigError."""
+    """Validate a merged configuration; return it with defaults filled. Raises ConfigError.
+
+    Schema first (types, ranges, allowed names, unknown keys), then what a schema cannot say
+    (cross-key rules, grid point names, k against the smallest class, folders on disk). Every
+    problem found is listed, one line each, naming the key, the bad value and what is allowed.
+    """
     import jsonschema
 
     schema = schema or load_schema()
-    filled = fill_defaults(config or {}, schema)
+    if not isinstance(config, dict):
+        raise ConfigError(f"invalid configuration: expected a mapping of keys, got {_type_of(config)} ({config!r})")
+    filled = fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(filled), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
-        lines = "\n".join(f"  - {_describe_error(e)}" for e in errors)
-        raise ConfigError(f"invalid configuration ({len(errors)} problem(s)):\n{lines}")
+        # A value outside an enum also fails the enum's `type`: the enum message says it all.
+        enum_paths = {tuple(e.absolute_path) for e in errors if e.validator == "enum"}
+        errors = [e for e in errors if not (e.validator == "type" and tuple(e.absolute_path) in enum_paths)]
+        # jsonschema reports each missing required key separately, with the same list: dedupe.
+        lines = list(dict.fromkeys(line for e in errors for line in _describe_error(e, schema)))
+        raise ConfigError(f"invalid configuration ({len(lines)} problem(s)):\n" + "\n".join(f"  - {x}" for x in lines))
+    filled = _coerce_integers(filled, schema, schema)
     _check_semantics(filled, check_paths)
     return filled
+
+
+# ---------------------------------------------------------------------------- beyond the schema
+
+# Images per class in scikit-learn's digits (1,797 images; fixed since 1998, checked by
+# tests/test_config.py against load_digits). Lets folds.k be checked at parse time without
+# paying ~2.5 s for importing and loading scikit-learn.
+DIGITS_CLASS_COUNTS = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
+CIFAR10_CLASSES = 10
+
+
+def smallest_class_bound(data: dict) -> tuple[int, str] | None:
+    """An upper bound on the pool images of the smallest class, and what it comes from, or
+    None when it is not known before the data is read (the `folds` job checks exactly)."""
+    bounds: list[tuple[int, str]] = []
+    if data["name"] == "digits":
+        tf = data["test_fraction"]
+        # A stratified split keeps floor(n * (1 - test_fraction)) or one more image of a class.
+        per_class = [(math.floor(DIGITS_CLASS_COUNTS[c] * (1 - tf)) + 1, c) for c in data["classes"]]
+        n, c = min(per_class)
+        bounds.append((n, f"digits class {c} keeps at most {n} pool image(s) with data.test_fraction = {tf}"))
+        num_classes = len(data["classes"])
+    else:
+        num_classes = CIFAR10_CLASSES
+    if data.get("max_pool") is not None:
+        n = data["max_pool"] // num_classes  # the smallest class holds at most the average share
+        bounds.append((n, f"data.max_pool = {data['max_pool']} leaves at most {n} pool image(s) in the smallest of {num_classes} classes"))
+    return min(bounds) if bounds else None
+
+
+def _results_problem(results: str) -> str | None:
+    if not results.strip():
+        return "results: '' is empty; allowed: a folder path"
+    path = Path(results)
+    if path.exists():
+        return None if path.is_dir() else f"results: {results!r} exists and is not a folder; allowed: a folder (existing or new)"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"results: {results!r} cannot be created, because {str(parent)!r} is a file; allowed: a folder path"
+            return None
+    return None
+
+
+def _open_clip_archs() -> list[str] | None:
+    """open_clip's model names from its config files, without importing it (~5 s); None if absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model_configs"
+    names = sorted(p.stem for p in folder.glob("*.json"))
+    return names or None
 
 
 def _check_semantics(cfg: dict, check_paths: bool) -> None:
@@ -103,33 +336,65 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
         if overlap:
             problems.append(f"data.classes and data.pretrain_classes overlap in {overlap}; pretraining must not see the pool's classes")
         if model["name"] != "digits_cnn":
-            problems.append(f"data.name 'digits' (8x8 grey images) needs model.name 'digits_cnn', got {model['name']!r}")
+            problems.append(f"model.name: {model['name']!r} does not fit data.name 'digits' (8x8 grey images); allowed: 'digits_cnn'")
     if data["name"] == "cifar10" and model["name"] == "digits_cnn":
-        problems.append("model.name 'digits_cnn' is pretrained on digits classes; use it with data.name 'digits'")
+        problems.append("model.name: 'digits_cnn' is pretrained on digits classes; with data.name 'cifar10' allowed: 'open_clip'")
     channels = {"digits": 1, "cifar10": 3}[data["name"]]
-    if len(data["mean"]) not in (1, channels):
-        problems.append(f"data.mean has {len(data['mean'])} values; {data['name']} images have {channels} channel(s)")
+    for key in ("mean", "std"):
+        if len(data[key]) not in (1, channels):
+            allowed = "1 value" if channels == 1 else f"1 value (for every channel) or {channels}"
+            problems.append(f"data.{key}: {data[key]} has {len(data[key])} values; {data['name']} images have {channels} "
+                            f"channel(s), allowed: {allowed}")
     for name, aug in cfg["augment"].items():
         lo, hi = aug["scale"]
         if lo > hi:
             problems.append(f"augment.{name}.scale: lower bound {lo} is above upper bound {hi}")
+    lr_names: dict[str, set[float]] = {}
+    for lr in cfg["grid"]["lr"]:
+        lr_names.setdefault(GridPoint(float(lr), "", False).name.split("_")[0], set()).add(float(lr))
+    for name, lrs in lr_names.items():
+        if len(lrs) > 1:
+            problems.append(f"grid.lr: {sorted(lrs)} are different values but name the same grid points ({name}_...: "
+                            f"names keep 6 significant digits); allowed: learning rates that differ within 6 significant digits")
+    k = cfg["folds"]["k"]
+    bound = smallest_class_bound(data)
+    if bound is not None and k > bound[0]:
+        problems.append(f"folds.k: {k} is larger than the smallest class of the training pool: {bound[1]}; every fold "
+                        f"needs at least one image of every class, allowed: 2 <= k <= {bound[0]}" if bound[0] >= 2 else
+                        f"folds.k: {k} is larger than the smallest class of the training pool: {bound[1]}; "
+                        f"every fold needs at least one image of every class (raise data.max_pool or lower data.test_fraction)")
+    if model["name"] == "open_clip":
+        archs = _open_clip_archs()
+        if archs is not None and model["arch"] not in archs:
+            close = difflib.get_close_matches(model["arch"], archs, n=3, cutoff=0.6)
+            mean = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            problems.append(f"model.arch: {model['arch']!r} is not an open_clip model{mean} "
+                            f"(allowed: one of the {len(archs)} names of open_clip.list_models(), e.g. 'ViT-B-32')")
     if check_paths:
-        results = Path(cfg["results"])
-        if results.exists() and not results.is_dir():
-            problems.append(f"results: {str(results)!r} exists and is not a folder")
-        if data["name"] == "cifar10" and not data["download"]:
-            root = Path(data["root"])
+        problem = _results_problem(cfg["results"])
+        if problem:
+            problems.append(problem)
+        root = Path(data["root"])
+        if data["name"] == "cifar10" and root.exists() and not root.is_dir():
+            problems.append(f"data.root: {str(root)!r} is a file; allowed: a folder holding (or receiving, with "
+                            f"data.download: true) cifar-10-batches-py/")
+        elif data["name"] == "cifar10" and not data["download"]:
             if not root.is_dir():
-                problems.append(f"data.root: folder {str(root)!r} does not exist (set data.download: true to fetch CIFAR-10)")
+                problems.append(f"data.root: folder {str(root)!r} does not exist; allowed: a folder holding "
+                                f"cifar-10-batches-py/ (or set data.download: true to fetch CIFAR-10 there)")
+            elif not (root / "cifar-10-batches-py").is_dir():
+                problems.append(f"data.root: folder {str(root)!r} has no cifar-10-batches-py/ inside; allowed: a folder "
+                                f"holding torchvision's CIFAR-10 files (or set data.download: true to fetch them there)")
         pretrained = model.get("pretrained", "")
         if model["name"] == "open_clip" and _looks_like_path(pretrained) and not Path(pretrained).is_file():
-            problems.append(f"model.pretrained: checkpoint file {pretrained!r} does not exist")
+            problems.append(f"model.pretrained: checkpoint file {pretrained!r} does not exist; allowed: an open_clip "
+                            f"pretrained tag (e.g. 'openai') or an existing .safetensors/.pt file")
     if problems:
-        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(f"invalid configuration ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.endswith((".safetensors", ".pt", ".pth", ".bin"))
+    return os.sep in value or value.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt"))
 
 
 @dataclass(frozen=True)

@@ -40,23 +40,33 @@ def validate_prepared(data: Prepared, source: str) -> None:
     parts = [("pool", data.pool_images, data.pool_labels, data.classes), ("test", data.test_images, data.test_labels, data.classes)]
     if data.pretrain_images is not None:
         parts.append(("pretrain", data.pretrain_images, data.pretrain_labels, data.pretrain_classes))
+    if len(data.classes) < 2:
+        raise DataError(f"{source}: needs at least 2 classes, got {len(data.classes)} ({data.classes})")
     channels = None
     for part, images, labels, classes in parts:
+        if labels is None:
+            raise DataError(f"{source}: {part} images have no labels")
         if images.dtype != np.uint8 or images.ndim != 4:
             raise DataError(f"{source}: {part} images must be uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
+        if images.shape[1] not in (1, 3):
+            raise DataError(f"{source}: {part} images have {images.shape[1]} channels (shape {list(images.shape)}); "
+                            f"expected 1 (grey) or 3 (RGB) in [N, C, H, W] order")
+        if min(images.shape[2:]) < 1:
+            raise DataError(f"{source}: {part} images have an empty side (shape {list(images.shape)})")
         if channels is None:
             channels = images.shape[1:]
         elif images.shape[1:] != channels:
             raise DataError(f"{source}: {part} images have shape {list(images.shape[1:])}, expected {list(channels)} like the pool")
-        if images.shape[1] not in (1, 3):
-            raise DataError(f"{source}: {part} images have {images.shape[1]} channels; expected 1 (grey) or 3 (RGB)")
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{source}: {part} labels must be integers [N], got {labels.dtype} {list(labels.shape)}")
         if labels.shape != (images.shape[0],):
             raise DataError(f"{source}: {part} has {images.shape[0]} images but {labels.shape[0]} labels")
         if len(labels) == 0:
             raise DataError(f"{source}: {part} split is empty")
         bad = labels[(labels < 0) | (labels >= len(classes))]
         if bad.size:
-            raise DataError(f"{source}: {part} label {int(bad[0])} is out of range for {len(classes)} classes")
+            raise DataError(f"{source}: {part} label {int(bad[0])} is out of range for {len(classes)} classes "
+                            f"(allowed: 0..{len(classes) - 1}; {bad.size} bad label(s))")
     counts = np.bincount(data.pool_labels, minlength=data.num_classes)
     for c, n in enumerate(counts):
         if n == 0:
@@ -93,17 +103,31 @@ def load_prepared(path: str | Path) -> Prepared:
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise DataError(f"prepared dataset {str(path)!r} is unreadable ({exc}); delete it and rerun `prepare`") from exc
+        raise DataError(f"prepared dataset {str(path)!r} is unreadable, truncated or corrupt "
+                        f"({type(exc).__name__}: {exc}); delete it and rerun `prepare`") from exc
+    missing = [k for k in ("pool_images", "pool_labels", "test_images", "test_labels") if k not in arrays]
+    if missing:
+        raise DataError(f"prepared dataset {str(path)!r} lacks tensor(s) {missing}; it holds {sorted(arrays)}. "
+                        f"Delete it and rerun `prepare`")
+    if ("pretrain_images" in arrays) != ("pretrain_labels" in arrays):
+        raise DataError(f"prepared dataset {str(path)!r} has only one of pretrain_images and pretrain_labels")
+    try:
+        classes = json.loads(meta.get("classes", "[]"))
+        pretrain_classes = json.loads(meta.get("pretrain_classes", "[]"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"prepared dataset {str(path)!r}: class names in the metadata are not valid JSON ({exc})") from exc
+    if not isinstance(classes, list):
+        raise DataError(f"prepared dataset {str(path)!r}: metadata 'classes' must be a list of class names, got {classes!r}")
     data = Prepared(
         name=meta.get("name", "?"),
-        classes=json.loads(meta.get("classes", "[]")),
+        classes=classes,
         pool_images=arrays["pool_images"],
         pool_labels=arrays["pool_labels"],
         test_images=arrays["test_images"],
         test_labels=arrays["test_labels"],
         pretrain_images=arrays.get("pretrain_images"),
         pretrain_labels=arrays.get("pretrain_labels"),
-        pretrain_classes=json.loads(meta.get("pretrain_classes", "[]")),
+        pretrain_classes=pretrain_classes,
     )
     validate_prepared(data, str(path))
     return data

@@ -75,8 +75,17 @@ class Context:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def load(self, path: str):
-        """Weights onto the job's device: soups are summed and evaluated there."""
-        return load_weights(path, device=str(self.device))[0]
+        """Weights onto the job's device: soups are summed and evaluated there. Keys and shapes
+        are checked against the configured model: an error names the file and the tensor."""
+        if getattr(self, "_shapes", None) is None:
+            import torch
+
+            from .models import build_classifier
+
+            with torch.device("meta"):  # shapes only: no memory, no init
+                model = build_classifier(self.cfg["model"], self.data.num_classes)
+            self._shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return load_weights(path, device=str(self.device), expect=self._shapes)[0]
 
     def metadata(self, **extra) -> dict:
         return {"model": self.cfg["model"], "classes": self.data.classes, "image": vars(self.spec), **extra}
@@ -273,7 +282,9 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
         rows.append({"hp": hp, "folds": format_folds(subset), "n": len(subset), "avg_acc": avg_acc(accs),
                      "min_acc": min_acc(accs), "test_acc": ev.test_acc(), "sampled": subsets_sampled(k, cap),
                      **{f"acc_fold{i}": a for i, a in accs.items()}})
-    atomic_write_text(out, pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
+    columns = ["hp", "folds", "n", "avg_acc", "min_acc", "test_acc", "sampled", *(f"acc_fold{i}" for i in range(k))]
+    table = pd.DataFrame(rows, columns=columns)  # the header even when every model diverged
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log(f"{hp}: {len(rows)} uniform soups evaluated")
 
 

@@ -173,12 +173,37 @@ def save_weights(
         save_file(tensors, str(tmp), metadata=meta)
 
 
+def check_shapes(state: Mapping[str, Any], expected: Mapping[str, Any], source: PathLike) -> None:
+    """Raise WeightsError naming `source` and the tensor unless `state` has exactly the keys of
+    `expected` (a state dict or {key: shape}) with the same shapes. dtypes are not compared: a
+    model saved in bfloat16 fits an fp32 model."""
+
+    def shape(v: Any) -> tuple[int, ...]:
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        def listed(keys: list[str]) -> str:
+            return ", ".join(repr(k) for k in keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+        parts = ([f"missing tensor(s) {listed(missing)}"] if missing else []) + (
+            [f"unexpected tensor(s) {listed(extra)}"] if extra else [])
+        raise WeightsError(f"weight file {os.fspath(source)} does not fit the configured model: " + "; ".join(parts))
+    for key, ref in expected.items():
+        if shape(state[key]) != shape(ref):
+            raise WeightsError(f"weight file {os.fspath(source)}: tensor {key!r} has shape {list(shape(state[key]))}, "
+                               f"the configured model expects {list(shape(ref))}")
+
+
 def load_weights(
-    path: PathLike, device: str | torch.device = "cpu"
+    path: PathLike, device: str | torch.device = "cpu", expect: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load `(state, metadata)` from a safetensors file written by `save_weights` (or any other).
 
-    Raises WeightsError naming the file when it is missing, truncated or corrupt.
+    Raises WeightsError naming the file when it is missing, truncated or corrupt, and, with
+    `expect` (a model's state dict or {key: shape}), naming the file and the tensor when its
+    keys or shapes differ.
     """
     from safetensors import safe_open
 
@@ -197,4 +222,6 @@ def load_weights(
         metadata = _decode_metadata(raw_meta)
     except (json.JSONDecodeError, TypeError) as exc:
         raise WeightsError(f"corrupt metadata in weight file {p}: {exc}") from exc
+    if expect is not None:
+        check_shapes(state, expect, p)
     return state, metadata
