@@ -59,4 +59,4 @@ onstart:
             start_new_session=True,
             stdout=subprocess.DEVNULL,
         )
-        os.environ["FOLDSOUP_JOB_SERVER"] = socket_path
+        os.environ.update(FOLDSOUP_JOB_SERVER=socket_path)

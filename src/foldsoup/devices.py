@@ -8,18 +8,31 @@ the job's own and slots are taken among them.
 
 FOLDSOUP_FAKE_GPUS=N pretends N devices exist (computing on the CPU) so the slot logic can be
 tested on machines without GPUs.
+
+Environment:
+  FOLDSOUP_GPU_LOCK_DIR  folder of the lock files (default: $TMPDIR/foldsoup-gpu-locks-<uid>,
+                         with -slurm<jobid> appended inside a SLURM job, whose devices are its own)
+  FOLDSOUP_GPU_WAIT_S    give up (error) after this many seconds without a free device
+                         (default: wait as long as it takes, e.g. more jobs than GPUs)
+  FOLDSOUP_FAKE_GPUS     pretend this many GPUs exist (tests), computing on the CPU
+
+The job log gets one line when a slot is taken and one when it is given back (at process exit),
+each with the Unix time to the microsecond, so overlaps between jobs can be checked afterwards.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_held = []  # open lock files, kept for the process lifetime
+_held: list[tuple[int, str, object]] = []  # (slot, lock file, open handle), kept for the process lifetime
+_placement: "Placement | None" = None  # this process's placement: place() decides once
 
 
 @dataclass(frozen=True)
@@ -31,9 +44,30 @@ class Placement:
 
 def _lock_dir() -> Path:
     default = Path(tempfile.gettempdir()) / f"foldsoup-gpu-locks-{os.getuid()}"
-    path = Path(os.environ.get("FOLDSOUP_GPU_LOCK_DIR", default))
+    if os.environ.get("SLURM_JOB_ID"):
+        # Inside a SLURM job the visible devices are the job's own (often renumbered from 0), so
+        # slots are shared only among the processes of this job, never with other jobs on the node.
+        default = default.with_name(f"{default.name}-slurm{os.environ['SLURM_JOB_ID']}")
+    path = Path(os.environ.get("FOLDSOUP_GPU_LOCK_DIR") or default)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _stamp(msg: str) -> None:
+    """A line for the job log with wall-clock time to the microsecond (Unix time for scripts)."""
+    now = time.time()
+    clock = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1e6):06d}"
+    print(f"[{clock}] {msg} at t={now:.6f} (pid {os.getpid()})", file=sys.stderr, flush=True)
+
+
+def _wait_limit() -> float | None:
+    value = os.environ.get("FOLDSOUP_GPU_WAIT_S", "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"FOLDSOUP_GPU_WAIT_S={value!r}: expected a number of seconds") from None
 
 
 def _visible_ids(count: int) -> list[str]:
@@ -47,14 +81,22 @@ def _visible_ids(count: int) -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def acquire_slot(count: int, wait_s: float = 3600.0, poll_s: float = 0.5) -> int:
-    """Take the first free of `count` device locks; wait (polling) if all are held."""
+def acquire_slot(count: int, wait_s: float | None = None, poll_s: float = 0.2) -> int:
+    """Take the first free of `count` device locks and hold it until the process ends (or
+    release_slots()); wait, polling, while all are held. wait_s: None reads FOLDSOUP_GPU_WAIT_S
+    (unset: no limit); TimeoutError when it passes without a free device."""
+    if count < 1:
+        raise ValueError(f"acquire_slot: count must be at least 1, got {count}")
+    if wait_s is None:
+        wait_s = _wait_limit()
     ids = _visible_ids(count)
     lock_dir = _lock_dir()
-    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
+    waiting = False
     while True:
         for slot, dev_id in enumerate(ids):
-            handle = open(lock_dir / f"gpu-{dev_id}.lock", "a+")
+            lock_path = lock_dir / f"gpu-{dev_id}.lock"
+            handle = open(lock_path, "a+")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -64,15 +106,45 @@ def acquire_slot(count: int, wait_s: float = 3600.0, poll_s: float = 0.5) -> int
             handle.truncate()
             handle.write(f"{os.getpid()}\n")
             handle.flush()
-            _held.append(handle)
+            if not _held:
+                atexit.register(release_slots)
+            _held.append((slot, str(lock_path), handle))
+            waited = f" after waiting {time.monotonic() - start:.1f} s" if waiting else ""
+            _stamp(f"device slot {slot} ({lock_path.name}) acquired{waited}")
             return slot
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no free GPU among {ids} after {wait_s:.0f} s (locks in {lock_dir})")
+        if wait_s is not None and time.monotonic() - start >= wait_s:
+            raise TimeoutError(f"no free GPU among {ids} after {wait_s:g} s (FOLDSOUP_GPU_WAIT_S; locks in {lock_dir})")
+        if not waiting:
+            waiting = True
+            _stamp(f"all {count} device slots {ids} are held (locks in {lock_dir}); waiting for one to free")
         time.sleep(poll_s)
 
 
+def release_slots() -> None:
+    """Give back the slots this process holds (runs by itself at exit; the kernel frees the
+    locks of a killed process). The line is written before the lock is dropped."""
+    global _placement
+    while _held:
+        slot, lock_path, handle = _held.pop()
+        _stamp(f"device slot {slot} ({Path(lock_path).name}) released")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            handle.close()
+    _placement = None
+
+
 def place(preference: str = "auto") -> Placement:
-    """Decide where this job computes; on GPUs, hold a device slot for the process lifetime."""
+    """Decide where this job computes; on GPUs, hold a device slot for the process lifetime.
+    Called again in the same process, it returns the same placement (one slot per process)."""
+    global _placement
+    if _placement is not None and preference != "cpu":
+        return _placement
+    _placement = _decide(preference)
+    return _placement
+
+
+def _decide(preference: str) -> Placement:
     fake = int(os.environ.get("FOLDSOUP_FAKE_GPUS", "0") or 0)
     if fake > 0 and preference != "cpu":
         slot = acquire_slot(fake)

@@ -56,6 +56,9 @@ class Context:
         from .train import ImageSpec
 
         self.cfg = cfg
+        # Torch seeds its default generator at random in every process: seed it, so what is drawn
+        # from it (the initial weights of the pretrained backbone) is the same in every run.
+        torch.manual_seed(cfg.get("seed", 0))
         placement = place(cfg["device"])
         log(f"device: {placement.note}")
         self.device = torch.device(placement.device)

@@ -149,7 +149,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 class ResumeStore:
-    """Resume state in one safetensors file plus JSON, written atomically (never pickled)."""
+    """Resume state in one safetensors file plus JSON, written atomically (never pickled).
+
+    The state records a fingerprint of what the run starts from (loop settings, training data,
+    initial weights): state left by a run with other inputs (the config or an upstream output
+    changed since the job was killed) is ignored, never continued.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -158,19 +163,26 @@ class ResumeStore:
     def exists(self) -> bool:
         return self.path.is_file()
 
-    def save(self, model: torch.nn.Module, opt: AdamW, gen: torch.Generator, progress: dict) -> None:
+    def save(self, model: torch.nn.Module, opt: AdamW, gen: torch.Generator, progress: dict, fingerprint: str = "") -> None:
         from .weights import save_weights
 
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"optim.{k}": v for k, v in opt.state_tensors().items()})
         tensors["generator"] = gen.get_state()
         self.folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self.path, tensors, {"progress": progress})
+        save_weights(self.path, tensors, {"progress": progress, "fingerprint": fingerprint})
 
-    def load(self, model: torch.nn.Module, opt: AdamW, gen: torch.Generator) -> dict:
-        from .weights import load_weights
+    def load(self, model: torch.nn.Module, opt: AdamW, gen: torch.Generator, fingerprint: str | None = None) -> dict | None:
+        """Restore model, optimizer and generator; the saved progress, or None (nothing
+        changed) when the state is unreadable or was saved by a run from other inputs."""
+        from .weights import WeightsError, load_weights
 
-        tensors, meta = load_weights(self.path)
+        try:
+            tensors, meta = load_weights(self.path)
+        except WeightsError:
+            return None
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            return None
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         opt.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
         gen.set_state(tensors["generator"])
@@ -178,6 +190,17 @@ class ResumeStore:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def run_fingerprint(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: "LoopConfig") -> str:
+    """CRC32 of the loop settings, the training images and labels and the initial weights."""
+    crc = zlib.crc32(json.dumps(vars(cfg), sort_keys=True, default=str).encode())
+    tensors = [images, labels, *model.state_dict().values()]
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        crc = zlib.crc32(f"{t.dtype}{list(t.shape)}".encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
 
 
 class _Sigterm:
@@ -217,9 +240,15 @@ def train(
     gen = torch.Generator(device=device)
 
     progress = {"epoch": 0, "step_in_epoch": 0}
+    fingerprint = run_fingerprint(model, images, labels, cfg) if resume is not None else ""
     if resume is not None and resume.exists():
-        progress = resume.load(model, opt, gen)
-        log(f"resumed {cfg.tag} from epoch {progress['epoch']} step {progress['step_in_epoch']} ({resume.path})")
+        loaded = resume.load(model, opt, gen, fingerprint)
+        if loaded is None:
+            log(f"{cfg.tag}: ignoring resume state {resume.path}: unreadable or saved by a run with other "
+                "settings, data or initial weights; starting from the beginning")
+        else:
+            progress = loaded
+            log(f"resumed {cfg.tag} from epoch {progress['epoch']} step {progress['step_in_epoch']} ({resume.path})")
 
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -241,11 +270,13 @@ def train(
             for step in range(start_step, steps_per_epoch):
                 global_step = epoch * steps_per_epoch + step
                 if fail_at_step is not None and global_step == fail_at_step:
-                    raise RuntimeError(f"{cfg.tag}: injected failure at step {global_step} (FOLDSOUP_FAIL_AT_STEP)")
+                    raise RuntimeError(f"{cfg.tag}: injected failure at step {global_step} (FOLDSOUP_FAIL)")
                 if sigterm.received:
-                    if resume is not None:
-                        resume.save(model, opt, gen, {"epoch": epoch, "step_in_epoch": step})
-                    raise Interrupted(f"{cfg.tag}: SIGTERM at epoch {epoch} step {step}; resume state saved")
+                    if resume is None:
+                        raise Interrupted(f"{cfg.tag}: SIGTERM at epoch {epoch} step {step}; no resume folder, state lost")
+                    resume.save(model, opt, gen, {"epoch": epoch, "step_in_epoch": step}, fingerprint)
+                    raise Interrupted(f"{cfg.tag}: SIGTERM at epoch {epoch} step {step}; resume state saved to "
+                                      f"{resume.path}, a rerun continues from there")
                 opt.lr = cfg.lr * lr_factor(global_step, cfg.warmup_steps, total)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 x = train_transform(images[idx], spec.size, spec.mean, spec.std, cfg.aug, spec.hflip, gen)
@@ -275,7 +306,7 @@ def train(
                 f"lr {opt.lr:.2e} {rate:.0f} images/s")
             progress = {"epoch": epoch + 1, "step_in_epoch": 0}
             if resume is not None and epoch + 1 < cfg.epochs:
-                resume.save(model, opt, gen, progress)
+                resume.save(model, opt, gen, progress, fingerprint)
     elapsed = time.perf_counter() - t_start
     return {"steps": total, "final_loss": last_loss, "images_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}
 

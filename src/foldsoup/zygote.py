@@ -126,6 +126,10 @@ def _child(request: dict, fds: list[int]) -> None:
 
         traceback.print_exc()
     finally:
+        # os._exit skips atexit handlers: give back a held GPU slot (and log it) first.
+        from .devices import release_slots
+
+        release_slots()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

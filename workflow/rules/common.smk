@@ -6,8 +6,9 @@ R = config["results"]
 K = config["folds"]["k"]
 FOLDS = list(range(K))
 HPS = [point.name for point in grid_points(config)]
-# Snakemake sets OMP_NUM_THREADS to the rule's threads, which torch takes as its thread count.
-PY = "python -m foldsoup"
+# Every rule's shell command is `python -m foldsoup <step> ...`, written out in full (the linter
+# wants no outside variables in shell commands). Snakemake sets OMP_NUM_THREADS to the rule's
+# threads, which torch takes as its thread count.
 ENV = "../../envs/foldsoup.yaml"
 
 wildcard_constraints:

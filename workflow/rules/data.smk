@@ -13,7 +13,7 @@ rule prepare:
     conda:
         ENV
     shell:
-        "{PY} prepare --config-json {params.cfg:q} --out {output} 2> {log}"
+        "python -m foldsoup prepare --config-json {params.cfg:q} --out {output} 2> {log}"
 
 
 rule folds:
@@ -28,4 +28,4 @@ rule folds:
     conda:
         ENV
     shell:
-        "{PY} folds --config-json {params.cfg:q} --data {input} --out {output} 2> {log}"
+        "python -m foldsoup folds --config-json {params.cfg:q} --data {input} --out {output} 2> {log}"

@@ -16,7 +16,7 @@ rule reliability:
     conda:
         ENV
     shell:
-        "{PY} reliability --subsets {input.subsets} --models-csv {input.models}"
+        "python -m foldsoup reliability --subsets {input.subsets} --models-csv {input.models}"
         " --out-subsets {output.subsets} --out {output.reliability} 2> {log}"
 
 
@@ -36,7 +36,7 @@ rule figures:
     conda:
         ENV
     shell:
-        "{PY} figures --models-csv {input.models} --subsets {input.subsets} --reliability {input.reliability}"
+        "python -m foldsoup figures --models-csv {input.models} --subsets {input.subsets} --reliability {input.reliability}"
         " --methods {input.methods} --out {output} 2> {log}"
 
 
@@ -55,5 +55,5 @@ rule summary:
     conda:
         ENV
     shell:
-        "{PY} summary --config-json {params.cfg:q} --models-csv {input.models} --subsets {input.subsets}"
+        "python -m foldsoup summary --config-json {params.cfg:q} --models-csv {input.models} --subsets {input.subsets}"
         " --reliability {input.reliability} --methods {input.methods} --out {output} 2> {log}"

@@ -16,7 +16,7 @@ rule pretrain:
     conda:
         ENV
     shell:
-        "{PY} pretrain --config-json {params.cfg:q} --data {input.data} --out {output} 2> {log}"
+        "python -m foldsoup pretrain --config-json {params.cfg:q} --data {input.data} --out {output} 2> {log}"
 
 
 rule lp:
@@ -39,7 +39,7 @@ rule lp:
     conda:
         ENV
     shell:
-        "{PY} lp --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup lp --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
         " --backbone {input.backbone} --fold {wildcards.fold} --out {output} 2> {log}"
 
 
@@ -68,6 +68,6 @@ rule finetune:
     conda:
         ENV
     shell:
-        "{PY} finetune --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup finetune --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
         " --backbone {input.backbone} --head {input.head} --hp {wildcards.hp} --fold {wildcards.fold}"
         " --out-dir $(dirname {output.model}) --resume-dir {params.resume} 2> {log}"
