@@ -60,7 +60,8 @@ class Context:
         # from it (the initial weights of the pretrained backbone) is the same in every run.
         torch.manual_seed(cfg.get("seed", 0))
         placement = place(cfg["device"])
-        log(f"device: {placement.note}")
+        log(f"device: {placement.note} (SLURM_JOB_ID={os.environ.get('SLURM_JOB_ID', '')} "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})")
         self.device = torch.device(placement.device)
         self.data = load_prepared(data_path)
         self.fold_of = read_folds(folds_path, self.data.pool_labels) if folds_path else None
