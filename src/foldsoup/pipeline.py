@@ -307,22 +307,27 @@ def _candidates(metrics: list[dict], paths: list[str]):
     return cands, by_name
 
 
+def _greedy_and_save(ctx: Context, ev, method: str, cands: list, paths: dict[str, str], out: str) -> None:
+    """Alg. 1 over `cands` (each loaded once from `paths`), then save the soup as `method`."""
+    from .select import greedy_soup
+    from .soup import RunningSoupScorer
+
+    soups = ctx.cfg["soups"]
+    scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
+    result = greedy_soup(cands, scorer, accept=soups["greedy_accept"], cross_fold=soups["cross_fold_val"])
+    _save_soup(ctx, ev, out, scorer.mean(), _soup_record(method, [c.name for c in result.ingredients], dict(result.fold_accs),
+                                                         soups["cross_fold_val"], steps=[vars(s) for s in result.steps]))
+
+
 def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model_paths: list[str], metrics_paths: list[str],
                     out_greedy: str, out_uniform: str) -> None:
     """Alg. 1 over the grid's models of one fold (plain val acc on that fold), and their uniform soup."""
-    from .soup import RunningSoupScorer
-    from .select import greedy_soup
     from .soup import average
 
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
-    scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
-    result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
-    state = scorer.mean()
-    record = _soup_record(f"greedy_fold{fold}", [c.name for c in result.ingredients], dict(result.fold_accs),
-                          cfg["soups"]["cross_fold_val"], steps=[vars(s) for s in result.steps])
-    _save_soup(ctx, ev, out_greedy, state, record)
+    _greedy_and_save(ctx, ev, f"greedy_fold{fold}", cands, paths, out_greedy)
     uniform = average(ctx.load(paths[c.name]) for c in cands)
     accs = ev.fold_accs(uniform, {fold})
     _save_soup(ctx, ev, out_uniform, uniform, _soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
@@ -343,28 +348,18 @@ def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[st
 
 def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str) -> None:
     """Greedy soup over all models of all folds, scored by MinAcc (or AvgAcc) over the included folds."""
-    from .soup import RunningSoupScorer
-    from .select import greedy_soup
-
     ctx = Context(cfg, data_path, folds_path)
-    ev = ctx.evaluator()
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
-    scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
-    result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
-    state = scorer.mean()
-    _save_soup(ctx, ev, out, state, _soup_record("greedy_soup", [c.name for c in result.ingredients], dict(result.fold_accs),
-                                                 cfg["soups"]["cross_fold_val"], steps=[vars(s) for s in result.steps]))
+    _greedy_and_save(ctx, ctx.evaluator(), "greedy_soup", cands, paths, out)
 
 
 def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str], out: str) -> None:
     """GSGS: Alg. 1 over the per-fold greedy soups (each soup weighs the same), scored across folds."""
     import json
 
-    from .soup import RunningSoupScorer
-    from .select import Candidate, greedy_soup
+    from .select import Candidate
 
     ctx = Context(cfg, data_path, folds_path)
-    ev = ctx.evaluator()
     cands, paths = [], {}
     for path in fold_soup_paths:
         with open(Path(path).with_suffix(".json")) as f:
@@ -372,11 +367,7 @@ def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str],
         c = Candidate(name=rec["method"], folds=frozenset(rec["folds"]), val_acc=rec["val_acc"])
         cands.append(c)
         paths[c.name] = path
-    scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
-    result = greedy_soup(cands, scorer, accept=cfg["soups"]["greedy_accept"], cross_fold=cfg["soups"]["cross_fold_val"])
-    state = scorer.mean()
-    _save_soup(ctx, ev, out, state, _soup_record("gsgs", [c.name for c in result.ingredients], dict(result.fold_accs),
-                                                 cfg["soups"]["cross_fold_val"], steps=[vars(s) for s in result.steps]))
+    _greedy_and_save(ctx, ctx.evaluator(), "gsgs", cands, paths, out)
 
 
 def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, soups_dir: str, out: str) -> None:
