@@ -30,6 +30,10 @@ METHOD_LABELS = {
     "bgss": "BGSS",
     "gsgs": "GSGS",
     "best_uniform_per_split": "Best uniform\nper split",
+    "ensemble_all": "Ensemble:\nall models",
+    "ensemble_best_fold": "Ensemble:\nbest fold",
+    "ensemble_greedy_soup": "Ensemble: greedy\nsoup's models",
+    "ensemble_gsgs": "Ensemble:\nGSGS's models",
 }
 
 
@@ -198,12 +202,12 @@ def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | 
     points); its min-max range is shaded across the whole plot and its median dashed, so each
     method reads against what one fine-tune gives.
     """
-    fig, ax = _new_figure(8.0, 5.8)
+    names = order_methods(methods_df["method"])
+    fig, ax = _new_figure(max(8.0, 1.5 + 1.1 * (len(names) + 1)), 5.8)  # room for every method's label
     diverged = diverged_mask(models_df)
     singles = models_df.loc[~diverged, "test_acc"].astype(float).to_numpy()
     singles = 100.0 * singles[np.isfinite(singles)]
     methods = methods_df.set_index("method")
-    names = order_methods(methods_df["method"])
     positions = np.arange(1, len(names) + 1)
 
     if singles.size:
