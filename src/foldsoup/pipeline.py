@@ -67,6 +67,7 @@ class Context:
         self.fold_of = read_folds(folds_path, self.data.pool_labels) if folds_path else None
         self.spec = ImageSpec.from_config(cfg["data"], self.data.pool_images.shape[1])
         self.k = cfg["folds"]["k"]
+        self._shapes: dict | None = None  # the configured model's tensor shapes, built on first load()
 
     def model(self, num_classes: int | None = None):
         from .models import build_classifier
@@ -81,7 +82,7 @@ class Context:
     def load(self, path: str):
         """Weights onto the job's device: soups are summed and evaluated there. Keys and shapes
         are checked against the configured model: an error names the file and the tensor."""
-        if getattr(self, "_shapes", None) is None:
+        if self._shapes is None:
             import torch
 
             from .models import build_classifier
