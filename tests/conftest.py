@@ -151,3 +151,16 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
                     "--config", f"results={results}", env=env)
     assert run.returncode == 0, f"smoke run failed:\n{run.tail()}"
     return SmokeRun(results, lock_dir, run)
+
+
+@pytest.fixture(scope="session")
+def local_slurm():
+    """A one-node SLURM on localhost for the SLURM tests (skipped with the reason where it
+    cannot run, required under CI=true); stopped at the end if this session started it."""
+    from slurm_cluster import ensure_local_slurm, skip_or_fail, stop_local_slurm
+
+    reason = ensure_local_slurm()
+    if reason:
+        skip_or_fail(reason)
+    yield
+    stop_local_slurm()

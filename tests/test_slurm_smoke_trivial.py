@@ -17,10 +17,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from slurm_cluster import REPO_ROOT, ensure_local_slurm, skip_or_fail, stop_local_slurm
-except ImportError:  # tests/ imported as a package
-    from tests.slurm_cluster import REPO_ROOT, ensure_local_slurm, skip_or_fail, stop_local_slurm
+from slurm_cluster import REPO_ROOT
 
 PROFILE = REPO_ROOT / "profiles" / "slurm"
 N_GPU_JOBS = 3
@@ -59,15 +56,6 @@ SNAKEFILE = textwrap.dedent(
     """
     % N_GPU_JOBS
 )
-
-
-@pytest.fixture(scope="module")
-def local_slurm():
-    reason = ensure_local_slurm()
-    if reason:
-        skip_or_fail(reason)
-    yield
-    stop_local_slurm()  # only if this session started it
 
 
 def _parse(path: Path) -> dict[str, str]:

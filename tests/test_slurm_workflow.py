@@ -36,10 +36,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-try:
-    from slurm_cluster import REPO_ROOT, ensure_local_slurm, skip_or_fail, stop_local_slurm
-except ImportError:  # tests/ imported as a package
-    from tests.slurm_cluster import REPO_ROOT, ensure_local_slurm, skip_or_fail, stop_local_slurm
+from slurm_cluster import REPO_ROOT
 
 SNAKEFILE = REPO_ROOT / "Snakefile"
 BASE_CONFIG = REPO_ROOT / "config.yaml"
@@ -85,15 +82,6 @@ def _expected_job_counts() -> dict[str, int]:
         "soup_all": 2,
         "gsgs": 1,
     }
-
-
-@pytest.fixture(scope="module")
-def local_slurm():
-    reason = ensure_local_slurm()
-    if reason:
-        skip_or_fail(reason)
-    yield
-    stop_local_slurm()  # only if this session started it
 
 
 def _clean_env() -> dict[str, str]:
