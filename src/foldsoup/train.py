@@ -319,14 +319,3 @@ def fold_accuracies(pool_logits: torch.Tensor, pool_labels: torch.Tensor, fold_o
     """Acc(model, D_val,i) for every fold i, from logits on the whole pool."""
     correct = (pool_logits.argmax(1) == pool_labels).float()
     return {i: correct[fold_of == i].mean().item() for i in range(k)}
-
-
-def write_json(path: str | Path, obj: dict) -> None:
-    from .weights import atomic_write_json
-
-    atomic_write_json(path, obj)
-
-
-def read_json(path: str | Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
