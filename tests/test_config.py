@@ -9,8 +9,6 @@ made. Every message must name the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -8,13 +8,11 @@ same device."""
 
 from __future__ import annotations
 
-import os
 import re
 import select
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

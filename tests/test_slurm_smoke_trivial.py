@@ -15,7 +15,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 
 from slurm_cluster import REPO_ROOT
 

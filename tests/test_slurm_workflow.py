@@ -33,7 +33,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from slurm_cluster import REPO_ROOT
