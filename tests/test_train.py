@@ -13,13 +13,15 @@ from foldsoup.train import ImageSpec, LoopConfig, ResumeStore, lr_factor, train
 AUG = {"scale": [0.35, 1.0], "rotate": 20, "translate": 0.15, "jitter": 0.4, "erase": 0.25}
 
 
-def test_adamw_matches_torch():
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_matches_torch(fused):
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
     b = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
     b.load_state_dict(a.state_dict())
-    ours = AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    ours = AdamW(a.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
     ref = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    assert ours.fused == fused
     for step in range(20):
         x = torch.randn(16, 5)
         lr = 1e-2 * lr_factor(step, 5, 20)
@@ -103,3 +105,34 @@ def test_divergence_names_the_run_and_step():
     cfg = LoopConfig(1, 8, math.inf, 0.0, 0, None, 0.0, "fp32", AUG, None, 0, "lr_inf/fold3")
     with pytest.raises(Diverged, match=r"lr_inf/fold3: loss became non-finite at step \d+"):
         train(model, images, torch.zeros(16, dtype=torch.long), spec, cfg, lambda m: None)
+
+
+def test_fused_adamw_resumes_and_mixes_with_foreach_steps():
+    """A fused optimiser restored from saved state, or one that took a foreach step (a parameter
+    without a gradient), continues exactly like the foreach reference."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)) for _ in range(3)]
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
+    ref, fused = AdamW(nets[0].parameters(), 1e-2, 0.1, fused=False), AdamW(nets[1].parameters(), 1e-2, 0.1)
+    xs = [torch.randn(8, 4) for _ in range(6)]
+
+    def step(net, opt, x, freeze_first=False):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        if freeze_first:
+            net[0].bias.grad = None  # this step takes the foreach path
+        opt.step()
+
+    for i, x in enumerate(xs[:3]):
+        step(nets[0], ref, x, freeze_first=i == 1)
+        step(nets[1], fused, x, freeze_first=i == 1)
+    resumed = AdamW(nets[2].parameters(), 1e-2, 0.1)
+    nets[2].load_state_dict(nets[1].state_dict())
+    resumed.load_state_tensors(fused.state_tensors())
+    for x in xs[3:]:
+        step(nets[0], ref, x)
+        step(nets[2], resumed, x)
+    for pa, pb in zip(nets[0].parameters(), nets[2].parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    assert resumed.step_count == ref.step_count == 6
