@@ -21,6 +21,8 @@ METHOD_ORDER: tuple[str, ...] = (
     "bgss",
     "gsgs",
     "best_uniform_per_split",
+    "best_on_holdout",
+    "greedy_soup_holdout",
 )
 
 RELIABILITY_COLUMNS: tuple[str, ...] = (
@@ -34,6 +36,11 @@ RELIABILITY_COLUMNS: tuple[str, ...] = (
     "threshold",
     "corr_over_threshold",
     "n_over_threshold",
+    # The same statistics for the outer holdout (NaN without one) and AvgAcc's correlation.
+    "rmse_holdout_acc",
+    "mean_gap_holdout_acc",
+    "corr_holdout_acc",
+    "corr_avg_acc",
 )
 
 
@@ -155,8 +162,8 @@ def val_threshold(models: pd.DataFrame) -> float:
 def reliability_table(subsets: pd.DataFrame, models: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
     """Tables 1 and 2 (plus mean gaps): one row per soup size n = 1..k.
 
-    `subsets`: hp, folds, n, avg_acc, min_acc, test_acc (one uniform soup per grid point and
-    fold subset). `models`: hp, fold, val_acc, test_acc[, diverged]. All statistics for size n
+    `subsets`: hp, folds, n, avg_acc, min_acc, test_acc[, holdout_acc] (one uniform soup per
+    grid point and fold subset). `models`: hp, fold, val_acc, test_acc[, diverged]. All statistics for size n
     are over every (hp, subset) row of that size, diverged or not ("for all"); only the
     threshold ignores diverged models. `k` defaults to the larger of the number of folds seen
     in `models` and the largest n in `subsets`. Sizes without rows get n_soups 0 and NaN.
@@ -176,6 +183,7 @@ def _infer_k(subsets: pd.DataFrame, models: pd.DataFrame) -> int:
 
 def _reliability_row(group: pd.DataFrame, n: int, threshold: float) -> dict:
     avg, mn, test = (group[c].astype(float).to_numpy() for c in ("avg_acc", "min_acc", "test_acc"))
+    holdout = group["holdout_acc"].astype(float).to_numpy() if "holdout_acc" in group else np.full(len(group), np.nan)
     # NaN threshold (every model diverged) selects nothing, as comparisons with NaN are False.
     over = mn >= threshold
     return {
@@ -189,6 +197,10 @@ def _reliability_row(group: pd.DataFrame, n: int, threshold: float) -> dict:
         "threshold": threshold,
         "corr_over_threshold": pearson(mn[over], test[over]),
         "n_over_threshold": int(over.sum()),
+        "rmse_holdout_acc": rmse(holdout, test),
+        "mean_gap_holdout_acc": mean_gap(holdout, test),
+        "corr_holdout_acc": pearson(holdout, test),
+        "corr_avg_acc": pearson(avg, test),
     }
 
 

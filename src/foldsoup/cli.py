@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
          "out_greedy", "out_uniform")
     step("uniform-all", "uniform soup of all models", "config", "data", "folds", "models*", "metrics*", "out")
     step("greedy-all", "greedy soup of all models (MinAcc)", "config", "data", "folds", "models*", "metrics*", "out")
+    step("greedy-holdout", "greedy soup of all models scored on the outer holdout", "config", "data", "folds", "models*",
+         "metrics*", "out")
     step("gsgs", "greedy soup of the per-fold greedy soups", "config", "data", "folds", "fold_soups*", "out")
     step("methods", "tables/methods.csv, the selected soups, ensembles and intervals", "config", "data", "folds",
          "models_csv", "model_dir", "soups_dir", "out")
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             pl.uniform_all(cfg, args.data, args.folds, args.models, args.metrics, args.out)
         elif c == "greedy-all":
             pl.greedy_all(cfg, args.data, args.folds, args.models, args.metrics, args.out)
+        elif c == "greedy-holdout":
+            pl.greedy_all(cfg, args.data, args.folds, args.models, args.metrics, args.out, on_holdout=True)
         elif c == "gsgs":
             pl.gsgs(cfg, args.data, args.folds, args.fold_soups, args.out)
         elif c == "methods":

@@ -285,11 +285,19 @@ def smallest_class_bound(data: dict) -> tuple[int, str] | None:
         n, c = min(per_class)
         bounds.append((n, f"digits class {c} keeps at most {n} pool image(s) with data.test_fraction = {tf}"))
         num_classes = len(data["classes"])
-    else:
+        classes_text = f"the smallest of {num_classes} classes"
+    elif data["name"] == "cifar10":
         num_classes = CIFAR10_CLASSES
+        classes_text = f"the smallest of {num_classes} classes"
+    elif data.get("class_names"):
+        num_classes = len(data["class_names"])
+        classes_text = f"the smallest of {num_classes} classes (data.class_names)"
+    else:  # imagefolder, medmnist: the classes are known once the data is read; there are at least 2
+        num_classes = 2
+        classes_text = "the smallest class (of at least 2)"
     if data.get("max_pool") is not None:
         n = data["max_pool"] // num_classes  # the smallest class holds at most the average share
-        bounds.append((n, f"data.max_pool = {data['max_pool']} leaves at most {n} pool image(s) in the smallest of {num_classes} classes"))
+        bounds.append((n, f"data.max_pool = {data['max_pool']} leaves at most {n} pool image(s) in {classes_text}"))
     return min(bounds) if bounds else None
 
 
@@ -319,6 +327,71 @@ def _open_clip_archs() -> list[str] | None:
     return names or None
 
 
+def _open_clip_tags() -> dict[str, list[str]] | None:
+    """open_clip.list_pretrained() as {arch: [tags]}, read from open_clip/pretrained.py's source
+    (`import open_clip` costs ~5 s at every parse). The table there is literal: top-level
+    `_NAME = dict(tag=_pcfg(..., quick_gelu=True), ...)` (or {...}) assignments, the dict
+    `_PRETRAINED = {"arch": _NAME or dict(...), ...}` and "<arch>-quickgelu" entries for the tags
+    trained with QuickGELU. tests/test_datasets.py checks the result equals open_clip's own
+    list. None (no parse-time check; the `pretrain` job still checks) if the source has another
+    shape."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        source = (Path(list(spec.submodule_search_locations)[0]) / "pretrained.py").read_text()
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+    def quick_gelu(cfg: ast.expr) -> bool:
+        return isinstance(cfg, ast.Call) and any(
+            k.arg == "quick_gelu" and isinstance(k.value, ast.Constant) and k.value.value is True for k in cfg.keywords)
+
+    def tag_table(node: ast.expr, named: dict) -> dict[str, bool] | None:
+        """{tag: trained with QuickGELU} of `dict(tag=cfg, ...)`, `{"tag": cfg}` or a name."""
+        if isinstance(node, ast.Name):
+            return named.get(node.id)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+            if any(k.arg is None for k in node.keywords):
+                return None
+            return {k.arg: quick_gelu(k.value) for k in node.keywords}
+        if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys):
+            return {k.value: quick_gelu(v) for k, v in zip(node.keys, node.values)}
+        return None
+
+    named: dict[str, dict[str, bool]] = {}
+    table: dict[str, dict[str, bool]] | None = None
+    for stmt in tree.body:
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+            continue
+        name = stmt.targets[0].id
+        if name == "_PRETRAINED":
+            if not isinstance(stmt.value, ast.Dict):
+                return None
+            table = {}
+            for key, value in zip(stmt.value.keys, stmt.value.values):
+                tags = tag_table(value, named)
+                if not (isinstance(key, ast.Constant) and isinstance(key.value, str)) or tags is None:
+                    return None
+                table[key.value] = tags
+        else:
+            tags = tag_table(stmt.value, named)
+            if tags is not None:
+                named[name] = tags
+    if not table:
+        return None
+    out = {arch: list(tags) for arch, tags in table.items()}
+    for arch, tags in table.items():  # open_clip adds these after the literal table
+        quick = [t for t, q in tags.items() if q]
+        if quick:
+            out[f"{arch}-quickgelu"] = quick
+    return out
+
+
 def _check_semantics(cfg: dict, check_paths: bool) -> None:
     problems = []
     data, model = cfg["data"], cfg["model"]
@@ -330,9 +403,10 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
             problems.append(f"data.classes and data.pretrain_classes overlap in {overlap}; pretraining must not see the pool's classes")
         if model["name"] != "digits_cnn":
             problems.append(f"model.name: {model['name']!r} does not fit data.name 'digits' (8x8 grey images); allowed: 'digits_cnn'")
-    if data["name"] == "cifar10" and model["name"] == "digits_cnn":
-        problems.append("model.name: 'digits_cnn' is pretrained on digits classes; with data.name 'cifar10' allowed: 'open_clip'")
-    channels = {"digits": 1, "cifar10": 3}[data["name"]]
+    if data["name"] != "digits" and model["name"] == "digits_cnn":
+        problems.append(f"model.name: 'digits_cnn' is pretrained on digits classes; with data.name {data['name']!r} allowed: 'open_clip'")
+    problems += _own_data_problems(data)
+    channels = 1 if data["name"] == "digits" else 3  # imagefolder and medmnist are stored as RGB
     for key in ("mean", "std"):
         if len(data[key]) not in (1, channels):
             allowed = "1 value" if channels == 1 else f"1 value (for every channel) or {channels}"
@@ -351,6 +425,11 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
                             f"names keep 6 significant digits); allowed: learning rates that differ within 6 significant digits")
     k = cfg["folds"]["k"]
     bound = smallest_class_bound(data)
+    holdout = cfg["folds"]["holdout_fraction"]
+    if bound is not None and holdout > 0:
+        # The stratified holdout takes about this share of every class, and at least one image.
+        kept = bound[0] - max(1, math.floor(bound[0] * holdout))
+        bound = (kept, f"{bound[1]}, {kept} after folds.holdout_fraction = {holdout}")
     if bound is not None and k > bound[0]:
         problems.append(f"folds.k: {k} is larger than the smallest class of the training pool: {bound[1]}; every fold "
                         f"needs at least one image of every class, allowed: 2 <= k <= {bound[0]}" if bound[0] >= 2 else
@@ -363,6 +442,10 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
             mean = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             problems.append(f"model.arch: {model['arch']!r} is not an open_clip model{mean} "
                             f"(allowed: one of the {len(archs)} names of open_clip.list_models(), e.g. 'ViT-B-32')")
+        else:
+            problem = _pretrained_tag_problem(model["arch"], model["pretrained"])
+            if problem:
+                problems.append(problem)
     if check_paths:
         problem = _results_problem(cfg["results"])
         if problem:
@@ -378,12 +461,61 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
             elif not (root / "cifar-10-batches-py").is_dir():
                 problems.append(f"data.root: folder {str(root)!r} has no cifar-10-batches-py/ inside; allowed: a folder "
                                 f"holding torchvision's CIFAR-10 files (or set data.download: true to fetch them there)")
+        elif data["name"] == "imagefolder" and not root.is_dir():
+            what = "is a file" if root.exists() else "does not exist"
+            problems.append(f"data.root: {str(root)!r} {what}; with data.name 'imagefolder' allowed: a folder with one "
+                            f"sub-folder of images per class, or with train/ and test/ (optionally val/) holding them")
+        elif data["name"] == "medmnist" and root.suffix.lower() == ".npz" and not root.is_file():
+            what = "is a folder" if root.exists() else "does not exist"
+            problems.append(f"data.root: {str(root)!r} {what}; with data.name 'medmnist' allowed: an existing MedMNIST "
+                            f".npz file ({MEDMNIST_SOURCE})")
         pretrained = model.get("pretrained", "")
         if model["name"] == "open_clip" and _looks_like_path(pretrained) and not Path(pretrained).is_file():
             problems.append(f"model.pretrained: checkpoint file {pretrained!r} does not exist; allowed: an open_clip "
                             f"pretrained tag (e.g. 'openai') or an existing .safetensors/.pt file")
     if problems:
         raise ConfigError(f"invalid configuration ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+MEDMNIST_SOURCE = "download e.g. pneumoniamnist.npz or pneumoniamnist_224.npz from https://medmnist.com"
+
+
+def _own_data_problems(data: dict) -> list[str]:
+    """Keys of imagefolder and medmnist that need no disk access."""
+    problems, name = [], data["name"]
+    if name in ("imagefolder", "medmnist") and data["download"]:
+        where = "the .npz file" if name == "medmnist" else "the class folders"
+        problems.append(f"data.download: true only fetches CIFAR-10; for data.name {name!r} put {where} at data.root "
+                        f"yourself, allowed: false")
+    if data.get("class_names") is not None and name != "medmnist":
+        whose = "its folder names" if name == "imagefolder" else "the dataset"
+        problems.append(f"data.class_names: only for data.name 'medmnist' ({name} takes its class names from {whose}); "
+                        f"allowed: null")
+    if name == "medmnist" and Path(data["root"]).suffix.lower() != ".npz":
+        problems.append(f"data.root: {data['root']!r} is not an .npz file; with data.name 'medmnist' allowed: the path of "
+                        f"a MedMNIST .npz file, e.g. data/medmnist/pneumoniamnist_224.npz ({MEDMNIST_SOURCE})")
+    return problems
+
+
+def _pretrained_tag_problem(arch: str, pretrained: str) -> str | None:
+    """model.pretrained that is neither a checkpoint path nor a pretrained tag of `arch`."""
+    if _looks_like_path(pretrained) or os.path.isfile(pretrained):
+        return None  # a local checkpoint: its existence is checked with the other paths
+    table = _open_clip_tags()
+    if table is None:
+        return None
+    tags = table.get(arch, [])
+    if pretrained in tags:
+        return None
+    if not tags:
+        elsewhere = [a for a, t in table.items() if pretrained in t]
+        note = f"; the tag {pretrained!r} exists for {', '.join(elsewhere[:6])}" if elsewhere else ""
+        return (f"model.pretrained: {pretrained!r}: open_clip has no pretrained weights for model.arch {arch!r}{note}; "
+                f"allowed: the path of a local .safetensors/.pt checkpoint of {arch!r}")
+    close = difflib.get_close_matches(pretrained, tags, n=1, cutoff=0.6)
+    mean = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"model.pretrained: {pretrained!r} is not a pretrained tag of {arch!r}{mean} (allowed: one of "
+            f"{', '.join(repr(t) for t in tags)}, or the path of a local .safetensors/.pt checkpoint)")
 
 
 def _looks_like_path(value: str) -> bool:

@@ -9,12 +9,14 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from .folds import HOLDOUT
 from .models import Classifier, load_full
 from .train import ImageSpec, predict_logits
 
 
 class Evaluator:
-    """Accuracy of any weights on each fold's val part of the pool and on the test set."""
+    """Accuracy of any weights on each fold's val part of the pool, on the outer holdout (as
+    fold HOLDOUT, when the split has one) and on the test set."""
 
     def __init__(
         self,
@@ -35,7 +37,8 @@ class Evaluator:
         # Prepared once per job: each fold's images and labels, on the device.
         self.fold_images = {}
         self.fold_labels = {}
-        for i in range(self.k):
+        self.has_holdout = bool((fold_of == HOLDOUT).any())
+        for i in range(self.k) if not self.has_holdout else [*range(self.k), HOLDOUT]:
             idx = np.flatnonzero(fold_of == i)
             self.fold_images[i] = torch.from_numpy(pool_images[idx]).to(device)
             self.fold_labels[i] = torch.from_numpy(pool_labels[idx]).to(device)
@@ -51,11 +54,16 @@ class Evaluator:
         return (logits.argmax(1) == labels).float().mean().item()
 
     def fold_accs(self, state: Mapping[str, torch.Tensor] | None, folds) -> dict[int, float]:
-        """Acc(state, D_val,i) for i in folds (state None: the weights already loaded)."""
+        """Acc(state, D_val,i) for i in folds (state None: the weights already loaded); fold
+        HOLDOUT is the outer holdout."""
         if state is not None:
             self.load(state)
         self.evaluations += 1
         return {i: self._acc(self.fold_images[i], self.fold_labels[i]) for i in sorted(folds)}
+
+    def holdout_acc(self, state: Mapping[str, torch.Tensor] | None = None) -> float | None:
+        """Accuracy on the outer holdout; None when the split has none."""
+        return self.fold_accs(state, [HOLDOUT])[HOLDOUT] if self.has_holdout else None
 
     def test_logits(self, state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Reporting only: no selection decision ever calls this (or test_acc)."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import GridPoint, grid_point
 from .data import load_prepared, prepare as prepare_data, save_prepared
-from .folds import make_folds, read_folds, write_folds
+from .folds import HOLDOUT, holdout_indices, make_folds, read_folds, train_indices, write_folds
 from .weights import atomic_write_json, load_weights, save_weights
 
 
@@ -38,9 +38,10 @@ def prepare(cfg: dict, out: str) -> None:
 
 def folds(cfg: dict, data_path: str, out: str) -> None:
     data = load_prepared(data_path)
-    fold_of = make_folds(data.pool_labels, cfg["folds"]["k"], cfg["seed"], data.classes)
+    fold_of = make_folds(data.pool_labels, cfg["folds"]["k"], cfg["seed"], data.classes, cfg["folds"]["holdout_fraction"])
     write_folds(out, data.pool_labels, fold_of)
-    log(f"{cfg['folds']['k']} stratified folds of sizes {np.bincount(fold_of).tolist()}")
+    log(f"{cfg['folds']['k']} stratified folds of sizes {np.bincount(fold_of[fold_of != HOLDOUT]).tolist()}"
+        + (f", outer holdout of {len(holdout_indices(fold_of))} images" if (fold_of == HOLDOUT).any() else ""))
 
 
 # ---------------------------------------------------------------- models
@@ -136,7 +137,7 @@ def linear_probe(cfg: dict, data_path: str, folds_path: str, backbone_path: str,
     ctx = Context(cfg, data_path, folds_path)
     model = ctx.model()
     load_backbone(model, load_weights(backbone_path)[0], backbone_path)
-    train_idx = np.flatnonzero(ctx.fold_of != fold)
+    train_idx = train_indices(ctx.fold_of, fold)
     val_idx = np.flatnonzero(ctx.fold_of == fold)
     d = ctx.data
     head = fit_head(model, ctx.tensor(d.pool_images[train_idx]), ctx.tensor(d.pool_labels[train_idx]), ctx.spec,
@@ -168,7 +169,7 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     load_backbone(model, load_weights(backbone_path)[0], backbone_path)
     model.head.load_state_dict(load_weights(head_path)[0])
     d, ft = ctx.data, cfg["finetune"]
-    train_idx = np.flatnonzero(ctx.fold_of != fold)
+    train_idx = train_indices(ctx.fold_of, fold)
     loop = LoopConfig(ft["epochs"], ft["batch_size"], point.lr, ft["weight_decay"], ft["warmup_steps"], ft["grad_clip"],
                       ft["label_smoothing"], ft["precision"], cfg["augment"][point.aug],
                       ft["mixup_alpha"] if point.mixup else None, cfg["seed"], tag)
@@ -188,6 +189,8 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
     labels = ctx.tensor(d.pool_labels)
     accs = fold_accuracies(pool_logits, labels, ctx.tensor(ctx.fold_of), ctx.k)
+    holdout = ctx.tensor(holdout_indices(ctx.fold_of))
+    holdout_acc = (pool_logits[holdout].argmax(1) == labels[holdout]).float().mean().item() if len(holdout) else None
     test_acc = (test_logits.argmax(1) == ctx.tensor(d.test_labels)).float().mean().item()
     out = Path(out_dir)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ft["save_dtype"]]
@@ -196,10 +199,11 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     save_weights(out / "model.safetensors", state, meta)
     save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits}, {"hp": hp, "fold": fold})
     metrics = {**point.as_dict(), "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
-               "fold_accs": {str(i): a for i, a in accs.items()}, "diverged": diverged, **stats}
+               "fold_accs": {str(i): a for i, a in accs.items()}, "holdout_acc": holdout_acc, "diverged": diverged, **stats}
     atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished
     resume.clear()
-    log(f"{tag}: val acc (fold {fold}) {accs[fold]:.4f}, test acc {test_acc:.4f}")
+    log(f"{tag}: val acc (fold {fold}) {accs[fold]:.4f}" + (f", holdout acc {holdout_acc:.4f}" if holdout_acc is not None else "")
+        + f", test acc {test_acc:.4f}")
 
 
 # ---------------------------------------------------------------- gathering
@@ -218,6 +222,8 @@ def models_table(metrics_paths: list[str], out: str) -> None:
             m = json.load(f)
         row = {key: m[key] for key in ("hp", "lr", "aug", "mixup", "fold", "val_acc", "test_acc", "diverged")}
         row.update({f"acc_fold{i}": a for i, a in m["fold_accs"].items()})
+        if m.get("holdout_acc") is not None:
+            row["holdout_acc"] = m["holdout_acc"]
         row["images_per_s"] = m.get("images_per_s")
         rows.append(row)
     table = pd.DataFrame(rows).sort_values(["hp", "fold"], kind="stable")
@@ -242,9 +248,10 @@ def _soup_record(method: str, ingredients: list[str], fold_accs: dict[int, float
     from .select import avg_acc, min_acc
 
     val = min_acc(fold_accs) if cross_fold == "min" else avg_acc(fold_accs)
+    metric = "holdout" if set(fold_accs) == {HOLDOUT} else cross_fold if len(fold_accs) > 1 else "own"
     return {"method": method, "ingredients": ingredients, "n_ingredients": len(ingredients),
             "folds": sorted(int(i) for i in fold_accs), "fold_accs": {str(i): a for i, a in fold_accs.items()},
-            "val_metric": cross_fold if len(fold_accs) > 1 else "own", "val_acc": val, **extra}
+            "val_metric": metric, "val_acc": val, **extra}
 
 
 def predictions_path(weights_path: str | Path) -> Path:
@@ -253,9 +260,11 @@ def predictions_path(weights_path: str | Path) -> Path:
 
 
 def _save_soup(ctx: Context, ev, out_weights: str, state, record: dict) -> None:
-    """Weights, test logits and the record; test accuracy is measured here, after every decision."""
+    """Weights, test logits and the record; test (and holdout) accuracy is measured here, after
+    every decision."""
     test_logits = ev.test_logits(state)
     record["test_acc"] = (test_logits.argmax(1) == ev.test_labels).float().mean().item()
+    record["holdout_acc"] = ev.holdout_acc()  # the weights test_logits loaded
     save_weights(out_weights, state, ctx.metadata(kind="soup", method=record["method"], ingredients=record["ingredients"]))
     save_weights(predictions_path(out_weights), {"test_logits": test_logits}, {"method": record["method"]})
     atomic_write_json(Path(out_weights).with_suffix(".json"), record)
@@ -284,17 +293,19 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
             continue  # a diverged model is never averaged in
         soup = average(states[i] for i in subset)
         accs = ev.fold_accs(soup, subset)
+        holdout_acc = ev.holdout_acc()  # None (an empty cell) without an outer holdout
         rows.append({"hp": hp, "folds": format_folds(subset), "n": len(subset), "avg_acc": avg_acc(accs),
-                     "min_acc": min_acc(accs), "test_acc": ev.test_acc(), "sampled": subsets_sampled(k, cap),
+                     "min_acc": min_acc(accs), "holdout_acc": holdout_acc, "test_acc": ev.test_acc(), "sampled": subsets_sampled(k, cap),
                      **{f"acc_fold{i}": a for i, a in accs.items()}})
-    columns = ["hp", "folds", "n", "avg_acc", "min_acc", "test_acc", "sampled", *(f"acc_fold{i}" for i in range(k))]
+    columns = ["hp", "folds", "n", "avg_acc", "min_acc", "holdout_acc", "test_acc", "sampled", *(f"acc_fold{i}" for i in range(k))]
     table = pd.DataFrame(rows, columns=columns)  # the header even when every model diverged
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log(f"{hp}: {len(rows)} uniform soups evaluated")
 
 
-def _candidates(metrics: list[dict], paths: list[str]):
-    """Single models as greedy candidates (diverged ones left out), with a loader by name."""
+def _candidates(metrics: list[dict], paths: list[str], on_holdout: bool = False):
+    """Single models as greedy candidates (diverged ones left out), with a loader by name.
+    `on_holdout`: each is validated on the outer holdout instead of its own fold."""
     from .select import Candidate
 
     by_name = {}
@@ -302,7 +313,8 @@ def _candidates(metrics: list[dict], paths: list[str]):
     for m, p in zip(metrics, paths):
         if m["diverged"]:
             continue
-        c = Candidate(name=f"{m['hp']}/fold{m['fold']}", folds=frozenset({m["fold"]}), val_acc=m["val_acc"])
+        folds, val_acc = ({HOLDOUT}, m["holdout_acc"]) if on_holdout else ({m["fold"]}, m["val_acc"])
+        c = Candidate(name=f"{m['hp']}/fold{m['fold']}", folds=frozenset(folds), val_acc=val_acc)
         cands.append(c)
         by_name[c.name] = p
     return cands, by_name
@@ -347,11 +359,16 @@ def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[st
     _save_soup(ctx, ev, out, state, _soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"]))
 
 
-def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str) -> None:
-    """Greedy soup over all models of all folds, scored by MinAcc (or AvgAcc) over the included folds."""
+def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str,
+               on_holdout: bool = False) -> None:
+    """Greedy soup over all models of all folds, scored by MinAcc (or AvgAcc) over the included
+    folds, or (`on_holdout`, method greedy_soup_holdout) by accuracy on the outer holdout."""
     ctx = Context(cfg, data_path, folds_path)
-    cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
-    _greedy_and_save(ctx, ctx.evaluator(), "greedy_soup", cands, paths, out)
+    ev = ctx.evaluator()
+    if on_holdout and not ev.has_holdout:
+        raise ValueError(f"{folds_path}: has no outer holdout (set folds.holdout_fraction > 0 and rerun `folds`)")
+    cands, paths = _candidates(_model_metrics(metrics_paths), model_paths, on_holdout)
+    _greedy_and_save(ctx, ev, "greedy_soup_holdout" if on_holdout else "greedy_soup", cands, paths, out)
 
 
 def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str], out: str) -> None:
@@ -415,10 +432,21 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
     usable = models[~models.diverged.astype(bool)]
     best = usable.loc[usable.val_acc.idxmax()]  # idxmax: first of ties, in table order
     best_name = f"{best.hp}/fold{best.fold}"
+    has_holdout = "holdout_acc" in usable.columns
+
+    def model_holdout_acc(m) -> dict:
+        return {"holdout_acc": float(m.holdout_acc)} if has_holdout else {}
+
     rows = [adopt(model_file(best_name, "model.safetensors"), "best_on_val",
                   {"ingredients": [best_name], "n_ingredients": 1, "folds": [int(best.fold)], "val_metric": "own",
-                   "val_acc": float(best.val_acc), "test_acc": float(best.test_acc)})]
-    rows += [record("uniform_soup"), record("greedy_soup")]
+                   "val_acc": float(best.val_acc), "test_acc": float(best.test_acc), **model_holdout_acc(best)})]
+    if has_holdout:
+        top = usable.loc[usable.holdout_acc.idxmax()]
+        top_name = f"{top.hp}/fold{top.fold}"
+        rows.append(adopt(model_file(top_name, "model.safetensors"), "best_on_holdout",
+                          {"ingredients": [top_name], "n_ingredients": 1, "folds": [HOLDOUT], "val_metric": "holdout",
+                           "val_acc": float(top.holdout_acc), "test_acc": float(top.test_acc), **model_holdout_acc(top)}))
+    rows += [record("uniform_soup"), record("greedy_soup")] + ([record("greedy_soup_holdout")] if has_holdout else [])
     per_fold = [record(f"greedy_fold{i}") for i in range(k)]
     rows.append(adopt(soups / f"{max(per_fold, key=lambda r: r['val_acc'])['method']}.safetensors", "bgss",
                       max(per_fold, key=lambda r: r["val_acc"])))  # max(): first of ties, in fold order
@@ -436,6 +464,8 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
         pool = ensemble_logits([logits[m]["pool_logits"] for m in members])
         accs = fold_accuracies(pool, data.pool_labels, fold_of, folds)
         rec = _soup_record(method, members, accs, cross_fold)
+        if has_holdout:
+            rec["holdout_acc"] = fold_accuracies(pool, data.pool_labels, fold_of, [HOLDOUT])[HOLDOUT]
         test_logits[method] = ensemble_logits([logits[m]["test_logits"] for m in members])
         rec["test_acc"] = float((test_logits[method].argmax(1) == data.test_labels).mean())
         return rec
@@ -454,12 +484,16 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
         ensemble("ensemble_greedy_soup", greedy_members, folds_of(greedy_members)),
         ensemble("ensemble_gsgs", gsgs_members, folds_of(gsgs_members)),
     ]
+    if has_holdout:
+        holdout_members = record("greedy_soup_holdout")["ingredients"]
+        rows.append(ensemble("ensemble_greedy_soup_holdout", holdout_members, [HOLDOUT]))
 
     a = cfg["analysis"]
     correct = {r["method"]: test_logits[r["method"]].argmax(1) == data.test_labels for r in rows}
     intervals = {b["method"]: b for b in paired_bootstrap(correct, "best_on_val", a["bootstrap_resamples"], cfg["seed"], a["ci_level"])}
     table = pd.DataFrame([{
-        "method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"], "n_ingredients": r["n_ingredients"],
+        "method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"],
+        **({"holdout_acc": r["holdout_acc"]} if has_holdout else {}), "n_ingredients": r["n_ingredients"],
         "val_metric": r["val_metric"], "folds": "-".join(map(str, r["folds"])),
         **{key: value for key, value in intervals[r["method"]].items() if key not in ("method", "test_acc")},
     } for r in rows])

@@ -59,6 +59,8 @@ METHOD_NAMES = {
     "bgss": "BGSS",
     "gsgs": "GSGS",
     "best_uniform_per_split": "Best uniform soup per split on val",
+    "best_on_holdout": "Best on holdout",
+    "greedy_soup_holdout": "Greedy soup (all, on holdout)",
 }
 NOT_REPORTED = "—"  # a cell the paper leaves blank or a method it does not have
 NOT_AVAILABLE = "n/a"  # this run cannot compute the value (e.g. fewer than 2 soups)
@@ -228,6 +230,33 @@ def table2_section(reliability_df: pd.DataFrame, models_df: pd.DataFrame) -> str
     return text + md_table(headers, rows) + "\n"
 
 
+def holdout_section(reliability_df: pd.DataFrame) -> str:
+    """AvgAcc, MinAcc and the outer holdout side by side as estimates of test accuracy (only
+    for runs with folds.holdout_fraction > 0)."""
+    if "rmse_holdout_acc" not in reliability_df or not np.isfinite(reliability_df["rmse_holdout_acc"].astype(float)).any():
+        return ""
+    rows = [[int(r.n), fmt_pct(r.rmse_avg_acc), fmt_pct(r.rmse_min_acc), fmt_pct(r.rmse_holdout_acc),
+             fmt_pct(r.mean_gap_avg_acc), fmt_pct(r.mean_gap_min_acc), fmt_pct(r.mean_gap_holdout_acc),
+             fmt_corr(r.corr_avg_acc), fmt_corr(r.corr_all), fmt_corr(r.corr_holdout_acc)] for r in reliability_df.itertuples()]
+    headers = ["n", "RMSE AvgAcc", "RMSE MinAcc", "RMSE holdout", "gap AvgAcc", "gap MinAcc", "gap holdout",
+               "corr AvgAcc", "corr MinAcc", "corr holdout"]
+    cross = reliability_df[reliability_df["n"].astype(int) >= 2]  # where the signals differ
+    signals = {"AvgAcc": "rmse_avg_acc", "MinAcc": "rmse_min_acc", "holdout": "rmse_holdout_acc"}
+    means = {name: float(cross[col].astype(float).mean()) for name, col in signals.items()} if len(cross) else {}
+    finding = ""
+    if means and all(math.isfinite(v) for v in means.values()):
+        best = min(means, key=means.get)
+        finding = ("Averaged over n ≥ 2, the RMSE is " + ", ".join(f"{name} {fmt_pct(v)}" for name, v in means.items())
+                   + f": {best} estimates test accuracy best in this run. ")
+    text = ("## Validation signals: AvgAcc, MinAcc and the outer holdout\n\n"
+            "The uniform soups of Table 1 scored three ways: AvgAcc and MinAcc over their folds' val parts "
+            "(images that the other folds' models trained on) and accuracy on the outer holdout (images no "
+            "model trained on). RMSE and mean gap (val − test) as in Table 1; corr = Pearson correlation with "
+            "test accuracy over the same soups. " + finding
+            + "Methods selected on the holdout (best_on_holdout, greedy_soup_holdout) are in Table 3.\n\n")
+    return text + md_table(headers, rows) + "\n"
+
+
 def _method_row(methods: pd.DataFrame, method: str) -> pd.Series | None:
     hit = methods[methods["method"] == method]
     return hit.iloc[0] if len(hit) else None
@@ -246,7 +275,7 @@ def table3_section(methods_df: pd.DataFrame) -> str:
                "test interval", "test − best on val [interval]"]
     text = ("## Table 3: methods\n\n"
             "Val accuracy is MinAcc over the folds of the soup's ingredients (own-fold val accuracy for "
-            "single-fold entries such as Best on val and BGSS); test accuracy never takes part in a decision. "
+            "single-fold entries such as Best on val and BGSS; accuracy on the outer holdout for the *holdout* entries); test accuracy never takes part in a decision. "
             "'—' in the this-run columns marks a method this run did not produce. Intervals are paired "
             "bootstrap percentile intervals over the test images (the same resamples for every method); a "
             "difference marked * has its whole interval on one side of zero, any other is not a win. "
@@ -301,6 +330,7 @@ def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, model
         figure2_section(models_df),
         table1_section(reliability_df),
         table2_section(reliability_df, models_df),
+        holdout_section(reliability_df),
         table3_section(methods_df),
         table4_section(methods_df),
         figures_section(run_info),

@@ -28,7 +28,7 @@ def load_model(path: str, device: str = "auto"):
 
 def evaluate(model_path: str, data_path: str, folds_path: str | None = None, device: str = "auto") -> dict:
     from .data import load_prepared
-    from .folds import read_folds
+    from .folds import HOLDOUT, read_folds
 
     model, classes, spec = load_model(model_path, device)
     data = load_prepared(data_path)
@@ -40,10 +40,13 @@ def evaluate(model_path: str, data_path: str, folds_path: str | None = None, dev
            "test_images": int(len(data.test_labels))}
     if folds_path:
         fold_of = read_folds(folds_path, data.pool_labels)
-        for i in range(int(fold_of.max()) + 1):
-            idx = np.flatnonzero(fold_of == i)
+        parts = {f"val_acc_fold{i}": fold_of == i for i in range(int(fold_of.max()) + 1)}
+        if (fold_of == HOLDOUT).any():
+            parts["holdout_acc"] = fold_of == HOLDOUT
+        for key, mask in parts.items():
+            idx = np.flatnonzero(mask)
             logits = predict_logits(model, torch.from_numpy(data.pool_images[idx]).to(dev), spec, 1024)
-            out[f"val_acc_fold{i}"] = accuracy(logits, torch.from_numpy(data.pool_labels[idx]).to(dev))
+            out[key] = accuracy(logits, torch.from_numpy(data.pool_labels[idx]).to(dev))
     return out
 
 

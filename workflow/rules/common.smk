@@ -6,6 +6,9 @@ R = config["results"]
 K = config["folds"]["k"]
 FOLDS = list(range(K))
 HPS = [point.name for point in grid_points(config)]
+# An outer holdout (folds.holdout_fraction > 0) adds the soups selected on it.
+HOLDOUT = config["folds"]["holdout_fraction"] > 0
+SOUPS_ALL = ["uniform_soup", "greedy_soup"] + (["greedy_soup_holdout"] if HOLDOUT else [])
 # Every rule's shell command is `python -m foldsoup <step> ...`, written out in full (the linter
 # wants no outside variables in shell commands). Snakemake sets OMP_NUM_THREADS to the rule's
 # threads, which torch takes as its thread count.

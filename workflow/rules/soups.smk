@@ -88,10 +88,12 @@ rule soup_all:
         predictions=f"{R}/soups/{{method}}.predictions.safetensors",
         record=f"{R}/soups/{{method}}.json",
     wildcard_constraints:
-        method="uniform_soup|greedy_soup",
+        method="|".join(SOUPS_ALL),
     params:
         cfg=cfg_json(*SOUP_SECTIONS),
-        step=lambda w: {"uniform_soup": "uniform-all", "greedy_soup": "greedy-all"}[w.method],
+        step=lambda w: {"uniform_soup": "uniform-all", "greedy_soup": "greedy-all", "greedy_soup_holdout": "greedy-holdout"}[
+            w.method
+        ],
     log:
         f"{R}/logs/{{method}}.log",
     benchmark:
@@ -139,13 +141,13 @@ rule methods:
         folds=rules.folds.output,
         models=rules.models_table.output,
         predictions=model_paths(name="predictions.safetensors"),
-        soups=expand(f"{R}/soups/{{method}}.json", method=["uniform_soup", "greedy_soup", "gsgs"]),
+        soups=expand(f"{R}/soups/{{method}}.json", method=[*SOUPS_ALL, "gsgs"]),
         per_fold=expand(f"{R}/soups/{{kind}}_fold{{fold}}.json", kind=["greedy", "uniform"], fold=FOLDS),
     output:
         table=report(f"{R}/tables/methods.csv", caption="../report/methods.rst", category="Tables"),
         selected=expand(
             f"{R}/soups/{{method}}{{ext}}",
-            method=["best_on_val", "bgss", "best_uniform_per_split"],
+            method=["best_on_val", "bgss", "best_uniform_per_split"] + (["best_on_holdout"] if HOLDOUT else []),
             ext=[".safetensors", ".predictions.safetensors", ".json"],
         ),
     params:
