@@ -172,7 +172,7 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     train_idx = train_indices(ctx.fold_of, fold)
     loop = LoopConfig(ft["epochs"], ft["batch_size"], point.lr, ft["weight_decay"], ft["warmup_steps"], ft["grad_clip"],
                       ft["label_smoothing"], ft["precision"], cfg["augment"][point.aug],
-                      ft["mixup_alpha"] if point.mixup else None, cfg["seed"], tag)
+                      ft["mixup_alpha"] if point.mixup else None, cfg["seed"], tag, compile=ft["compile"])
     resume = ResumeStore(resume_dir)
     log(f"{tag}: fine-tuning on {len(train_idx)} images, {ft['epochs']} epochs, lr {point.lr:g}, aug {point.aug}, mixup {point.mixup}")
     diverged = False

@@ -137,6 +137,7 @@ class LoopConfig:
     mixup_alpha: float | None  # None: no mixup
     seed: int
     tag: str  # names the run in messages ("grid point ..., fold ...")
+    compile: bool = False  # torch.compile the training forward (one compile per job; see finetune.compile)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -251,6 +252,8 @@ def train(
             log(f"resumed {cfg.tag} from epoch {progress['epoch']} step {progress['step_in_epoch']} ({resume.path})")
 
     model.train()
+    # Compiled forward shares the model's parameters, so saving and resuming see no difference.
+    forward = torch.compile(model) if cfg.compile else model
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     last_loss = float("nan")
@@ -284,7 +287,7 @@ def train(
                 if lams is not None:
                     x, target = mixup(x, target, float(lams[step]), gen)
                 with autocast(device, cfg.precision):
-                    logits = model(x)
+                    logits = forward(x)
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad()
                 loss.backward()
