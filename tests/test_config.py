@@ -121,8 +121,8 @@ CASES = [
      "folds.k: 5 is larger than the smallest class of the training pool: data.max_pool = 20 leaves at most 4 pool "
      "image(s) in the smallest of 5 classes; every fold needs at least one image of every class, allowed: 2 <= k <= 4"),
     # unknown dataset or model names
-    ({"data": {"name": "mnist"}}, "data.name: 'mnist' is not allowed (allowed: one of 'digits', 'cifar10')"),
-    ({"data": {"name": "cifar"}}, "data.name: 'cifar' is not allowed; did you mean 'cifar10'? (allowed: one of 'digits', 'cifar10')"),
+    ({"data": {"name": "mnist"}}, "data.name: 'mnist' is not allowed; did you mean 'medmnist'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')"),
+    ({"data": {"name": "cifar"}}, "data.name: 'cifar' is not allowed; did you mean 'cifar10'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')"),
     ({"model": {"name": "resnet50"}}, "model.name: 'resnet50' is not allowed (allowed: one of 'digits_cnn', 'open_clip')"),
     ({"data": {"name": "cifar10", "download": True}, "model": {"name": "open_clip", "arch": "ViT-B/32"}},
      "model.arch: 'ViT-B/32' is not an open_clip model; did you mean 'ViT-B-32'"),
@@ -142,7 +142,7 @@ CASES = [
     # unknown keys, at every level, with a suggestion
     ({"finetune": {"epoch": 3}},
      "finetune.epoch: unknown key; did you mean 'epochs'? (allowed under finetune: epochs, batch_size, weight_decay, "
-     "warmup_steps, grad_clip, label_smoothing, mixup_alpha, precision, eval_batch_size, on_divergence, save_dtype)"),
+     "warmup_steps, grad_clip, label_smoothing, mixup_alpha, precision, eval_batch_size, compile, on_divergence, save_dtype)"),
     ({"fold": {"k": 3}}, "fold: unknown key; did you mean 'folds'? (allowed at the top level: results, seed, device, "),
     ({"finetune": {"k": 3}}, "finetune.k: unknown key; it belongs under folds (folds.k) (allowed under finetune: "),
     ({"data": {"nmae": "digits"}}, "data.nmae: unknown key; did you mean 'name'? (allowed under data: name, root, "),
@@ -165,14 +165,14 @@ def test_missing_required_keys(base):
     message = error_of({}, {})
     assert message.splitlines()[1:] == [
         "  - data: missing; it is required (allowed: a mapping (key: value) with keys name, root, download, image_size, "
-        "mean, std, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test)",
+        "mean, std, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test, class_names, resize)",
         "  - model: missing; it is required (allowed: a mapping (key: value) with keys name, width, arch, pretrained, "
         "normalize_features)",
     ]
     assert only_problem(error_of({"data": {}, "model": {"name": "digits_cnn"}}, {})) == (
-        "data.name: missing; it is required (allowed: one of 'digits', 'cifar10')")
+        "data.name: missing; it is required (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')")
     assert only_problem(error_of(base, {"data": {"name": None}})) == (
-        "data.name: None is not allowed (allowed: one of 'digits', 'cifar10')")
+        "data.name: None is not allowed (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')")
 
 
 def test_normalisation_of_the_wrong_number_of_channels(base, tmp_path, monkeypatch):

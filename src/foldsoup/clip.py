@@ -76,7 +76,9 @@ def pretrained_tag_cfg(arch: str, tag: str) -> dict:
         else:
             archs = sorted({a for a, t in oc.list_pretrained() if t == tag})
             hint = f"{arch!r} has no pretrained tags" + (f"; {tag!r} exists for {', '.join(archs[:8])}" if archs else "")
-        raise ClipError(f"model.pretrained {tag!r} is neither a checkpoint file nor a pretrained tag of {arch!r} ({hint})")
+        close = difflib.get_close_matches(tag, tags, n=1, cutoff=0.6)
+        mean = f"; did you mean {close[0]!r}?" if close else ""
+        raise ClipError(f"model.pretrained {tag!r} is neither a checkpoint file nor a pretrained tag of {arch!r} ({hint}){mean}")
     return oc.pretrained.get_pretrained_cfg(arch, tag)
 
 

@@ -342,7 +342,7 @@ def _open_clip_tags() -> dict[str, list[str]] | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     try:
-        source = (Path(list(spec.submodule_search_locations)[0]) / "pretrained.py").read_text()
+        source = (Path(next(iter(spec.submodule_search_locations))) / "pretrained.py").read_text()
         tree = ast.parse(source)
     except (OSError, SyntaxError, ValueError):
         return None
@@ -360,7 +360,7 @@ def _open_clip_tags() -> dict[str, list[str]] | None:
                 return None
             return {k.arg: quick_gelu(k.value) for k in node.keywords}
         if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys):
-            return {k.value: quick_gelu(v) for k, v in zip(node.keys, node.values)}
+            return {k.value: quick_gelu(v) for k, v in zip(node.keys, node.values, strict=True)}
         return None
 
     named: dict[str, dict[str, bool]] = {}
@@ -373,7 +373,7 @@ def _open_clip_tags() -> dict[str, list[str]] | None:
             if not isinstance(stmt.value, ast.Dict):
                 return None
             table = {}
-            for key, value in zip(stmt.value.keys, stmt.value.values):
+            for key, value in zip(stmt.value.keys, stmt.value.values, strict=True):
                 tags = tag_table(value, named)
                 if not (isinstance(key, ast.Constant) and isinstance(key.value, str)) or tags is None:
                     return None
@@ -512,8 +512,9 @@ def _pretrained_tag_problem(arch: str, pretrained: str) -> str | None:
         note = f"; the tag {pretrained!r} exists for {', '.join(elsewhere[:6])}" if elsewhere else ""
         return (f"model.pretrained: {pretrained!r}: open_clip has no pretrained weights for model.arch {arch!r}{note}; "
                 f"allowed: the path of a local .safetensors/.pt checkpoint of {arch!r}")
-    close = difflib.get_close_matches(pretrained, tags, n=1, cutoff=0.6)
-    mean = f"; did you mean {close[0]!r}?" if close else ""
+    # A tag's start ('laion2b' for 'laion2b_s32b_b82k') first, else the closest spelling.
+    close = [t for t in tags if t.startswith(pretrained)][:3] or difflib.get_close_matches(pretrained, tags, n=1, cutoff=0.6)
+    mean = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return (f"model.pretrained: {pretrained!r} is not a pretrained tag of {arch!r}{mean} (allowed: one of "
             f"{', '.join(repr(t) for t in tags)}, or the path of a local .safetensors/.pt checkpoint)")
 

@@ -185,7 +185,30 @@ def load_cifar10_prepared(data_cfg: dict, seed: int) -> Prepared:
     return Prepared("cifar10", classes, train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64))
 
 
-LOADERS = {"digits": load_digits_prepared, "cifar10": load_cifar10_prepared}
+def load_imagefolder_prepared(data_cfg: dict, seed: int) -> Prepared:
+    """A folder per class (train/ and test/ folders, or split by data.test_fraction); images
+    stored as RGB at data.image_size."""
+    from .imagefolder import read_imagefolder
+
+    pool_x, pool_y, test_x, test_y, classes = read_imagefolder(
+        data_cfg["root"], data_cfg["image_size"], data_cfg["resize"], data_cfg["test_fraction"], seed)
+    return Prepared("imagefolder", classes, pool_x, pool_y, test_x, test_y)
+
+
+def load_medmnist_prepared(data_cfg: dict, seed: int) -> Prepared:
+    """A MedMNIST .npz: pool = train + val, test = test, images as RGB at their own size."""
+    from .medmnist import read_medmnist
+
+    pool_x, pool_y, test_x, test_y, classes = read_medmnist(data_cfg["root"], data_cfg.get("class_names"))
+    return Prepared("medmnist", classes, pool_x, pool_y, test_x, test_y)
+
+
+LOADERS = {
+    "digits": load_digits_prepared,
+    "cifar10": load_cifar10_prepared,
+    "imagefolder": load_imagefolder_prepared,
+    "medmnist": load_medmnist_prepared,
+}
 
 
 def prepare(data_cfg: dict, seed: int) -> Prepared:
