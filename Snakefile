@@ -33,6 +33,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/soups.smk"
+include: "workflow/rules/budget.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -43,6 +44,7 @@ rule all:
         rules.reliability.output,
         rules.figures.output,
         rules.summary.output,
+        rules.budget_table.output if config["budget"]["enabled"] else [],
     default_target: True
 
 

@@ -60,8 +60,9 @@ GPU_RULES = {
     "greedy_fold": "soups",
     "soup_all": "soups",
     "gsgs": "soups",
+    "budget": "soups",
 }
-LOCAL_RULES = {"prepare", "folds", "models_table", "methods", "reliability", "figures", "summary"}
+LOCAL_RULES = {"prepare", "folds", "models_table", "methods", "reliability", "figures", "summary", "budget_table"}
 # Tables that must match the local run's byte for byte.
 EXACT_TABLES = ["methods.csv", "uniform_subsets.csv", "reliability.csv"]
 # Columns of models.csv that depend on timing, not on the computation.
@@ -69,8 +70,9 @@ TIMING_COLUMNS = {"images_per_s"}
 
 
 def _expected_job_counts() -> dict[str, int]:
-    preset = yaml.safe_load(PRESET.read_text())
+    base, preset = (yaml.safe_load(p.read_text()) for p in (BASE_CONFIG, PRESET))
     k = preset["folds"]["k"]
+    holdout = {**base.get("folds", {}), **preset.get("folds", {})}.get("holdout_fraction", 0) > 0
     n_hp = math.prod(len(v) for v in preset["grid"].values())
     return {
         "pretrain": 1,
@@ -78,8 +80,9 @@ def _expected_job_counts() -> dict[str, int]:
         "finetune": n_hp * k,
         "uniform_subsets": n_hp,
         "greedy_fold": k,
-        "soup_all": 2,
+        "soup_all": 3 if holdout else 2,  # uniform, greedy (+ greedy on the outer holdout)
         "gsgs": 1,
+        "budget": k,  # one job per fold count
     }
 
 
@@ -290,7 +293,8 @@ def test_smoke_preset_on_slurm_equals_local_run(local_slurm, tmp_path):
 
     # --- The foldsoup job logs: each GPU job logged where it computes; where the log also
     # records SLURM's job id and CUDA_VISIBLE_DEVICES, they must be the job's and its GPU's.
-    gpu_log_names = {"pretrain", "lp", "finetune", "uniform_subsets", "greedy_fold", "uniform_soup", "greedy_soup", "gsgs"}
+    gpu_log_names = {"pretrain", "lp", "finetune", "uniform_subsets", "greedy_fold", "uniform_soup", "greedy_soup",
+                     "greedy_soup_holdout", "gsgs", "budget"}
     gpu_logs = [p for p in (results["slurm"] / "logs").rglob("*.log")
                 if p.relative_to(results["slurm"] / "logs").parts[0].removesuffix(".log") in gpu_log_names]
     assert len(gpu_logs) == sum(expected.values()), sorted(map(str, gpu_logs))

@@ -31,7 +31,7 @@ def test_dry_run_of_the_default_config(tmp_path):
     assert stats == {
         "prepare": 1, "folds": 1, "pretrain": 1, "lp": 5, "finetune": 90, "uniform_subsets": 18,
         "greedy_fold": 5, "soup_all": 2, "gsgs": 1, "models_table": 1, "methods": 1, "reliability": 1,
-        "figures": 1, "summary": 1, "all": 1, "total": 130,
+        "figures": 1, "summary": 1, "budget": 5, "budget_table": 1, "all": 1, "total": 136,
     }
 
 
@@ -107,7 +107,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert len(subsets) == points * (2**k - 1)
     for name in ("reliability.csv",):
         assert (r / "tables" / name).stat().st_size > 0
-    assert len(list((r / "figures").glob("*.png"))) == 4
+    assert len(list((r / "figures").glob("*.png"))) == 5
     assert (r / "summary.md").read_text().strip()
 
 
@@ -171,7 +171,7 @@ def test_a_failed_finetune_keeps_going_and_the_rerun_redoes_only_it(smoke_run, t
     mtimes = {f: f.stat().st_mtime_ns for folder in others for f in folder.iterdir()}
 
     expected = {"finetune": 1, "uniform_subsets": 1, "greedy_fold": 1, "soup_all": 2, "gsgs": 1, "models_table": 1,
-                "methods": 1, "reliability": 1, "figures": 1, "summary": 1, "all": 1}
+                "methods": 1, "reliability": 1, "figures": 1, "summary": 1, "budget": 2, "budget_table": 1, "all": 1}
     dry = snakemake("-n", *args)
     assert dry.returncode == 0, dry.tail()
     assert dry.stats == {**expected, "total": sum(expected.values())}

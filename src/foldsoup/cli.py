@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
          "models_csv", "model_dir", "soups_dir", "out")
     step("reliability", "tables/uniform_subsets.csv and tables/reliability.csv", "subsets*", "models_csv", "out_subsets", "out")
     step("figures", "figures 2-4 and the methods figure", "models_csv", "subsets", "reliability", "methods", "out*")
-    step("summary", "summary.md: tables 1-4 beside the paper", "config", "models_csv", "subsets", "reliability", "methods", "out")
+    step("summary", "summary.md: tables 1-4 beside the paper", "config", "models_csv", "subsets", "reliability", "methods",
+         "out").add_argument("--budget", nargs="*", default=[], help="tables/budget.csv, for the summary's Budget section")
+    step("budget", "budget cells of one fold count: methods on subsets of grid points and folds", "config", "data", "folds",
+         "models_csv", "model_dir", "n_folds", "out")
+    step("budget-table", "tables/budget.csv and figures/budget.png", "parts*", "out_table", "out_figure")
 
     ev = sub.add_parser("evaluate", help="accuracy of a saved model or soup on a prepared dataset")
     ev.add_argument("model", help="a .safetensors file written by foldsoup")
@@ -102,7 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         elif c == "figures":
             pl.figures(args.models_csv, args.subsets, args.reliability, args.methods, args.out)
         elif c == "summary":
-            pl.summary(cfg, args.models_csv, args.subsets, args.reliability, args.methods, args.out)
+            pl.summary(cfg, args.models_csv, args.subsets, args.reliability, args.methods, args.out,
+                       budget_csv=args.budget[0] if args.budget else None)
+        elif c == "budget":
+            from .budget import budget
+
+            budget(cfg, args.data, args.folds, args.models_csv, args.model_dir, int(args.n_folds), args.out)
+        elif c == "budget-table":
+            from .budget import budget_table
+
+            budget_table(args.parts, args.out_table, args.out_figure)
         elif c == "evaluate":
             from .usage import evaluate
 

@@ -392,6 +392,19 @@ def _open_clip_tags() -> dict[str, list[str]] | None:
     return out
 
 
+def _budget_problems(cfg: dict) -> list[str]:
+    """budget.grid_points within the grid's T points, budget.fold_counts within folds.k."""
+    grid, k, problems = cfg["grid"], cfg["folds"]["k"], []
+    n_grid = len(grid["lr"]) * len(grid["aug"]) * len(grid["mixup"])
+    shape = f"{len(grid['lr'])} lr x {len(grid['aug'])} aug x {len(grid['mixup'])} mixup"
+    for key, limit, what in (("grid_points", n_grid, f"the grid's {n_grid} points ({shape})"),
+                             ("fold_counts", k, f"folds.k = {k}")):
+        for i, value in enumerate(cfg["budget"][key] or []):
+            if value > limit:
+                problems.append(f"budget.{key}[{i}]: {value} is larger than {what}; allowed: 1 <= value <= {limit} (or null)")
+    return problems
+
+
 def _check_semantics(cfg: dict, check_paths: bool) -> None:
     problems = []
     data, model = cfg["data"], cfg["model"]
@@ -446,6 +459,7 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
             problem = _pretrained_tag_problem(model["arch"], model["pretrained"])
             if problem:
                 problems.append(problem)
+    problems += _budget_problems(cfg)
     if check_paths:
         problem = _results_problem(cfg["results"])
         if problem:

@@ -532,7 +532,8 @@ def figures(models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv
     plot_methods(pd.read_csv(methods_csv), models, fig_methods)
 
 
-def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, out: str) -> None:
+def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, out: str,
+            budget_csv: str | None = None) -> None:
     import pandas as pd
 
     from .analysis import subsets_sampled
@@ -549,4 +550,5 @@ def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, 
         "diverged": models.loc[models.diverged.astype(bool), "hp"].tolist() if "diverged" in models else [],
     }
     write_summary(out, pd.read_csv(reliability_csv), pd.read_csv(methods_csv), models,
-                  pd.read_csv(subsets_csv, dtype={"folds": str}), run_info)
+                  pd.read_csv(subsets_csv, dtype={"folds": str}), run_info,
+                  budget=pd.read_csv(budget_csv, dtype={"grid": str, "folds": str}) if budget_csv else None)

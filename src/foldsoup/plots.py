@@ -249,3 +249,65 @@ def _method_label(method: str, methods: pd.DataFrame) -> str:
         count = int(methods.at[method, "n_ingredients"])
         label += f"\n({count} ingredient{'' if count == 1 else 's'})"
     return label
+
+
+# --------------------------------------------------------------------------- budget figure
+
+
+def plot_budget(budget_df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Per method: mean test accuracy over (grid points x folds) as an annotated heatmap, and the
+    same means against the number of fine-tunes g*f, one line per fold count (points above one
+    another used the same budget). One colour scale for every heatmap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from foldsoup.budget import mean_table
+
+    means = mean_table(budget_df)
+    names = list(dict.fromkeys(means["method"]))
+    gs, fs = sorted(means.grid_points.unique()), sorted(means.n_folds.unique())
+    ncols = 2 if len(names) > 1 else 1
+    nrows = -(-len(names) // ncols)
+    fig = Figure(figsize=(7.0 * ncols, 3.6 * nrows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, 2 * ncols, squeeze=False)
+    values = _pct(means.test_acc)
+    finite = values[np.isfinite(values)]
+    vmin, vmax = (finite.min(), finite.max()) if finite.size else (0.0, 100.0)
+    colours = dict(zip(fs, _colors(len(fs))))
+    image = None
+    for i, method in enumerate(names):
+        heat, lines = axes[i // ncols, 2 * (i % ncols)], axes[i // ncols, 2 * (i % ncols) + 1]
+        m = means[means.method == method]
+        grid = np.full((len(gs), len(fs)), np.nan)
+        for r in m.itertuples():
+            grid[gs.index(r.grid_points), fs.index(r.n_folds)] = 100.0 * r.test_acc
+        image = heat.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=vmin, vmax=max(vmax, vmin + 1e-6))
+        for (y, x), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                light = (v - vmin) / max(vmax - vmin, 1e-9) < 0.6
+                heat.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if light else "black")
+        heat.set_xticks(range(len(fs)), [str(f) for f in fs])
+        heat.set_yticks(range(len(gs)), [str(g) for g in gs])
+        heat.set_xlabel("folds f")
+        heat.set_ylabel("grid points g")
+        heat.set_title(f"{METHOD_LABELS.get(method, method).replace(chr(10), ' ')}: mean test acc (%)", fontsize=9)
+        for f in fs:
+            line = m[m.n_folds == f].sort_values("grid_points")
+            lines.plot(line.budget, _pct(line.test_acc), marker="o", markersize=3, color=colours[f], label=f"f = {f}")
+        lines.set_xscale("log", base=2)
+        lines.set_xlabel("fine-tunes g·f")
+        lines.set_ylabel("mean test acc (%)")
+        lines.grid(True, color="0.9")
+        lines.set_title("same x = same budget", fontsize=9)
+    for j in range(len(names), nrows * ncols):
+        axes[j // ncols, 2 * (j % ncols)].set_visible(False)
+        axes[j // ncols, 2 * (j % ncols) + 1].set_visible(False)
+    if names:
+        handles, labels = axes[0, 1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(fs), fontsize=8, title="folds used")
+        fig.colorbar(image, ax=axes.ravel().tolist(), location="right", shrink=0.5, label="heatmaps: mean test acc (%)")
+    draws = int(budget_df.groupby(["method", "grid_points", "n_folds"]).draw.count().max()) if len(budget_df) else 0
+    fig.suptitle(f"Budget: test accuracy from g of {max(gs, default=0)} grid points and f of {max(fs, default=0)} folds "
+                 f"(up to {draws} draws per cell, no retraining)")
+    _save(fig, path)

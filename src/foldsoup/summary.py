@@ -319,11 +319,64 @@ def figures_section(run_info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def budget_section(budget_df: pd.DataFrame | None) -> str:
+    """Budget: mean test accuracy per method over (grid points g x folds f), and the equal-budget
+    comparison (same number of fine-tunes g·f) computed from it."""
+    from foldsoup.budget import compare_equal_budget, equal_budgets, mean_table
+
+    if budget_df is None or not len(budget_df):
+        return ""
+    means = mean_table(budget_df)
+    fs = sorted(means["n_folds"].unique())
+    gs = sorted(means["grid_points"].unique())
+    lookup = means.set_index(["method", "grid_points", "n_folds"])["test_acc"]
+    names = list(dict.fromkeys(means["method"]))
+    rows = []
+    for m in names:
+        for j, g in enumerate(gs):
+            label = METHOD_NAMES.get(m, {"ensemble_all": "Ensemble of all models (logits)"}.get(m, m))
+            rows.append([label if j == 0 else "", int(g)]
+                        + [fmt_pct(lookup.get((m, g, f), float("nan"))) for f in fs])
+    draws = int(means["draws"].max())
+    n_test = int(budget_df["n_test"].iloc[0]) if "n_test" in budget_df else 0
+    image = f" One test image is {100 / n_test:.2f} points." if n_test else ""
+    std = means.loc[means["draws"] > 1, "test_std"].mean()
+    spread = "" if _missing(std) else f" Between draws of one cell, test accuracy varies by {100 * std:.2f} points (mean standard deviation)."
+    text = ("## Budget: more grid points or more folds?\n\n"
+            "The paper's open question (section 5.5), from the models already trained: for g of the grid points "
+            "and f of the folds, up to "
+            f"{draws} seeded draws of g grid points and f folds per cell; every method on the g·f models of a draw, "
+            "exactly as on all of them (the cell with every grid point and every fold is Table 3's run). Mean test "
+            f"accuracy over the draws (rows: g grid points, columns: f folds); per draw in tables/budget.csv, drawn in "
+            f"figures/budget.png.{image}{spread}\n\n")
+    text += md_table(["method", "g", *(f"f = {f}" for f in fs)], rows) + "\n"
+    budgets = equal_budgets(budget_df)
+    if not budgets:
+        return text
+    overall = means.groupby(["grid_points", "n_folds"])["test_acc"].mean()
+    same = [[str(b), "; ".join(f"{g} × {f}: {fmt_pct(overall[(g, f)])}" for g, f in cells)] for b, cells in budgets.items()]
+    text += ("\nThe same number of fine-tunes g·f spent two or more ways (grid points × folds), mean test accuracy "
+             "over the methods:\n\n" + md_table(["fine-tunes", "grid points × folds: mean test accuracy"], same) + "\n")
+    c = compare_equal_budget(budget_df)
+    best = max(c["cells"], key=lambda cell: c["mean_over_methods"][cell])
+    most_folds, most_grid = max(c["cells"], key=lambda cell: cell[1]), max(c["cells"], key=lambda cell: cell[0])
+    what = "more folds" if best == most_folds else "more grid points" if best == most_grid else "a middle split"
+    wins = ", ".join(f"{len(w)} of {len(c['methods'])} for {g} × {f}" for (g, f), w in c["wins"].items())
+    tied = f", {len(c['ties'])} tied" if c["ties"] else ""
+    gap = c["mean_over_methods"][best] - max(v for cell, v in c["mean_over_methods"].items() if cell != best)
+    noise = ("" if _missing(std) or gap >= std else
+             f" The lead, {100 * gap:.2f} points, is within the spread between draws: not a clear answer.")
+    text += (f"\nAt the largest budget reached two ways, {c['budget']} fine-tunes, {what} did best on average "
+             f"({best[0]} grid points × {best[1]} folds: {fmt_pct(c['mean_over_methods'][best])}); best per method: "
+             f"{wins}{tied}.{noise}\n")
+    return text
+
+
 # --------------------------------------------------------------------------- entry point
 
 
 def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, models_df: pd.DataFrame,
-                   subsets_df: pd.DataFrame, run_info: dict) -> str:
+                   subsets_df: pd.DataFrame, run_info: dict, budget: pd.DataFrame | None = None) -> str:
     """The Markdown text of summary.md (see `write_summary`)."""
     parts = [
         header_section(run_info, models_df, subsets_df),
@@ -333,13 +386,15 @@ def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, model
         holdout_section(reliability_df),
         table3_section(methods_df),
         table4_section(methods_df),
+        budget_section(budget),
         figures_section(run_info),
     ]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 
 
 def write_summary(path: str | os.PathLike, reliability_df: pd.DataFrame, methods_df: pd.DataFrame,
-                  models_df: pd.DataFrame, subsets_df: pd.DataFrame, run_info: dict) -> None:
+                  models_df: pd.DataFrame, subsets_df: pd.DataFrame, run_info: dict,
+                  budget: pd.DataFrame | None = None) -> None:
     """Write summary.md atomically (temp file in the same folder, then os.replace).
 
     run_info keys, all optional: dataset, model, preset (name; "paper..." marks the paper
@@ -347,9 +402,10 @@ def write_summary(path: str | os.PathLike, reliability_df: pd.DataFrame, methods
     ViT-B-32 run with k = 5 and 18 grid points counts as the paper preset), k, grid_size
     (alias grid_points), n_models (alias models), seed, max_subsets_per_n, sampled (bool;
     default from subsets_df["sampled"]), figures ({title: path relative to the summary}).
-    Diverged models are read from models_df["diverged"], not from run_info.
+    Diverged models are read from models_df["diverged"], not from run_info. `budget`:
+    tables/budget.csv, for the Budget section (left out when None).
     """
-    text = render_summary(reliability_df, methods_df, models_df, subsets_df, run_info)
+    text = render_summary(reliability_df, methods_df, models_df, subsets_df, run_info, budget)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden temp name in the same folder (same filesystem, so os.replace is atomic); the pid

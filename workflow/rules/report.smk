@@ -46,6 +46,7 @@ rule summary:
         subsets=rules.reliability.output.subsets,
         reliability=rules.reliability.output.reliability,
         methods=rules.methods.output.table,
+        budget=rules.budget_table.output.table if config["budget"]["enabled"] else [],
     output:
         report(f"{R}/summary.md", caption="../report/summary.rst", category="Summary"),
     params:
@@ -56,4 +57,4 @@ rule summary:
         ENV
     shell:
         "python -m foldsoup summary --config-json {params.cfg:q} --models-csv {input.models} --subsets {input.subsets}"
-        " --reliability {input.reliability} --methods {input.methods} --out {output} 2> {log}"
+        " --reliability {input.reliability} --methods {input.methods} --budget {input.budget} --out {output} 2> {log}"

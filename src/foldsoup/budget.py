@@ -1,0 +1,360 @@
+"""Budget: more grid points or more folds? (the paper's future work, section 5.5)
+
+From the models a run already has, no retraining: for g grid points and f folds, draw subsets
+of g grid points and f folds (seeded), and compute the methods on the g·f models of each
+subset exactly as the workflow computes them on all T·k models:
+
+* best_on_val: the model with the highest own-fold val accuracy (first of ties in
+  tables/models.csv order, like `pipeline.methods`);
+* uniform_soup: the uniform soup of the subset's models;
+* greedy_soup: Alg. 1 over the subset's models, MinAcc (or AvgAcc) over the subset's folds;
+* bgss / gsgs: per fold of the subset, Alg. 1 over its g models; then the best of those soups
+  on its own val, or Alg. 1 over them (each soup one ingredient);
+* ensemble_all: the logit ensemble of the subset's models (from predictions.safetensors).
+
+Candidates are built and ordered as in `pipeline` (grid order, then fold), so the full cell
+(g = T, f = k) reproduces tables/methods.csv. Test accuracy is measured after every decision,
+for reporting only. Folds and grid points are numbered from 0; a subset's `grid` column lists
+indices into the grid in config order (`config.grid_points`).
+
+Cheap to import: torch only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+METHODS: tuple[str, ...] = ("best_on_val", "uniform_soup", "greedy_soup", "bgss", "gsgs", "ensemble_all")
+COLUMNS: tuple[str, ...] = ("method", "grid_points", "n_folds", "budget", "draw", "grid", "folds", "subsets",
+                            "n_models", "n_ingredients", "val_acc", "test_acc", "n_test")
+# Keep every model's weights in memory while a job runs when they take at most this much (the
+# demo's 90 models: 5 MB); larger models (ViT-B/32: 350 MB each) are read from disk when needed.
+CACHE_BYTES = 1 << 30
+
+
+# --------------------------------------------------------------------------- the cells and draws
+
+
+def grid_ladder(n_grid: int, sizes: Sequence[int] | None = None) -> list[int]:
+    """Grid-subset sizes: `sizes` sorted, or by default T, T/2, T/4, ... (rounded down) to 1,
+    ascending (T = 18: 1, 2, 4, 9, 18), so that g = T on f folds meets g = T/2 on 2f folds at
+    the same number of fine-tunes."""
+    if n_grid < 1:
+        raise ValueError(f"a grid needs at least one point, got {n_grid}")
+    if sizes is not None:
+        bad = [g for g in sizes if not 1 <= int(g) <= n_grid]
+        if bad:
+            raise ValueError(f"budget.grid_points: {bad} outside the grid's {n_grid} point(s); allowed: 1 <= g <= {n_grid}")
+        return sorted({int(g) for g in sizes})
+    out, g = [], n_grid
+    while g >= 1:
+        out.append(g)
+        g //= 2
+    return sorted(set(out))
+
+
+def fold_counts(k: int, counts: Sequence[int] | None = None) -> list[int]:
+    """Fold-subset sizes: `counts` sorted, or by default 1..k."""
+    if counts is not None:
+        bad = [f for f in counts if not 1 <= int(f) <= k]
+        if bad:
+            raise ValueError(f"budget.fold_counts: {bad} outside the {k} folds; allowed: 1 <= f <= {k}")
+        return sorted({int(f) for f in counts})
+    return list(range(1, k + 1))
+
+
+def n_subsets(n_grid: int, k: int, g: int, f: int) -> int:
+    """Distinct (grid subset, fold subset) pairs of a cell."""
+    return math.comb(n_grid, g) * math.comb(k, f)
+
+
+@dataclass(frozen=True)
+class Subset:
+    grid: tuple[int, ...]  # grid-point indices, ascending
+    folds: tuple[int, ...]  # fold numbers, ascending
+
+
+def draw_subsets(n_grid: int, k: int, g: int, f: int, draws: int, seed: int) -> list[Subset]:
+    """`draws` distinct subsets of g grid points and f folds, or all of them when the cell has
+    no more (in lexicographic order). Seeded by (seed, g, f) alone, so a cell's draws do not
+    depend on which other cells are computed, nor in which job."""
+    if not (1 <= g <= n_grid and 1 <= f <= k and draws >= 1):
+        raise ValueError(f"no subsets of g={g} of {n_grid} grid points and f={f} of {k} folds ({draws} draws)")
+    if n_subsets(n_grid, k, g, f) <= draws:
+        return [Subset(G, F) for G in itertools.combinations(range(n_grid), g) for F in itertools.combinations(range(k), f)]
+    rng = np.random.default_rng([seed, g, f])
+    out: list[Subset] = []
+    while len(out) < draws:
+        sub = Subset(tuple(sorted(int(i) for i in rng.choice(n_grid, g, replace=False))),
+                     tuple(sorted(int(i) for i in rng.choice(k, f, replace=False))))
+        if sub not in out:
+            out.append(sub)
+    return out
+
+
+def join(numbers: Iterable[int]) -> str:
+    """(0, 3, 7) -> "0-3-7", as fold subsets are written elsewhere."""
+    return "-".join(str(int(i)) for i in numbers)
+
+
+# --------------------------------------------------------------------------- the methods on one subset
+
+
+@dataclass(frozen=True)
+class Model:
+    hp: str
+    grid_index: int
+    fold: int
+    val_acc: float  # metrics.json's (full precision), as the greedy soups sort by it
+    diverged: bool
+    weights: str
+    predictions: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.hp}/fold{self.fold}"
+
+
+class BudgetRun:
+    """Every model of a run, loaded once, and the methods of `pipeline` on any subset of them.
+
+    Greedy and uniform soups are memoised by their candidate list, so a soup two cells share
+    (every per-fold greedy soup of the full grid, or greedy_soup at f = 1, which is a per-fold
+    greedy soup) is computed once per job.
+    """
+
+    def __init__(self, ctx, models: list[Model], table: pd.DataFrame, pool_labels: np.ndarray, fold_of: np.ndarray):
+        from safetensors.numpy import load_file
+
+        self.ctx, self.ev = ctx, ctx.evaluator()
+        self.models = models  # grid order, then fold: the order of the workflow's model_paths()
+        self.by_name = {m.name: m for m in models}
+        self.table = table  # tables/models.csv, in its own order (best_on_val's tie order)
+        self.pool_labels, self.fold_of = pool_labels, fold_of
+        soups = ctx.cfg["soups"]
+        self.accept, self.cross_fold = soups["greedy_accept"], soups["cross_fold_val"]
+        usable = [m for m in models if not m.diverged]
+        size = sum(os.path.getsize(m.weights) for m in usable)
+        self._states = {m.name: ctx.load(m.weights) for m in usable} if size <= CACHE_BYTES else None
+        self.logits = {m.name: load_file(m.predictions) for m in usable}
+        self._greedy: dict[tuple, list] = {}  # key -> [GreedyResult, test accuracy or None, loader]
+        self._uniform: dict[tuple, tuple] = {}
+
+    def state(self, name: str):
+        return self._states[name] if self._states is not None else self.ctx.load(self.by_name[name].weights)
+
+    def _score(self, accs: dict[int, float]) -> float:
+        from .select import cross_fold_score
+
+        return cross_fold_score(accs, self.cross_fold)
+
+    def greedy(self, cands: list, load, key: tuple | None = None):
+        """Alg. 1 (`select.greedy_soup` with a `soup.RunningSoupScorer`) as
+        `pipeline._greedy_and_save` runs it; the GreedyResult, memoised by `key` (default: the
+        candidates' names; single models name themselves uniquely)."""
+        from .select import greedy_soup
+        from .soup import RunningSoupScorer
+
+        key = key or tuple(c.name for c in cands)
+        if key not in self._greedy:
+            scorer = RunningSoupScorer(load, self.ev.fold_accs)
+            result = greedy_soup(cands, scorer, accept=self.accept, cross_fold=self.cross_fold)
+            self._greedy[key] = [result, None, load]
+        return self._greedy[key][0]
+
+    def greedy_state(self, key: tuple):
+        """The weights of a memoised greedy soup: the mean of its ingredients in acceptance
+        order, which is what RunningSoupScorer.mean() returned, bit for bit."""
+        from .soup import average
+
+        result, _, load = self._greedy[key]
+        return average(load(c) for c in result.ingredients)
+
+    def greedy_test(self, key: tuple) -> float:
+        """Test accuracy of a memoised greedy soup, measured once, and only for a reported row."""
+        entry = self._greedy[key]
+        if entry[1] is None:
+            entry[1] = self.ev.test_acc(self.greedy_state(key))  # reporting only, after every choice
+        return entry[1]
+
+    def uniform(self, names: list[str], folds: Sequence[int]) -> tuple[float, float]:
+        """(val accuracy over `folds`, test accuracy) of the uniform soup of `names`, in order."""
+        from .soup import average
+
+        key = (tuple(names), tuple(folds))
+        if key not in self._uniform:
+            state = average(self.state(n) for n in names)
+            val = self._score(self.ev.fold_accs(state, folds))
+            self._uniform[key] = (val, self.ev.test_acc())  # the weights fold_accs loaded; reporting only
+        return self._uniform[key]
+
+    def methods(self, sub: Subset) -> list[dict]:
+        """One row per method on the models of `sub` (diverged ones left out); [] when none is left."""
+        from .select import Candidate
+        from .uncertainty import ensemble_logits, fold_accuracies
+
+        members = [m for m in self.models if m.grid_index in sub.grid and m.fold in sub.folds and not m.diverged]
+        if not members:
+            return []
+        names = [m.name for m in members]
+        folds = sorted({m.fold for m in members})  # a fold whose models all diverged is left out
+        rows = []
+
+        def row(method: str, n_ingredients: int, val_acc: float, test_acc: float) -> None:
+            rows.append({"method": method, "n_ingredients": n_ingredients, "val_acc": float(val_acc),
+                         "test_acc": float(test_acc)})
+
+        # Best on val: tables/models.csv order, first of ties (pandas idxmax), as `pipeline.methods`.
+        t = self.table
+        pick = t[t.hp.isin({m.hp for m in members}) & t.fold.isin(folds) & ~t.diverged.astype(bool)]
+        best = pick.loc[pick.val_acc.idxmax()]
+        row("best_on_val", 1, best.val_acc, best.test_acc)
+
+        val, test = self.uniform(names, folds)
+        row("uniform_soup", len(names), val, test)
+
+        def cands(keys: Iterable[str]) -> list:
+            return [Candidate(name=n, folds=frozenset({self.by_name[n].fold}), val_acc=self.by_name[n].val_acc) for n in keys]
+
+        load = lambda c: self.state(c.name)
+        result = self.greedy(cands(names), load)
+        row("greedy_soup", len(result.ingredients), result.score, self.greedy_test(tuple(names)))
+
+        # Per-fold greedy soups (at f = 1 the greedy soup above is one of them: memoised).
+        fold_keys = {i: tuple(m.name for m in members if m.fold == i) for i in folds}
+        per_fold = {i: self.greedy(cands(fold_keys[i]), load) for i in folds}
+        best_fold = max(folds, key=lambda i: per_fold[i].score)  # max(): first of ties, in fold order
+        row("bgss", len(per_fold[best_fold].ingredients), per_fold[best_fold].score, self.greedy_test(fold_keys[best_fold]))
+
+        # GSGS: the per-fold soups in fold order, each one ingredient (as `pipeline.gsgs`). The
+        # memo key names them by their models: "greedy_fold0" of another grid subset is another soup.
+        by_soup = {f"greedy_fold{i}": fold_keys[i] for i in folds}
+        stage2 = [Candidate(name=name, folds=frozenset({i}), val_acc=per_fold[i].score) for i, name in zip(folds, by_soup)]
+        key = ("gsgs", *fold_keys.values())
+        result = self.greedy(stage2, lambda c: self.greedy_state(by_soup[c.name]), key)
+        # One accepted soup: GSGS's weights are that soup's (a mean of one ingredient is exact).
+        only = by_soup[result.ingredients[0].name] if len(result.ingredients) == 1 else key
+        row("gsgs", len(result.ingredients), result.score, self.greedy_test(only))
+
+        # Logit ensemble of the same models, in tables/models.csv order (as `pipeline.methods`).
+        order = [f"{r.hp}/fold{r.fold}" for r in pick.itertuples()]
+        pool = ensemble_logits([self.logits[n]["pool_logits"] for n in order])
+        val = self._score(fold_accuracies(pool, self.pool_labels, self.fold_of, folds))
+        test_logits = ensemble_logits([self.logits[n]["test_logits"] for n in order])
+        row("ensemble_all", len(order), val, float((test_logits.argmax(1) == self.ctx.data.test_labels).mean()))
+
+        common = {"grid": join(sub.grid), "folds": join(sub.folds), "n_models": len(members),
+                  "n_test": len(self.ctx.data.test_labels)}
+        return [{**common, **r} for r in rows]
+
+
+# --------------------------------------------------------------------------- workflow steps
+
+
+def load_models(cfg: dict, model_dir: str | os.PathLike) -> list[Model]:
+    """Every (grid point, fold) model of the run, in grid order then fold (the workflow's order)."""
+    import json
+
+    from .config import grid_points
+
+    root, out = Path(model_dir), []
+    for index, point in enumerate(grid_points(cfg)):
+        for fold in range(cfg["folds"]["k"]):
+            folder = root / point.name / f"fold{fold}"
+            with open(folder / "metrics.json") as f:
+                m = json.load(f)
+            out.append(Model(point.name, index, fold, float(m["val_acc"]), bool(m["diverged"]),
+                             str(folder / "model.safetensors"), str(folder / "predictions.safetensors")))
+    return out
+
+
+def budget(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, n_folds: int, out: str) -> None:
+    """The budget cells of one fold count f: every grid-subset size, `budget.draws` draws each."""
+    from .pipeline import Context, log
+    from .weights import atomic_write_text
+
+    t0 = time.monotonic()
+    ctx = Context(cfg, data_path, folds_path)
+    models = load_models(cfg, model_dir)
+    n_grid, k, b = len({m.hp for m in models}), ctx.k, cfg["budget"]
+    run = BudgetRun(ctx, models, pd.read_csv(models_csv), ctx.data.pool_labels, ctx.fold_of)
+    rows = []
+    for g in grid_ladder(n_grid, b["grid_points"]):
+        subsets = draw_subsets(n_grid, k, g, n_folds, b["draws"], cfg["seed"])
+        for draw, sub in enumerate(subsets):
+            cell = run.methods(sub)
+            rows += [{"grid_points": g, "n_folds": n_folds, "budget": g * n_folds, "draw": draw,
+                      "subsets": n_subsets(n_grid, k, g, n_folds), **r} for r in cell]
+            log(f"g={g} f={n_folds} draw {draw}: grid {join(sub.grid)}, folds {join(sub.folds)}: "
+                + ", ".join(f"{r['method']} {r['test_acc']:.4f}" for r in cell))
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    log(f"f={n_folds}: {len(table)} rows, {run.ev.evaluations} soup evaluations, {time.monotonic() - t0:.1f} s")
+
+
+def budget_table(parts: list[str], out_table: str, out_figure: str) -> None:
+    """tables/budget.csv (every method, cell and draw) and figures/budget.png."""
+    from .pipeline import log
+    from .plots import plot_budget
+    from .weights import atomic_write_text
+
+    table = pd.concat([pd.read_csv(p, dtype={"grid": str, "folds": str}) for p in parts], ignore_index=True)
+    order = {m: i for i, m in enumerate(METHODS)}
+    table = table.sort_values(["method", "grid_points", "n_folds", "draw"], key=lambda s: s.map(order) if s.name == "method" else s,
+                              kind="stable").reset_index(drop=True)
+    atomic_write_text(out_table, table.to_csv(index=False, float_format="%.6g"))
+    plot_budget(table, out_figure)
+    means = mean_table(table)
+    log(f"{len(table)} rows\n" + means.pivot_table(index=["method", "grid_points"], columns="n_folds", values="test_acc",
+                                                   sort=False).to_string(float_format=lambda x: f"{100 * x:.2f}"))
+
+
+# --------------------------------------------------------------------------- summaries (pandas only)
+
+
+def mean_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over draws of val and test accuracy per (method, g, f)."""
+    grouped = table.groupby(["method", "grid_points", "n_folds"], sort=False)
+    out = grouped.agg(budget=("budget", "first"), draws=("draw", "count"), val_acc=("val_acc", "mean"),
+                      test_acc=("test_acc", "mean"), test_std=("test_acc", "std")).reset_index()
+    order = {m: i for i, m in enumerate(METHODS)}
+    return out.sort_values(["method", "grid_points", "n_folds"], key=lambda s: s.map(lambda m: order.get(m, len(order)))
+                           if s.name == "method" else s, kind="stable").reset_index(drop=True)
+
+
+def equal_budgets(table: pd.DataFrame) -> dict[int, list[tuple[int, int]]]:
+    """Budgets g·f reached by at least two cells, each with its cells (g, f), most grid points first."""
+    cells = table[["grid_points", "n_folds"]].drop_duplicates()
+    out: dict[int, list[tuple[int, int]]] = {}
+    for g, f in sorted(map(tuple, cells.to_numpy().tolist()), key=lambda c: (-c[0], c[1])):
+        out.setdefault(int(g) * int(f), []).append((int(g), int(f)))
+    return {b: c for b, c in sorted(out.items()) if len(c) > 1}
+
+
+def compare_equal_budget(table: pd.DataFrame, budget: int | None = None) -> dict | None:
+    """At one budget (default: the largest reached by two or more cells), the mean test accuracy
+    of each cell averaged over the methods, and per cell the methods for which it was best."""
+    budgets = equal_budgets(table)
+    if not budgets:
+        return None
+    budget = max(budgets) if budget is None else budget
+    cells = budgets[budget]
+    means = mean_table(table).set_index(["method", "grid_points", "n_folds"])["test_acc"]
+    methods = [m for m in dict.fromkeys(table["method"]) if all((m, g, f) in means.index for g, f in cells)]
+    per_cell = {c: float(np.mean([means[(m, *c)] for m in methods])) for c in cells}
+    wins: dict[tuple[int, int], list[str]] = {c: [] for c in cells}
+    ties: list[str] = []
+    for m in methods:
+        top = max(means[(m, *c)] for c in cells)
+        best = [c for c in cells if means[(m, *c)] >= top - 1e-9]
+        (wins[best[0]] if len(best) == 1 else ties).append(m)
+    return {"budget": budget, "cells": cells, "mean_over_methods": per_cell, "wins": wins, "ties": ties, "methods": methods}
