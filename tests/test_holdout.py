@@ -279,3 +279,15 @@ def test_greedy_on_holdout_without_holdout_is_refused(run, tmp_path):
     models, metrics = run.lists()
     with pytest.raises(ValueError, match=r"folds.csv: has no outer holdout \(set folds.holdout_fraction > 0"):
         pipeline.greedy_all(run.cfg, run.data, str(folds), models, metrics, str(tmp_path / "g.safetensors"), on_holdout=True)
+
+
+def test_validation_signals_figure_has_a_panel_per_signal(run, tmp_path):
+    from PIL import Image
+
+    from foldsoup.plots import DPI, plot_validation_signals
+
+    subsets = pd.concat([pd.read_csv(run.root / "analysis" / f"{hp}.csv", dtype={"folds": str}) for hp in run.hps])
+    for frame, panels in ((subsets, 3), (subsets.drop(columns="holdout_acc"), 2), (subsets.assign(holdout_acc=np.nan), 2)):
+        path = tmp_path / f"signals{panels}.png"
+        plot_validation_signals(frame, path)
+        assert Image.open(path).size[0] == round(4.6 * panels * DPI)  # AvgAcc, MinAcc (+ holdout)

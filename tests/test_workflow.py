@@ -30,8 +30,8 @@ def test_dry_run_of_the_default_config(tmp_path):
     stats = _dry_run(tmp_path)
     assert stats == {
         "prepare": 1, "folds": 1, "pretrain": 1, "lp": 5, "finetune": 90, "uniform_subsets": 18,
-        "greedy_fold": 5, "soup_all": 2, "gsgs": 1, "models_table": 1, "methods": 1, "reliability": 1,
-        "figures": 1, "summary": 1, "budget": 5, "budget_table": 1, "all": 1, "total": 136,
+        "greedy_fold": 5, "soup_all": 3, "gsgs": 1, "models_table": 1, "methods": 1, "reliability": 1,
+        "figures": 1, "summary": 1, "budget": 5, "budget_table": 1, "all": 1, "total": 137,
     }
 
 
@@ -41,6 +41,7 @@ def test_dry_run_of_the_paper_preset(tmp_path):
     assert stats["lp"] == 5
     assert stats["uniform_subsets"] == 18
     assert stats["greedy_fold"] == 5
+    assert stats["soup_all"] == 2  # the paper's setup: no outer holdout, no greedy_soup_holdout
 
 
 def test_dry_run_of_a_3_fold_4_point_grid(tmp_path):
@@ -107,7 +108,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert len(subsets) == points * (2**k - 1)
     for name in ("reliability.csv",):
         assert (r / "tables" / name).stat().st_size > 0
-    assert len(list((r / "figures").glob("*.png"))) == 5
+    assert len(list((r / "figures").glob("*.png"))) == 6
     assert (r / "summary.md").read_text().strip()
 
 
@@ -170,7 +171,7 @@ def test_a_failed_finetune_keeps_going_and_the_rerun_redoes_only_it(smoke_run, t
     assert not (results / "tables" / "models.csv").exists()
     mtimes = {f: f.stat().st_mtime_ns for folder in others for f in folder.iterdir()}
 
-    expected = {"finetune": 1, "uniform_subsets": 1, "greedy_fold": 1, "soup_all": 2, "gsgs": 1, "models_table": 1,
+    expected = {"finetune": 1, "uniform_subsets": 1, "greedy_fold": 1, "soup_all": 3, "gsgs": 1, "models_table": 1,
                 "methods": 1, "reliability": 1, "figures": 1, "summary": 1, "budget": 2, "budget_table": 1, "all": 1}
     dry = snakemake("-n", *args)
     assert dry.returncode == 0, dry.tail()

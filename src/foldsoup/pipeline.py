@@ -521,15 +521,16 @@ def reliability(subset_paths: list[str], models_csv: str, out_subsets: str, out:
 def figures(models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, outs: list[str]) -> None:
     import pandas as pd
 
-    from .plots import plot_methods, plot_models_val_test, plot_subsets_val_test
+    from .plots import plot_methods, plot_models_val_test, plot_subsets_val_test, plot_validation_signals
 
     models, subsets = pd.read_csv(models_csv), pd.read_csv(subsets_csv, dtype={"folds": str})
     threshold = float(pd.read_csv(reliability_csv).threshold.iloc[0])
-    fig2, fig3, fig4, fig_methods = outs
+    fig2, fig3, fig4, fig_methods, fig_signals = outs
     plot_models_val_test(models, fig2)
     plot_subsets_val_test(subsets, fig3)
     plot_subsets_val_test(subsets, fig4, threshold=threshold)
     plot_methods(pd.read_csv(methods_csv), models, fig_methods)
+    plot_validation_signals(subsets, fig_signals)
 
 
 def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, out: str,

@@ -34,6 +34,9 @@ METHOD_LABELS = {
     "ensemble_best_fold": "Ensemble:\nbest fold",
     "ensemble_greedy_soup": "Ensemble: greedy\nsoup's models",
     "ensemble_gsgs": "Ensemble:\nGSGS's models",
+    "best_on_holdout": "Best on\nholdout",
+    "greedy_soup_holdout": "Greedy soup\non holdout",
+    "ensemble_greedy_soup_holdout": "Ensemble: greedy\non holdout",
 }
 
 
@@ -189,6 +192,46 @@ def plot_subsets_val_test(subsets_df: pd.DataFrame, path: str | os.PathLike, thr
         ax.set_title(f"Figure 3: uniform soups of n folds per grid point{note}")
     else:
         ax.set_title(f"Figure 4: uniform soups with MinAcc \u2265 threshold{note}")
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- validation signals
+
+
+VALIDATION_SIGNALS = {"avg_acc": "AvgAcc (Eq. 2)", "min_acc": "MinAcc (Eq. 3)", "holdout_acc": "outer holdout"}
+
+
+def plot_validation_signals(subsets_df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """The uniform soups of Figure 3 scored by AvgAcc, MinAcc and (when the run has one) the
+    outer holdout, against test accuracy: one panel per signal, colour = soup size n, and each
+    panel's RMSE and Pearson r over all soups, so the three estimates compare at a glance."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from foldsoup.analysis import rmse
+
+    signals = [c for c in VALIDATION_SIGNALS
+               if c in subsets_df.columns and np.isfinite(subsets_df[c].astype(float)).any()]
+    fig = Figure(figsize=(4.6 * len(signals), 5.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    sizes = sorted(int(n) for n in subsets_df["n"].unique())
+    colours = dict(zip(sizes, _colors(len(sizes))))
+    test = subsets_df["test_acc"].astype(float)
+    for j, col in enumerate(signals):
+        ax = fig.add_subplot(1, len(signals), j + 1)
+        val = subsets_df[col].astype(float)
+        _square_limits(ax, _pct(subsets_df[signals].to_numpy().ravel()), _pct(test))
+        for i, n in enumerate(sizes):
+            part = subsets_df["n"].astype(int) == n
+            ax.scatter(_pct(val[part]), _pct(test[part]), s=22, color=colours[n], marker=MARKERS[i % len(MARKERS)],
+                       edgecolor="black", linewidth=0.3, alpha=0.8, zorder=3, label=f"n = {n}")
+        ax.set_title(f"{VALIDATION_SIGNALS[col]}\nRMSE {100 * rmse(val, test):.2f} pts, r = {_fmt_r(pearson(val, test))}",
+                     fontsize=10)
+        ax.set_xlabel(f"{VALIDATION_SIGNALS[col]} (%)")
+        if j == 0:
+            ax.set_ylabel("test accuracy (%)")
+            ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    fig.suptitle("Uniform soups of n folds: which validation signal tracks test accuracy?")
     _save(fig, path)
 
 

@@ -31,6 +31,7 @@ rule figures:
         report(f"{R}/figures/fig3_uniform_soups_val_test.png", caption="../report/figure3.rst", category="Figures"),
         report(f"{R}/figures/fig4_uniform_soups_over_threshold.png", caption="../report/figure4.rst", category="Figures"),
         report(f"{R}/figures/methods_test_accuracy.png", caption="../report/methods_figure.rst", category="Figures"),
+        report(f"{R}/figures/validation_signals.png", caption="../report/validation_signals.rst", category="Figures"),
     log:
         f"{R}/logs/figures.log",
     conda:
