@@ -5,6 +5,7 @@ scales with k and the grid. Prints Markdown; `--json PATH` also writes the numbe
   .venv/bin/python scripts/bench.py                       # embedded default model, this device
   .venv/bin/python scripts/bench.py --model vit-b-32      # CLIP ViT-B/32 (use on a GPU)
   .venv/bin/python scripts/bench.py --demo-results results   # + per-rule breakdown of a finished demo
+  .venv/bin/python scripts/bench.py --compile             # + training through torch.compile (finetune.compile)
 """
 
 from __future__ import annotations
@@ -124,6 +125,32 @@ def bench_model(name: str, device: torch.device, precision: str) -> dict:
     }
 
 
+def bench_compile(name: str, device: torch.device, precision: str) -> dict:
+    """finetune.compile: what torch.compile costs once per job and gains per image."""
+    m = MODELS[name]
+    channels = m["shape"][0]
+    spec = ImageSpec(m["size"], [0.5] * channels, [0.25] * channels, True)
+    images = torch.randint(0, 256, (m["n_train"], *m["shape"]), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, m["classes"], (m["n_train"],), device=device)
+    out = {"model": name, "device": device_name(device), "precision": precision}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_classifier(m["cfg"], m["classes"]).to(device)
+        loop = LoopConfig(3, m["batch"], 1e-4, 0.1, 10, 1.0, 0.0, precision, AUG, 0.4, 0, "bench", compile=compiled)
+        epochs: list[float] = []
+        log = lambda s: epochs.append(float(re.search(r"(\d+) images/s", s).group(1)))  # noqa: E731
+        sync(device)
+        t = time.perf_counter()
+        train(model, images, labels, spec, loop, log)
+        sync(device)
+        key = "compiled" if compiled else "eager"
+        out[f"{key}_first_epoch_s"] = m["n_train"] / epochs[0]
+        out[f"{key}_images_per_s"] = sum(epochs[1:]) / len(epochs[1:])  # after the first epoch
+        out[f"{key}_total_s"] = time.perf_counter() - t
+    out["compile_overhead_s"] = out["compiled_first_epoch_s"] - out["eager_first_epoch_s"]
+    return out
+
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -200,12 +227,16 @@ def main() -> None:
     p.add_argument("--demo-results", help="a finished run's results folder, for the per-rule breakdown")
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time training through torch.compile")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     report = {"throughput": bench_model(args.model, device, precision)}
     print("## Throughput\n\n" + table([report["throughput"]]) + "\n")
+    if args.compile:
+        report["compile"] = bench_compile(args.model, device, precision)
+        print("## torch.compile (finetune.compile)\n\n" + table([report["compile"]]) + "\n")
     if not args.skip_startup:
         report["startup_s"] = startup_seconds()
         print("## Per-job start-up (best of 3, seconds)\n\n" + table([report["startup_s"]]) + "\n")

@@ -172,13 +172,13 @@ def test_bad_budget_values_are_refused_naming_the_key(base, override, message):
 @pytest.mark.slow
 def test_dry_run_without_the_budget_analysis(tmp_path):
     """budget.enabled: false leaves out the 5 budget jobs and the table (the default config's
-    136 jobs, with them, are counted in test_workflow.py)."""
+    137 jobs, with them, are counted in test_workflow.py)."""
     overlay = tmp_path / "off.yaml"
     overlay.write_text("budget:\n  enabled: false\n")
     off = snakemake("-n", "--cores", "2", "--configfile", str(overlay), "--config", f"results={tmp_path / 'results'}")
     assert off.returncode == 0, off.tail()
     assert "budget" not in off.stats and "budget_table" not in off.stats
-    assert off.stats["total"] == 130 and off.stats["summary"] == 1 and off.stats["finetune"] == 90
+    assert off.stats["total"] == 131 and off.stats["summary"] == 1 and off.stats["finetune"] == 90
 
 
 # ------------------------------------------------------------------------ the tiny real run
@@ -260,6 +260,8 @@ def test_every_draw_of_a_smaller_grid_is_what_the_workflow_steps_give_on_its_mod
         metrics = [str(r / "models" / hp / f"fold{i}" / "metrics.json") for i in (0, 1)]
         pl.uniform_all(cfg, data, folds, model, metrics, str(soups / "uniform_soup.safetensors"))
         pl.greedy_all(cfg, data, folds, model, metrics, str(soups / "greedy_soup.safetensors"))
+        if cfg["folds"]["holdout_fraction"] > 0:  # methods() then reads the holdout's greedy soup too
+            pl.greedy_all(cfg, data, folds, model, metrics, str(soups / "greedy_soup_holdout.safetensors"), on_holdout=True)
         for i in (0, 1):
             pl.greedy_per_fold(cfg, data, folds, i, [model[i]], [metrics[i]], str(soups / f"greedy_fold{i}.safetensors"),
                                str(soups / f"uniform_fold{i}.safetensors"))

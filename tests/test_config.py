@@ -31,7 +31,9 @@ SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 @pytest.fixture(scope="module")
 def base() -> dict:
-    return load_yaml_files(REPO / "config.yaml")
+    cfg = load_yaml_files(REPO / "config.yaml")
+    cfg["folds"]["holdout_fraction"] = 0  # the k bounds below are the plain split's (with a holdout: test_holdout.py)
+    return cfg
 
 
 def error_of(base: dict, override: dict, **kwargs) -> str:
@@ -344,7 +346,7 @@ def test_snakemake_config_override_of_a_nested_value(tmp_path, no_slurm_probe):
 def test_snakemake_fails_at_the_folds_job_naming_the_class(tmp_path, no_slurm_probe):
     """k passes the parse-time bound but not the real data: the `folds` job fails, its log says
     why, and nothing after it (linear probe, fine-tuning) ran."""
-    config = {"data": {"classes": [8, 9], "pretrain_classes": [0, 4]}, "folds": {"k": 88}}
+    config = {"data": {"classes": [8, 9], "pretrain_classes": [0, 4]}, "folds": {"k": 88, "holdout_fraction": 0}}
     result = run_snakemake(tmp_path, no_slurm_probe, config, "results/folds.csv")
     assert result.returncode != 0
     log = (tmp_path / "results" / "logs" / "folds.log").read_text()

@@ -140,8 +140,10 @@ def test_one_slot_per_process_and_a_slurm_job_has_its_own_lock_folder(monkeypatc
 
     monkeypatch.setenv("FOLDSOUP_FAKE_GPUS", "2")
     monkeypatch.setenv("FOLDSOUP_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setattr(devices, "_placement", None)  # forget what earlier tests in this process placed
     try:
-        first, again = devices.place(), devices.place()
+        assert devices.place("cpu").slot is None  # an explicit CPU job takes no slot ...
+        first, again = devices.place(), devices.place()  # ... and does not stop "auto" from taking one
         assert first == again and first.slot == 0 and len(devices._held) == 1
     finally:
         devices.release_slots()
@@ -191,7 +193,8 @@ def _assert_no_shared_device(holds: list[Hold]) -> None:
 
 def test_gpu_jobs_of_the_smoke_run_never_share_a_device(smoke_run):
     gpu_logs = [j.log for j in smoke_run.jobs if j.gpu]
-    assert len(gpu_logs) == 14  # pretrain, 2 lp, 4 finetune, 2 uniform_subsets, 2 greedy_fold, 2 soup_all, gsgs
+    # pretrain, 2 lp, 4 finetune, 2 uniform_subsets, 2 greedy_fold, 3 soup_all (with the holdout's), gsgs, 2 budget
+    assert len(gpu_logs) == 17
     holds = _holds(gpu_logs)
     assert {h.lock for h in holds} <= {"gpu-0.lock", "gpu-1.lock"}
     _assert_no_shared_device(holds)

@@ -191,7 +191,7 @@ def test_fold_table_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match=re.escape(f"{path}: unreadable fold table")):
         read_folds(path)
     path.write_text("index,label,fold\n0,0,0\n1,0,2\n")
-    with pytest.raises(DataError, match=re.escape(f"{path}: fold numbers must be 0..k-1, each used, got [0, 2]")):
+    with pytest.raises(DataError, match=re.escape(f"{path}: fold numbers must be 0..k-1 (each used) or -1 (outer holdout), got [0, 2]")):
         read_folds(path)
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .analysis import format_folds as join  # (0, 3, 7) -> "0-3-7", as fold subsets are written elsewhere
+
 METHODS: tuple[str, ...] = ("best_on_val", "uniform_soup", "greedy_soup", "bgss", "gsgs", "ensemble_all")
 COLUMNS: tuple[str, ...] = ("method", "grid_points", "n_folds", "budget", "draw", "grid", "folds", "subsets",
                             "n_models", "n_ingredients", "val_acc", "test_acc", "n_test")
@@ -101,9 +103,6 @@ def draw_subsets(n_grid: int, k: int, g: int, f: int, draws: int, seed: int) -> 
     return out
 
 
-def join(numbers: Iterable[int]) -> str:
-    """(0, 3, 7) -> "0-3-7", as fold subsets are written elsewhere."""
-    return "-".join(str(int(i)) for i in numbers)
 
 
 # --------------------------------------------------------------------------- the methods on one subset

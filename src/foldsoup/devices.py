@@ -138,9 +138,10 @@ def place(preference: str = "auto") -> Placement:
     """Decide where this job computes; on GPUs, hold a device slot for the process lifetime.
     Called again in the same process, it returns the same placement (one slot per process)."""
     global _placement
-    if _placement is not None and preference != "cpu":
-        return _placement
-    _placement = _decide(preference)
+    if preference == "cpu":
+        return _decide("cpu")  # not kept: a later "auto" in this process still looks for a GPU
+    if _placement is None:
+        _placement = _decide(preference)
     return _placement
 
 

@@ -38,7 +38,8 @@ def prepare(cfg: dict, out: str) -> None:
 
 def folds(cfg: dict, data_path: str, out: str) -> None:
     data = load_prepared(data_path)
-    fold_of = make_folds(data.pool_labels, cfg["folds"]["k"], cfg["seed"], data.classes, cfg["folds"]["holdout_fraction"])
+    holdout = cfg["folds"].get("holdout_fraction", 0)  # the schema's default, for configs made by hand
+    fold_of = make_folds(data.pool_labels, cfg["folds"]["k"], cfg["seed"], data.classes, holdout)
     write_folds(out, data.pool_labels, fold_of)
     log(f"{cfg['folds']['k']} stratified folds of sizes {np.bincount(fold_of[fold_of != HOLDOUT]).tolist()}"
         + (f", outer holdout of {len(holdout_indices(fold_of))} images" if (fold_of == HOLDOUT).any() else ""))
