@@ -590,16 +590,6 @@ def vit_s32_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def two_threads(monkeypatch):
-    import torch
-
-    before = torch.get_num_threads()
-    monkeypatch.setenv("FOLDSOUP_THREADS", "2")
-    yield
-    torch.set_num_threads(before)
-
-
 def run_pipeline(results: Path, preset: str, data: dict, checkpoint: Path) -> dict:
     """The preset, shrunk: prepare -> folds -> pretrain (export from the checkpoint) -> linear probe
     per fold -> one fine-tune per fold -> uniform soup, through foldsoup.pipeline as the jobs run it."""

@@ -137,6 +137,11 @@ def test_summary_compares_the_three_signals():
 torch = pytest.importorskip("torch")
 
 from foldsoup import pipeline  # noqa: E402
+
+try:
+    from tiny_runs import train_tiny_run  # noqa: E402
+except ImportError:  # tests/ imported as a package
+    from tests.tiny_runs import train_tiny_run  # noqa: E402
 from foldsoup.config import grid_points  # noqa: E402
 from foldsoup.data import load_prepared, save_prepared  # noqa: E402
 from foldsoup.weights import load_weights  # noqa: E402
@@ -178,14 +183,7 @@ class Run:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     r = Run(tmp_path_factory.mktemp("holdout") / "results")
-    pipeline.prepare(r.cfg, r.data)
-    pipeline.folds(r.cfg, r.data, r.folds)
-    pipeline.pretrain(r.cfg, r.data, r.backbone)
-    for fold in range(K):
-        pipeline.linear_probe(r.cfg, r.data, r.folds, r.backbone, fold, r.head(fold))
-    for hp in r.hps:
-        for fold in range(K):
-            r.finetune(hp, fold)
+    train_tiny_run(r, r.hps, K)
     models, metrics = r.lists()
     soups, tables = r.root / "soups", r.root / "tables"
     pipeline.models_table(metrics, str(tables / "models.csv"))

@@ -28,6 +28,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from foldsoup import pipeline  # noqa: E402
+
+try:
+    from tiny_runs import train_tiny_run  # noqa: E402
+except ImportError:  # tests/ imported as a package
+    from tests.tiny_runs import train_tiny_run  # noqa: E402
 from foldsoup.config import grid_points, validate  # noqa: E402
 from foldsoup.data import load_prepared, save_prepared  # noqa: E402
 from foldsoup.weights import load_weights, save_weights  # noqa: E402
@@ -76,15 +81,7 @@ class Run:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     r = Run(tmp_path_factory.mktemp("tiny") / "results")
-    pipeline.prepare(r.cfg, r.data)
-    pipeline.folds(r.cfg, r.data, r.folds)
-    pipeline.pretrain(r.cfg, r.data, r.backbone)
-    for fold in range(K):
-        pipeline.linear_probe(r.cfg, r.data, r.folds, r.backbone, fold, r.head(fold))
-    for hp in r.good:
-        for fold in range(K):
-            r.finetune(hp, fold)
-    return r
+    return train_tiny_run(r, r.good, K)
 
 
 def _model_lists(r: Run, models: Path, hps: list[str], folds=range(K)) -> tuple[list[str], list[str]]:

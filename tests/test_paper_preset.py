@@ -351,16 +351,6 @@ def test_export_pretrained_tag_route(monkeypatch):
     assert calls[1] == ("ViT-B-32", "openai", {"force_quick_gelu": True})
 
 
-@pytest.fixture
-def two_threads(monkeypatch):
-    import torch
-
-    before = torch.get_num_threads()
-    monkeypatch.setenv("FOLDSOUP_THREADS", "2")
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_paper_pipeline_vit_b32(tmp_path, cifar, vit_checkpoints, two_threads):
     """prepare -> folds -> pretrain (export from a local checkpoint) -> linear probe per fold ->
