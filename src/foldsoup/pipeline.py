@@ -95,7 +95,9 @@ class Context:
         return load_weights(path, device=str(self.device), expect=self._shapes)[0]
 
     def metadata(self, **extra) -> dict:
-        return {"model": self.cfg["model"], "classes": self.data.classes, "image": vars(self.spec), **extra}
+        # "source": how `prepare` decoded the images, so `foldsoup predict` reads new ones the same way.
+        source = {"dataset": self.cfg["data"]["name"], "resize": self.cfg["data"].get("resize", "stretch")}
+        return {"model": self.cfg["model"], "classes": self.data.classes, "image": vars(self.spec), "source": source, **extra}
 
     def evaluator(self):
         from .evaluation import Evaluator

@@ -16,6 +16,11 @@ from .weights import WeightsError, load_weights
 
 def load_model(path: str, device: str = "auto"):
     """(model on its device, class names, image spec) from a foldsoup .safetensors file."""
+    model, meta, spec = _load(path, device)
+    return model, meta["classes"], spec
+
+
+def _load(path: str, device: str):
     state, meta = load_weights(path)
     for key in ("model", "classes", "image"):
         if key not in meta:
@@ -23,7 +28,7 @@ def load_model(path: str, device: str = "auto"):
     model = build_classifier(meta["model"], len(meta["classes"]))
     load_full(model, state, path)
     model.to(torch.device(place(device).device))
-    return model, meta["classes"], ImageSpec(**meta["image"])
+    return model, meta, ImageSpec(**meta["image"])
 
 
 def evaluate(model_path: str, data_path: str, folds_path: str | None = None, device: str = "auto") -> dict:
@@ -50,26 +55,33 @@ def evaluate(model_path: str, data_path: str, folds_path: str | None = None, dev
     return out
 
 
-def read_images(paths: list[str], channels: int) -> torch.Tensor:
-    """uint8 [N, C, H, W] from image files, converted to the model's channel count.
-    Images of different sizes are each resized later by the model's eval transform."""
-    from torchvision.io import ImageReadMode, read_image
-
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    images = []
+def read_images(paths: list[str], channels: int, source: dict | None = None, size: int | None = None) -> list[torch.Tensor]:
+    """uint8 [C, H, W] per image file, read as `prepare` read the model's training images: an
+    imagefolder dataset's way (Pillow, EXIF orientation, RGB, bicubic `resize` to `size`), or
+    else decoded at their own size in the model's channel count (the eval transform resizes)."""
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"image {path!r} does not exist")
-        images.append(read_image(path, mode=mode))
-    return images
+    if (source or {}).get("dataset") == "imagefolder":
+        from .imagefolder import read_image as read_as_prepared
+
+        return [torch.from_numpy(read_as_prepared(Path(p), size, source.get("resize", "stretch")).copy()) for p in paths]
+    from PIL import Image
+
+    def decode(path: str) -> torch.Tensor:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+        return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1).copy())
+
+    return [decode(path) for path in paths]
 
 
 def predict(model_path: str, image_paths: list[str], device: str = "auto"):
     """Yield (path, class name, probability) for each image."""
-    model, classes, spec = load_model(model_path, device)
-    channels = model_channels(spec)
+    model, meta, spec = _load(model_path, device)
+    classes = meta["classes"]
     dev = next(model.parameters()).device
-    for path, image in zip(image_paths, read_images(image_paths, channels)):
+    for path, image in zip(image_paths, read_images(image_paths, model_channels(spec), meta.get("source"), spec.size)):
         probs = predict_logits(model, image.unsqueeze(0).to(dev), spec, 1).softmax(1)[0]
         best = int(probs.argmax())
         yield path, classes[best], float(probs[best])
