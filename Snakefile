@@ -57,7 +57,7 @@ onstart:
 
         socket_path = os.path.join(tempfile.mkdtemp(prefix="foldsoup-"), "jobs.sock")
         subprocess.Popen(
-            [sys.executable, "-m", "foldsoup.zygote", socket_path],
+            [sys.executable, "-m", "foldsoup.zygote", socket_path, "--parent-pid", str(os.getpid())],
             start_new_session=True,
             stdout=subprocess.DEVNULL,
         )

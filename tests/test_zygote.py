@@ -106,3 +106,15 @@ def _state(pid: str) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split()[2]
     except FileNotFoundError:
         return "gone"
+
+
+def test_server_stops_when_its_starter_is_already_gone(tmp_path):
+    """A workflow that fails within a second ends while the server still imports torch; the
+    server must notice and stop (before: it waited out its 600 s idle timeout, holding the
+    stderr pipe of whoever ran Snakemake)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    proc = subprocess.run([sys.executable, "-m", "foldsoup.zygote", str(tmp_path / "jobs.sock"), "--parent-pid",
+                           str(gone.pid)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "jobs.sock").exists()  # cleaned up on the way out

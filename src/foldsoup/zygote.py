@@ -135,9 +135,10 @@ def _child(request: dict, fds: list[int]) -> None:
         os._exit(status)
 
 
-def serve(path: str, idle_timeout_s: float = 600.0) -> None:
+def serve(path: str, idle_timeout_s: float = 600.0, parent: int | None = None) -> None:
     """Import once, then fork one child per request. Stops when the process that started it
-    (Snakemake) is gone, or after `idle_timeout_s` without jobs.
+    (Snakemake, pid `parent`: default this process's parent now) is gone, or after
+    `idle_timeout_s` without jobs.
 
     Single-threaded on purpose (fork in a threaded process can copy a held lock): one select
     loop accepts requests, notices clients that went away (their job is killed with them, as
@@ -160,7 +161,9 @@ def serve(path: str, idle_timeout_s: float = 600.0) -> None:
     last_activity = time.monotonic()
     print(f"foldsoup job server on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
 
-    parent = os.getppid()
+    # Given by the starter: a workflow that ends while torch is still importing here has already
+    # left this process to init, and os.getppid() would then name init, not the starter.
+    parent = parent or os.getppid()
 
     def parent_alive() -> bool:
         return os.getppid() == parent  # reparented once the starter exits (even as a zombie)
@@ -223,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m foldsoup.zygote", description="local job server (see module docstring)")
     p.add_argument("socket")
     p.add_argument("--idle-timeout", type=float, default=600.0)
+    p.add_argument("--parent-pid", type=int, help="the starter's pid: the server stops when it is gone (default: the parent)")
     args = p.parse_args(argv)
-    serve(args.socket, args.idle_timeout)
+    serve(args.socket, args.idle_timeout, args.parent_pid)
 
 
 if __name__ == "__main__":
