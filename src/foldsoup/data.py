@@ -211,6 +211,28 @@ LOADERS = {
 }
 
 
+def source_paths(data_cfg: dict) -> list[str]:
+    """What `prepare` reads from disk, as far as it exists now: the `prepare` rule's inputs, so
+    that replacing the data reruns it (Snakemake compares modification times, and for files also
+    checksums: a file touched but unchanged reruns nothing). For imagefolder
+    the folders down to the class folders (adding, removing or renaming an image changes its
+    folder's time; overwriting one in place does not). Digits ships with scikit-learn: none."""
+    name, root = data_cfg["name"], Path(data_cfg.get("root") or ".")
+    if name == "medmnist":
+        return [str(root)] if root.is_file() else []
+    if name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        return sorted(str(p) for p in folder.glob("*_batch*")) if folder.is_dir() else []
+    if name == "imagefolder" and root.is_dir():
+        def folders(parent: Path) -> list[Path]:
+            return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+        split_dirs = [d for d in folders(root) if d.name in ("train", "val", "test")]
+        class_dirs = [c for d in split_dirs for c in folders(d)] if split_dirs else folders(root)
+        return [str(p) for p in [root, *split_dirs, *class_dirs]]
+    return []
+
+
 def prepare(data_cfg: dict, seed: int) -> Prepared:
     """Load the configured dataset, apply the optional stratified caps, validate."""
     data = LOADERS[data_cfg["name"]](data_cfg, seed)

@@ -1,6 +1,7 @@
 import json
 
 from foldsoup.config import dumps, grid_points
+from foldsoup.data import source_paths
 
 R = config["results"]
 K = config["folds"]["k"]

@@ -4,6 +4,9 @@ localrules:
 
 
 rule prepare:
+    input:
+        # The dataset's files and folders as they exist now: replacing the data reruns `prepare`.
+        source_paths(config["data"]),
     output:
         f"{R}/prepared/dataset.safetensors",
     params:
