@@ -21,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def step(name: str, help: str, *args: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
-        s.add_argument("--config-json", type=_cfg, required="config" in args, help="resolved configuration as JSON")
+        s.add_argument("--config-json", type=_cfg, required="config" in args,
+                       help="the configuration keys this step's result depends on, as JSON (foldsoup.job_config)")
+        s.add_argument("--runtime-json", type=_cfg, default=None,
+                       help="settings that never change the result (device, eval batch size, ...), merged into --config-json")
         for a in args:
             if a == "config":
                 continue
@@ -71,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import pipeline as pl
+    from .job_config import merge
 
     c = args.command
-    cfg = getattr(args, "config_json", None)
+    cfg = merge(getattr(args, "config_json", None), getattr(args, "runtime_json", None))
     try:
         if c == "prepare":
             pl.prepare(cfg, args.out)

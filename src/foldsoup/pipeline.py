@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import GridPoint, grid_point
 from .data import load_prepared, prepare as prepare_data, save_prepared
-from .folds import HOLDOUT, holdout_indices, make_folds, read_folds, train_indices, write_folds
+from .folds import HOLDOUT, holdout_indices, make_folds, num_folds, read_folds, train_indices, write_folds
 from .weights import atomic_write_json, load_weights, save_weights
 
 
@@ -68,7 +68,8 @@ class Context:
         self.data = load_prepared(data_path)
         self.fold_of = read_folds(folds_path, self.data.pool_labels) if folds_path else None
         self.spec = ImageSpec.from_config(cfg["data"], self.data.pool_images.shape[1])
-        self.k = cfg["folds"]["k"]
+        # k from the split itself: a job's config holds only what its result depends on.
+        self.k = num_folds(self.fold_of) if self.fold_of is not None else None
         self._shapes: dict | None = None  # the configured model's tensor shapes, built on first load()
 
     def model(self, num_classes: int | None = None):
@@ -111,14 +112,14 @@ def pretrain(cfg: dict, data_path: str, out: str) -> None:
     """The shared pretrained backbone: trained here for digits_cnn, exported for open_clip."""
     from .models import backbone_state
 
-    ctx = Context(cfg, data_path)
     if cfg["model"]["name"] == "open_clip":
         from .clip import export_pretrained_visual
 
-        state = export_pretrained_visual(cfg["model"])
+        state = export_pretrained_visual(cfg["model"])  # on the CPU: no device, no data needed
     else:
         from .train import LoopConfig, train
 
+        ctx = Context(cfg, data_path)
         d = ctx.data
         if d.pretrain_images is None:
             raise ValueError(f"{data_path}: has no pretraining images for model {cfg['model']['name']!r}")
@@ -407,9 +408,10 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
     from .weights import atomic_write_text
 
     soups, models_root = Path(soups_dir), Path(model_dir)
-    k, cross_fold = cfg["folds"]["k"], cfg["soups"]["cross_fold_val"]
+    cross_fold = cfg["soups"]["cross_fold_val"]
     data = load_prepared(data_path)
     fold_of = read_folds(folds_path, data.pool_labels)
+    k = num_folds(fold_of)
 
     def record(name: str) -> dict:
         with open(soups / f"{name}.json") as f:

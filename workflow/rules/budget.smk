@@ -22,7 +22,8 @@ rule budget:
     wildcard_constraints:
         n_folds=r"\d+",
     params:
-        cfg=cfg_json(*SOUP_SECTIONS, "budget"),
+        cfg=job_params("budget"),
+        runtime=runtime_params,
         model_dir=lambda w: f"{R}/models",
     log:
         f"{R}/logs/budget/f{{n_folds}}.log",
@@ -35,7 +36,7 @@ rule budget:
     conda:
         ENV
     shell:
-        "python -m foldsoup budget --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup budget --config-json {params.cfg:q} --runtime-json {params.runtime:q} --data {input.data} --folds {input.folds}"
         " --models-csv {input.models_csv} --model-dir {params.model_dir} --n-folds {wildcards.n_folds}"
         " --out {output} 2> {log}"
 

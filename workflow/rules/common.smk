@@ -1,7 +1,9 @@
-import json
+import os
+import re
 
 from foldsoup.config import dumps, grid_points
 from foldsoup.data import source_paths
+from foldsoup.job_config import job_config, runtime_config
 
 R = config["results"]
 K = config["folds"]["k"]
@@ -15,17 +17,41 @@ SOUPS_ALL = ["uniform_soup", "greedy_soup"] + (["greedy_soup_holdout"] if HOLDOU
 # threads, which torch takes as its thread count.
 ENV = "../../envs/foldsoup.yaml"
 
+
+# Only the configured grid points and folds: a --forcerun or target naming anything else is
+# refused by Snakemake ("no rule to produce") instead of failing in the job.
 wildcard_constraints:
-    hp="[^/]+",
-    fold=r"\d+",
+    hp="|".join(re.escape(hp) for hp in HPS),
+    fold="|".join(str(fold) for fold in FOLDS),
 
 
-def cfg_json(*sections):
-    """The config sections a step reads, as canonical JSON: a job reruns only when they change."""
-    return dumps({s: config[s] for s in sections})
+def job_params(step):
+    """A job's config param: exactly the keys its result depends on (foldsoup.job_config), as
+    canonical JSON, so Snakemake reruns it only when one of them changes. Per grid point for
+    fine-tunes: adding a learning rate trains only the new points."""
+    if step == "finetune":
+        return lambda wildcards: dumps(job_config(config, step, wildcards.hp))
+    return dumps(job_config(config, step))
 
 
-STEP_SECTIONS = ("seed", "device", "data", "model", "folds", "finetune", "augment")
+# Settings that never change a job's result (device, eval batch size, compile, on_divergence).
+# A params function that takes `input` is "derived" for Snakemake, and derived params are no
+# rerun trigger: these reach every job without rerunning finished ones when they are edited.
+RUNTIME_JSON = dumps(runtime_config(config))
+
+
+def runtime_params(wildcards, input):
+    return RUNTIME_JSON
+
+
+def pretrained_checkpoint():
+    """model.pretrained as an input of `pretrain` when it is a local file: replacing the
+    checkpoint reruns it (a tag is fetched by open_clip and stays a param). A path that does
+    not exist was refused by the config check already."""
+    pretrained = config["model"].get("pretrained") or ""
+    if config["model"]["name"] == "open_clip" and os.path.isfile(pretrained):
+        return [pretrained]
+    return []
 
 
 def runtime(kind):

@@ -10,13 +10,14 @@ rule prepare:
     output:
         f"{R}/prepared/dataset.safetensors",
     params:
-        cfg=cfg_json("seed", "data"),
+        cfg=job_params("prepare"),
+        runtime=runtime_params,
     log:
         f"{R}/logs/prepare.log",
     conda:
         ENV
     shell:
-        "python -m foldsoup prepare --config-json {params.cfg:q} --out {output} 2> {log}"
+        "python -m foldsoup prepare --config-json {params.cfg:q} --runtime-json {params.runtime:q} --out {output} 2> {log}"
 
 
 rule folds:
@@ -25,7 +26,7 @@ rule folds:
     output:
         f"{R}/folds.csv",
     params:
-        cfg=cfg_json("seed", "folds"),
+        cfg=job_params("folds"),
     log:
         f"{R}/logs/folds.log",
     conda:

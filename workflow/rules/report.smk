@@ -51,7 +51,7 @@ rule summary:
     output:
         report(f"{R}/summary.md", caption="../report/summary.rst", category="Summary"),
     params:
-        cfg=cfg_json("data", "model", "folds", "grid", "analysis"),
+        cfg=job_params("summary"),
     log:
         f"{R}/logs/summary.log",
     conda:

@@ -21,7 +21,6 @@ SOUP_INPUTS = dict(
     data=rules.prepare.output,
     folds=rules.folds.output,
 )
-SOUP_SECTIONS = (*STEP_SECTIONS, "grid", "soups", "analysis")
 
 
 rule uniform_subsets:
@@ -32,7 +31,8 @@ rule uniform_subsets:
     output:
         f"{R}/analysis/uniform_subsets/{{hp}}.csv",
     params:
-        cfg=cfg_json(*SOUP_SECTIONS),
+        cfg=job_params("uniform_subsets"),
+        runtime=runtime_params,
     log:
         f"{R}/logs/uniform_subsets/{{hp}}.log",
     benchmark:
@@ -44,7 +44,7 @@ rule uniform_subsets:
     conda:
         ENV
     shell:
-        "python -m foldsoup uniform-subsets --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup uniform-subsets --config-json {params.cfg:q} --runtime-json {params.runtime:q} --data {input.data} --folds {input.folds}"
         " --hp {wildcards.hp} --models {input.models} --metrics {input.metrics} --out {output} 2> {log}"
 
 
@@ -61,7 +61,8 @@ rule greedy_fold:
         uniform_predictions=f"{R}/soups/uniform_fold{{fold}}.predictions.safetensors",
         uniform_json=f"{R}/soups/uniform_fold{{fold}}.json",
     params:
-        cfg=cfg_json(*SOUP_SECTIONS),
+        cfg=job_params("greedy_fold"),
+        runtime=runtime_params,
     log:
         f"{R}/logs/greedy_fold/fold{{fold}}.log",
     benchmark:
@@ -73,7 +74,7 @@ rule greedy_fold:
     conda:
         ENV
     shell:
-        "python -m foldsoup greedy-fold --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup greedy-fold --config-json {params.cfg:q} --runtime-json {params.runtime:q} --data {input.data} --folds {input.folds}"
         " --fold {wildcards.fold} --models {input.models} --metrics {input.metrics}"
         " --out-greedy {output.greedy} --out-uniform {output.uniform} 2> {log}"
 
@@ -90,7 +91,8 @@ rule soup_all:
     wildcard_constraints:
         method="|".join(SOUPS_ALL),
     params:
-        cfg=cfg_json(*SOUP_SECTIONS),
+        cfg=job_params("soup_all"),
+        runtime=runtime_params,
         step=lambda w: {"uniform_soup": "uniform-all", "greedy_soup": "greedy-all", "greedy_soup_holdout": "greedy-holdout"}[
             w.method
         ],
@@ -105,7 +107,7 @@ rule soup_all:
     conda:
         ENV
     shell:
-        "python -m foldsoup {params.step} --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup {params.step} --config-json {params.cfg:q} --runtime-json {params.runtime:q} --data {input.data} --folds {input.folds}"
         " --models {input.models} --metrics {input.metrics} --out {output.weights} 2> {log}"
 
 
@@ -119,7 +121,8 @@ rule gsgs:
         predictions=f"{R}/soups/gsgs.predictions.safetensors",
         record=f"{R}/soups/gsgs.json",
     params:
-        cfg=cfg_json(*SOUP_SECTIONS),
+        cfg=job_params("gsgs"),
+        runtime=runtime_params,
     log:
         f"{R}/logs/gsgs.log",
     benchmark:
@@ -131,7 +134,7 @@ rule gsgs:
     conda:
         ENV
     shell:
-        "python -m foldsoup gsgs --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup gsgs --config-json {params.cfg:q} --runtime-json {params.runtime:q} --data {input.data} --folds {input.folds}"
         " --fold-soups {input.fold_soups} --out {output.weights} 2> {log}"
 
 
@@ -151,7 +154,7 @@ rule methods:
             ext=[".safetensors", ".predictions.safetensors", ".json"],
         ),
     params:
-        cfg=cfg_json("seed", "folds", "soups", "analysis"),
+        cfg=job_params("methods"),
         model_dir=lambda w: f"{R}/models",
         soups_dir=lambda w, input: os.path.dirname(input.soups[0]),
     log:

@@ -1,10 +1,12 @@
 rule pretrain:
     input:
         data=rules.prepare.output,
+        checkpoint=pretrained_checkpoint(),
     output:
         f"{R}/pretrained/backbone.safetensors",
     params:
-        cfg=cfg_json("seed", "device", "data", "model", "pretrain", "augment", "folds", "finetune"),
+        cfg=job_params("pretrain"),
+        runtime=runtime_params,
     log:
         f"{R}/logs/pretrain.log",
     benchmark:
@@ -16,7 +18,7 @@ rule pretrain:
     conda:
         ENV
     shell:
-        "python -m foldsoup pretrain --config-json {params.cfg:q} --data {input.data} --out {output} 2> {log}"
+        "python -m foldsoup pretrain --config-json {params.cfg:q} --runtime-json {params.runtime:q} --data {input.data} --out {output} 2> {log}"
 
 
 rule lp:
@@ -27,7 +29,8 @@ rule lp:
     output:
         f"{R}/lp/fold{{fold}}/head.safetensors",
     params:
-        cfg=cfg_json(*STEP_SECTIONS, "lp"),
+        cfg=job_params("lp"),
+        runtime=runtime_params,
     log:
         f"{R}/logs/lp/fold{{fold}}.log",
     benchmark:
@@ -39,7 +42,7 @@ rule lp:
     conda:
         ENV
     shell:
-        "python -m foldsoup lp --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup lp --config-json {params.cfg:q} --runtime-json {params.runtime:q} --data {input.data} --folds {input.folds}"
         " --backbone {input.backbone} --fold {wildcards.fold} --out {output} 2> {log}"
 
 
@@ -54,7 +57,8 @@ rule finetune:
         predictions=f"{R}/models/{{hp}}/fold{{fold}}/predictions.safetensors",
         metrics=f"{R}/models/{{hp}}/fold{{fold}}/metrics.json",
     params:
-        cfg=cfg_json(*STEP_SECTIONS, "grid"),
+        cfg=job_params("finetune"),
+        runtime=runtime_params,
         # Resume state lives outside the outputs: Snakemake deletes a failed job's outputs.
         resume=f"{R}/.resume/{{hp}}/fold{{fold}}",
     log:
@@ -68,6 +72,6 @@ rule finetune:
     conda:
         ENV
     shell:
-        "python -m foldsoup finetune --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
+        "python -m foldsoup finetune --config-json {params.cfg:q} --runtime-json {params.runtime:q} --data {input.data} --folds {input.folds}"
         " --backbone {input.backbone} --head {input.head} --hp {wildcards.hp} --fold {wildcards.fold}"
         " --out-dir $(dirname {output.model}) --resume-dir {params.resume} 2> {log}"

@@ -1,0 +1,122 @@
+"""What each workflow job is given of the configuration: exactly the keys its result depends on.
+
+Snakemake reruns a job when its params change. A param holding a whole config section would
+rerun every fine-tune after adding one learning rate, or every linear probe after editing an
+augmentation: GPU-hours on the paper preset. So each rule's params are `job_config(config,
+step, ...)`: the keys that change that job's output, no more. Settings that change how a job
+runs but never what it writes (`RUNTIME_KEYS`) reach it separately (`runtime_config`) and are
+no rerun trigger. The command line merges both back into one configuration tree, so the step
+functions read `cfg["finetune"]["eval_batch_size"]` wherever the key lives in the schema.
+
+No torch here: the Snakefile imports this at parse time.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+from .config import deep_update, grid_point
+
+# Never change a job's result: where it runs, whether a missing CIFAR-10 may be downloaded,
+# how many images per forward pass when evaluating, whether the training forward is compiled, and whether a NaN loss stops the job or
+# marks the model diverged (it only decides what happens to a job that fails).
+RUNTIME_KEYS = ("device", "data.download", "finetune.eval_batch_size", "finetune.compile", "finetune.on_divergence")
+
+# What the images look like to the model (train.ImageSpec) and how `predict` reads new ones
+# (the weights' metadata): every torch job.
+DATA_SPEC = ("data.name", "data.image_size", "data.mean", "data.std", "data.hflip", "data.resize")
+
+# The data keys `prepare` reads, per dataset (data.py's loaders).
+PREPARE_KEYS = {
+    "digits": ("data.classes", "data.pretrain_classes", "data.test_fraction"),
+    "cifar10": ("data.root",),
+    "imagefolder": ("data.root", "data.image_size", "data.resize", "data.test_fraction"),
+    "medmnist": ("data.root", "data.class_names"),
+}
+
+# The fine-tune recipe: everything of `finetune` except the runtime keys and mixup_alpha, which
+# only matters to grid points with mixup on.
+FINETUNE_RECIPE = tuple(f"finetune.{k}" for k in ("epochs", "batch_size", "weight_decay", "warmup_steps", "grad_clip",
+                                                     "label_smoothing", "precision", "save_dtype"))
+
+# Soup jobs build the model, evaluate in the fine-tunes' precision and write the metadata.
+SOUP_MODEL = ("seed", *DATA_SPEC, "model", "finetune.precision")
+
+STEP_KEYS: dict[str, tuple[str, ...]] = {
+    "folds": ("seed", "folds.k", "folds.holdout_fraction"),
+    "lp": ("seed", *DATA_SPEC, "model", "lp", "finetune.precision"),
+    "uniform_subsets": (*SOUP_MODEL, "analysis.max_subsets_per_n"),
+    "greedy_fold": (*SOUP_MODEL, "soups"),
+    "soup_all": (*SOUP_MODEL, "soups"),
+    "gsgs": (*SOUP_MODEL, "soups"),
+    "methods": ("seed", "soups.cross_fold_val", "analysis.bootstrap_resamples", "analysis.ci_level"),
+    # Budget draws grid points and folds from the configured grid; the rest as a soup job.
+    "budget": (*SOUP_MODEL, "soups", "grid", "folds.k", "budget"),
+    "summary": ("data", "model", "folds", "grid", "analysis"),
+}
+
+
+def _get(cfg: dict, path: str) -> Any:
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def select(cfg: dict, paths: Iterable[str]) -> dict:
+    """The sub-tree of `cfg` holding exactly `paths` (dotted keys), deep-copied."""
+    out: dict = {}
+    for path in paths:
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = copy.deepcopy(_get(cfg, path))
+    return out
+
+
+def step_keys(cfg: dict, step: str, hp: str | None = None) -> tuple[str, ...]:
+    """The dotted keys the result of `step` depends on (of grid point `hp`, for finetune)."""
+    if step == "prepare":
+        return ("seed", "data.name", "data.max_pool", "data.max_test", *PREPARE_KEYS[cfg["data"]["name"]])
+    if step == "pretrain":
+        if cfg["model"]["name"] == "open_clip":
+            return ("model",)  # exported, not trained
+        return ("seed", *DATA_SPEC, "model", "pretrain", "augment.medium")
+    if step == "finetune":
+        point = grid_point(cfg, hp)
+        return ("seed", *DATA_SPEC, "model", *FINETUNE_RECIPE, f"augment.{point.aug}",
+                *(("finetune.mixup_alpha",) if point.mixup else ()))
+    return STEP_KEYS[step]
+
+
+def job_config(cfg: dict, step: str, hp: str | None = None) -> dict:
+    """The configuration a job of `step` is given: its result depends on exactly these values.
+    A fine-tune gets its own grid point as a one-point grid, so `grid_point(cfg, hp)` still
+    finds it and editing another grid point changes nothing here."""
+    out = select(cfg, step_keys(cfg, step, hp))
+    if step == "finetune":
+        point = grid_point(cfg, hp)
+        out["grid"] = {"lr": [point.lr], "aug": [point.aug], "mixup": [point.mixup]}
+    return out
+
+
+def runtime_config(cfg: dict) -> dict:
+    """The settings that never change a job's result (RUNTIME_KEYS), as a config sub-tree."""
+    return select(cfg, RUNTIME_KEYS)
+
+
+def default_runtime() -> dict:
+    """The schema's defaults of the runtime keys (a step run by hand without --runtime-json)."""
+    from .config import fill_defaults, load_schema
+
+    return runtime_config(fill_defaults({"data": {}, "model": {}}, load_schema()))
+
+
+def merge(job_cfg: dict | None, runtime: dict | None) -> dict | None:
+    """One configuration tree for the step functions: the job's keys plus the runtime ones
+    (the schema's defaults under whatever `runtime` leaves out)."""
+    if job_cfg is None:
+        return None
+    return deep_update(deep_update(job_cfg, default_runtime()), runtime or {})
