@@ -1,5 +1,5 @@
 """The workflow as users run it: dry-run job counts, lint, logs and benchmarks, a tiny real run
-of the smoke preset, and one failed fine-tune under --keep-going followed by a rerun that
+of the smoke preset, and one failed fine-tune (the default profile keeps going) followed by a rerun that
 redoes only that job and what depends on it."""
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def test_a_failed_finetune_keeps_going_and_the_rerun_redoes_only_it(smoke_run, t
     failing_hp, failing_fold = HPS[0], 1
     args = ("--cores", "2", "--configfile", str(SMOKE), "--config", f"results={results}")
 
-    first = snakemake(*args, "--keep-going", env=clean_env(FOLDSOUP_FAIL=f"{failing_hp}/fold{failing_fold}"))
+    # No --keep-going: the default profile keeps going, as README says.
+    first = snakemake(*args, env=clean_env(FOLDSOUP_FAIL=f"{failing_hp}/fold{failing_fold}"))
     assert first.returncode != 0, first.tail()
     assert first.stats["finetune"] == 4
     failed = results / "models" / failing_hp / f"fold{failing_fold}"
@@ -186,3 +187,18 @@ def test_a_failed_finetune_keeps_going_and_the_rerun_redoes_only_it(smoke_run, t
     assert (failed / "metrics.json").is_file()
     assert {f: f.stat().st_mtime_ns for f in mtimes} == mtimes  # the other models were not touched
     assert len(pd.read_csv(results / "tables" / "models.csv")) == 4
+
+
+def test_a_target_outside_the_configured_grid_or_folds_is_refused(tmp_path):
+    """README's --forcerun names a model by path; a grid point or fold the config does not have
+    is refused by the dry run, before any job (the wildcards are constrained to the grid)."""
+    results = tmp_path / "results"
+    for target in (f"{results}/models/lr1e-05_medium_mixup/fold0/model.safetensors",  # not a grid point
+                   f"{results}/models/{HPS[0]}/fold7/model.safetensors"):  # k = 2
+        run = snakemake("-n", "--cores", "2", "--configfile", str(SMOKE), "--config", f"results={results}",
+                        "--forcerun", target)
+        assert run.returncode != 0, run.tail()
+        assert "No rule to produce" in run.output and target in run.output, run.tail()
+    run = snakemake("-n", "--cores", "2", "--configfile", str(SMOKE), "--config", f"results={results}",
+                    "--forcerun", f"{results}/models/{HPS[0]}/fold1/model.safetensors")
+    assert run.returncode == 0, run.tail()
