@@ -7,6 +7,7 @@ from pathlib import Path
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 
+from foldsoup import results_folder
 from foldsoup.config import ConfigError, validate
 
 
@@ -14,9 +15,11 @@ configfile: "config.yaml"
 
 
 # Validate the merged configuration (config.yaml + --configfile + --config) before any job is
-# scheduled; defaults from the schema are filled in.
+# scheduled; defaults from the schema are filled in. A results folder holds one run (one
+# dataset, one model): another is refused here.
 try:
     config.update(validate(config))
+    results_folder.check(config)
 except ConfigError as err:
     sys.exit(f"foldsoup: {err}")
 
@@ -49,15 +52,37 @@ rule all:
 
 
 # Local runs: one job server pays the torch import once for all jobs (foldsoup.zygote).
-# onstart runs only for real (not dry) runs; cluster executors run their jobs elsewhere.
+# onstart runs only for real (not dry) runs; cluster executors run their jobs elsewhere. A job
+# of another interpreter (--sdm conda, apptainer) runs itself: the server says which it is.
+# The server removes its socket folder when it stops.
 onstart:
+    results_folder.record(config)
+    # GPUs asked for but not visible: say so once here (device: auto would train every job on
+    # the CPU), or stop before any job (device: cuda). Local runs only: a login node has none.
+    if workflow.local_exec:
+        from foldsoup.devices import start_check
+
+        gpu_slots = workflow.global_resources.get("gpu")
+        warning, error = start_check(config["device"], getattr(gpu_slots, "value", gpu_slots))
+        if warning:
+            print(f"foldsoup: warning: {warning}", file=sys.stderr)
+        if error:
+            sys.exit(f"foldsoup: {error}")
     if config["local_job_server"] and workflow.local_exec:
         import subprocess
         import tempfile
 
         socket_path = os.path.join(tempfile.mkdtemp(prefix="foldsoup-"), "jobs.sock")
         subprocess.Popen(
-            [sys.executable, "-m", "foldsoup.zygote", socket_path, "--parent-pid", str(os.getpid())],
+            [
+                sys.executable,
+                "-m",
+                "foldsoup.zygote",
+                socket_path,
+                "--parent-pid",
+                str(os.getpid()),
+                "--remove-dir",
+            ],
             start_new_session=True,
             stdout=subprocess.DEVNULL,
         )

@@ -161,3 +161,35 @@ def _decide(preference: str) -> Placement:
         return Placement("cuda:0", 0, f"GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '0')} given by SLURM")
     slot = acquire_slot(count)
     return Placement(f"cuda:{slot}", slot, f"GPU slot {slot} of {count} ({torch.cuda.get_device_name(slot)})")
+
+
+def start_check(preference: str, gpu_slots: int | None) -> tuple[str | None, str | None]:
+    """(warning, error) for a local run, once at workflow start, before any job: GPU slots asked
+    for (`--resources gpu=N`) or `device: cuda` on a machine where torch sees no GPU. With
+    `device: auto` every job would quietly train on the CPU (a ViT-B/32 fine-tune: days), which
+    only each job's log would say; with `device: cuda` every job would fail one by one."""
+    if preference == "cpu" or not (gpu_slots or preference == "cuda"):
+        return None, None
+    if int(os.environ.get("FOLDSOUP_FAKE_GPUS", "0") or 0) > 0:
+        return None, None
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if gpu_slots and gpu_slots > count:
+            return (f"--resources gpu={gpu_slots} but torch sees {count} GPU(s): at most {count} GPU jobs run at once, "
+                    f"the others wait for a free device"), None
+        return None, None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is a CPU-only build"
+    elif visible is not None and not [v for v in visible.split(",") if v.strip() not in ("", "-1")]:
+        why = f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    else:
+        why = "torch finds no usable CUDA device or driver (nvidia-smi tells whether the driver sees one)"
+    asked = f"--resources gpu={gpu_slots}" if gpu_slots else "device: cuda"
+    if preference == "cuda":
+        return None, (f"{asked} asks for GPUs, but {why}; fix the GPU set-up, or set device: cpu (or auto) to run "
+                      f"on the CPU")
+    return (f"{asked} asks for GPUs, but {why}: every job will run on the CPU (device: auto). Set device: cuda to "
+            f"stop instead, or leave out --resources gpu=N on a CPU machine"), None

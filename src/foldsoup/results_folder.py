@@ -1,0 +1,67 @@
+"""One results folder holds one run: the data and the model it was made with.
+
+Two runs of different data or models in one folder would trample each other: the second
+deletes the first's prepared data and leaves files of the first (e.g. `best_on_holdout.*`)
+beside its own soups. The first real run records what it is in `<results>/run.json`; a later
+run of other data or another model into the same folder is refused at parse time, before any
+job, naming both. Edits that keep the data and the model (the grid, epochs, a preset overlay
+such as presets/smoke.yaml) are the same run: Snakemake reruns what they change.
+
+No torch here: the Snakefile imports this at parse time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import ConfigError
+
+RECORD = "run.json"
+
+
+def run_identity(cfg: dict) -> dict:
+    """What makes two runs different runs: the dataset (and where it lives) and the model."""
+    data, model = cfg["data"], cfg["model"]
+    identity = {"data": data["name"], "model": model["name"]}
+    if data["name"] != "digits":  # digits ships with scikit-learn: no root
+        identity["data_root"] = os.path.abspath(data["root"])
+    if model["name"] == "open_clip":
+        identity["arch"] = model["arch"]
+    return identity
+
+
+def _describe(identity: dict) -> str:
+    data = identity["data"] + (f" ({identity['data_root']})" if identity.get("data_root") else "")
+    model = identity["model"] + (f" {identity['arch']}" if identity.get("arch") else "")
+    return f"{data} with {model}"
+
+
+def check(cfg: dict) -> None:
+    """ConfigError when `results` holds a run of other data or another model."""
+    path = Path(cfg["results"]) / RECORD
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+        recorded_text = _describe(recorded)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"results: {str(path)!r} is not a run record written by foldsoup; delete it (the folder's run "
+                          f"is then recorded anew) or choose another results folder") from None
+    if recorded != run_identity(cfg):
+        raise ConfigError(
+            f"results: {cfg['results']!r} holds a run of {recorded_text} ({path}); this configuration is a run of "
+            f"{_describe(run_identity(cfg))}. Give it its own folder (`results:` in your config file, or "
+            f"--config results=<folder>), or delete {cfg['results']!r} to start over there")
+
+
+def record(cfg: dict) -> None:
+    """Write `<results>/run.json` unless it is there (a real run is starting)."""
+    path = Path(cfg["results"]) / RECORD
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(run_identity(cfg), indent=2) + "\n")
+    os.replace(tmp, path)
