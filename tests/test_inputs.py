@@ -70,16 +70,24 @@ def test_truncated_dataset_file(tmp_path, keep):
     path = tmp_path / "dataset.safetensors"
     save_prepared(path, dataset())
     data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)] if keep < 1 else data[:keep])
-    with pytest.raises(DataError, match=re.escape(f"prepared dataset {str(path)!r} is unreadable, truncated or corrupt")):
+    kept = int(len(data) * keep) if keep < 1 else keep
+    path.write_bytes(data[:kept])
+    header = 8 + int.from_bytes(data[:8], "little")  # length field + JSON header
+    what = (f"cut short ({kept} of {len(data)} bytes): an interrupted write or copy" if kept > header
+            else f"cut short inside its header ({kept} bytes, the header alone needs {header})")
+    with pytest.raises(DataError) as info:
         load_prepared(path)
+    assert str(info.value) == f"prepared dataset {str(path)!r} is {what}; delete it and rerun `prepare`"
 
 
 def test_dataset_file_that_is_not_safetensors(tmp_path):
     path = tmp_path / "dataset.safetensors"
     path.write_bytes(b"\x80\x04\x95 a pickle, say" + bytes(100))
-    with pytest.raises(DataError, match="unreadable, truncated or corrupt.*rerun `prepare`"):
+    with pytest.raises(DataError) as info:
         load_prepared(path)
+    assert str(info.value) == (f"prepared dataset {str(path)!r} is a pickle (torch.save or pickle.dump; foldsoup never "
+                               f"unpickles: a pickle can run code), not a prepared dataset; give the prepared dataset, "
+                               f"<results>/prepared/dataset.safetensors")
 
 
 def test_dataset_file_missing_a_tensor(tmp_path):
@@ -364,3 +372,205 @@ def test_weight_files_are_read_and_written_as_safetensors_only():
                 for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "pickle" not in imported and "torch.save" not in text and "torch.load" not in text
     assert {"safetensors", "safetensors.torch"} <= imported
+
+
+# ---------------------------------------------------------------- files handed to the commands
+
+# What a user can hand `foldsoup evaluate MODEL --data DATA [--folds FOLDS]` and `foldsoup predict
+# MODEL IMAGE...` by mistake, and the one line each gets. The good files come from a tiny real
+# run (digits, width-8 CNN, k = 2, one fine-tune of 1 epoch) through the pipeline functions the
+# workflow runs; the bad ones are copies, cuts and the run's other files.
+
+MODEL_FILES = "a model or soup, e.g. results/soups/gsgs.safetensors or results/models/<hp>/fold<i>/model.safetensors"
+DATASET = "give the prepared dataset, <results>/prepared/dataset.safetensors"
+NOT_PICKLED = "foldsoup never unpickles: a pickle can run code"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A finished tiny run's files (results/...) and bad files made from them (bad/...)."""
+    import torch
+    from PIL import Image
+
+    from foldsoup import pipeline
+    from foldsoup.config import grid_points, validate
+    from foldsoup.weights import load_weights, save_weights
+
+    root = tmp_path_factory.mktemp("commands")
+    res, bad = root / "results", root / "bad"
+    cfg = validate({"results": str(res), "seed": 0, "device": "cpu",
+                    "data": {"name": "digits", "classes": [1, 2, 3], "pretrain_classes": [0, 4, 6], "test_fraction": 0.5},
+                    "model": {"name": "digits_cnn", "width": 8}, "pretrain": {"epochs": 1}, "folds": {"k": 2},
+                    "lp": {"epochs": 2}, "finetune": {"epochs": 1, "batch_size": 32, "warmup_steps": 1},
+                    "grid": {"lr": [0.003], "aug": ["minimal"], "mixup": [False]}})
+    f = {"data": res / "prepared" / "dataset.safetensors", "folds": res / "folds.csv",
+         "backbone": res / "pretrained" / "backbone.safetensors", "head": res / "lp" / "fold0" / "head.safetensors"}
+    hp = grid_points(cfg)[0].name
+    model_dir = res / "models" / hp / "fold0"
+    pipeline.prepare(cfg, str(f["data"]))
+    pipeline.folds(cfg, str(f["data"]), str(f["folds"]))
+    pipeline.pretrain(cfg, str(f["data"]), str(f["backbone"]))
+    pipeline.linear_probe(cfg, str(f["data"]), str(f["folds"]), str(f["backbone"]), 0, str(f["head"]))
+    pipeline.finetune(cfg, str(f["data"]), str(f["folds"]), str(f["backbone"]), str(f["head"]), hp, 0, str(model_dir),
+                      str(res / ".resume"))
+    f.update(model_dir=model_dir, model=model_dir / "model.safetensors", metrics=model_dir / "metrics.json",
+             predictions=model_dir / "predictions.safetensors", results=res, bad=bad)
+
+    bad.mkdir()
+    (bad / "empty.safetensors").write_bytes(b"")
+    blob = f["model"].read_bytes()
+    (bad / "half.safetensors").write_bytes(blob[: len(blob) // 2])
+    f["model_size"] = len(blob)
+    state, meta = load_weights(f["model"])
+    torch.save(state, bad / "model.pt")
+    save_weights(bad / "foreign.safetensors", {"visual.conv1.weight": torch.zeros(4, 3, 2, 2), "visual.proj": torch.zeros(4)})
+    save_weights(bad / "swapped.safetensors", {**state, "head.weight": torch.zeros(5, 16), "head.bias": torch.zeros(5)}, meta)
+    other = validate({**cfg, "data": {**cfg["data"], "classes": [1, 2, 3, 5]}})
+    pipeline.prepare(other, str(bad / "other.safetensors"))  # another run's dataset: 4 classes
+    (bad / "other_folds.csv").write_text(f["folds"].read_text().replace("\n0,0,", "\n0,1,", 1))  # labels differ
+    digit = load_prepared(f["data"]).test_images[0, 0]
+    Image.fromarray(digit).save(bad / "digit.png")
+    png = (bad / "digit.png").read_bytes()
+    big = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(big).save(bad / "noise.png")
+    (bad / "cut.png").write_bytes((bad / "noise.png").read_bytes()[:2000])
+    (bad / "notes.png").write_text("class 1: a one\n")
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "images").mkdir()
+    (bad / "images" / "a.png").write_bytes(png)
+    (bad / "nothing").mkdir()
+    return f
+
+
+def _bad_inputs(f) -> dict[str, tuple[list[str], str]]:
+    """{case: (argv, the error line after 'foldsoup <command>: error: ')}."""
+    b, m, d = f["bad"], str(f["model"]), str(f["data"])
+    ev = lambda model, data=d, *more: ["evaluate", str(model), "--data", str(data), *more, "--device", "cpu"]  # noqa: E731
+    pr = lambda *images, model=m: ["predict", str(model), *map(str, images), "--device", "cpu"]  # noqa: E731
+    csv_start = "'index,label,fold 0,0,0 1,2,0 2,0,0 3,1,0...'"
+    json_start = repr(" ".join(f["metrics"].read_text().split())[:40] + "...")
+    return {
+        # ---- the model or soup (evaluate and predict read it the same way)
+        "weights: missing, a typo": (ev(m[:-1]), f"weight file {m[:-1]} does not exist; did you mean {m!r}?"),
+        "weights: missing": (ev(b / "nope.safetensors"), f"weight file {b / 'nope.safetensors'} does not exist; check the path"),
+        "weights: a model's folder": (ev(f["model_dir"]), f"weight file {f['model_dir']} is a folder; give a .safetensors file, e.g. {m!r}"),
+        "weights: empty": (ev(b / "empty.safetensors"), f"weight file {b / 'empty.safetensors'} is empty (0 bytes): an interrupted "
+                           "write or copy; copy it again, or delete it and rerun the step that wrote it"),
+        "weights: cut short": (ev(b / "half.safetensors"), f"weight file {b / 'half.safetensors'} is cut short ({f['model_size'] // 2} "
+                               f"of {f['model_size']} bytes): an interrupted write or copy; copy it again, or delete it and rerun "
+                               "the step that wrote it"),
+        "weights: torch.save": (ev(b / "model.pt"), f"weight file {b / 'model.pt'} is a PyTorch checkpoint (torch.save; "
+                                f"{NOT_PICKLED}), not a safetensors file; give a .safetensors file written by foldsoup"),
+        "weights: folds.csv": (ev(f["folds"]), f"weight file {f['folds']} is a CSV file (starting {csv_start}), not a safetensors "
+                               "file; give a .safetensors file written by foldsoup"),
+        "weights: metrics.json": (ev(f["metrics"]), f"weight file {f['metrics']} is a JSON file (starting {json_start}), not a "
+                                  "safetensors file; give a .safetensors file written by foldsoup"),
+        "weights: an image (arguments swapped)": (pr(m, model=b / "digit.png"), f"weight file {b / 'digit.png'} is a PNG image, "
+                                                  "not a safetensors file; give a .safetensors file written by foldsoup"),
+        "weights: predictions": (ev(f["predictions"]), f"weight file {f['predictions']} holds a model's saved logits (a "
+                                 f"predictions file), not weights; give the weights beside it, {m!r}"),
+        "weights: the prepared dataset": (ev(d), f"weight file {d} holds a prepared dataset, not a model or soup; give {MODEL_FILES}"),
+        "weights: the backbone": (ev(f["backbone"]), f"weight file {f['backbone']} holds the pretrained backbone alone (no head, no "
+                                  f"class names), not a model or soup; give {MODEL_FILES}"),
+        "weights: a linear-probe head": (ev(f["head"]), f"weight file {f['head']} holds a linear-probe head alone (no backbone), not "
+                                         f"a model or soup; give {MODEL_FILES}"),
+        "weights: another program's": (ev(b / "foreign.safetensors"), f"weight file {b / 'foreign.safetensors'} was not written by "
+                                       "foldsoup (no 'model', 'classes', 'image' in its metadata; 2 tensors, the first "
+                                       f"'visual.conv1.weight'); give {MODEL_FILES}"),
+        "weights: another model's tensors": (ev(b / "swapped.safetensors"), f"{b / 'swapped.safetensors'}: tensor 'head.weight' has "
+                                             "shape [5, 16], the model expects [3, 16] (the model its metadata describes: "
+                                             f"digits_cnn, 3 classes); its tensors belong to another model: give {MODEL_FILES}"),
+        # ---- --data
+        "data: another run's dataset": (ev(m, b / "other.safetensors"), f"{b / 'other.safetensors'}: the model {m} was trained on "
+                                        "classes ['1', '2', '3'], this dataset has classes ['1', '2', '3', '5']; evaluate it on "
+                                        "the prepared dataset of the run that trained it"),
+        "data: missing": (ev(m, b / "dataset.safetensors"), f"prepared dataset {str(b / 'dataset.safetensors')!r} does not exist "
+                          "(run the `prepare` rule)"),
+        "data: the results folder": (ev(m, f["results"]), f"prepared dataset {str(f['results'])!r} is a folder; give the prepared "
+                                     f"dataset file, e.g. {d!r}"),
+        "data: empty": (ev(m, b / "empty.safetensors"), f"prepared dataset {str(b / 'empty.safetensors')!r} is empty (0 bytes): an "
+                        "interrupted write or copy; delete it and rerun `prepare`"),
+        "data: folds.csv": (ev(m, f["folds"]), f"prepared dataset {str(f['folds'])!r} is a CSV file (starting {csv_start}), not a "
+                            f"prepared dataset; {DATASET}"),
+        "data: metrics.json": (ev(m, f["metrics"]), f"prepared dataset {str(f['metrics'])!r} is a JSON file (starting {json_start}), "
+                               f"not a prepared dataset; {DATASET}"),
+        "data: model weights": (ev(m, m), f"prepared dataset {m!r} holds model weights, not a prepared dataset; {DATASET}"),
+        "data: predictions": (ev(m, f["predictions"]), f"prepared dataset {str(f['predictions'])!r} holds a model's saved logits (a "
+                              f"predictions file), not a prepared dataset; {DATASET}"),
+        "data: torch.save": (ev(m, b / "model.pt"), f"prepared dataset {str(b / 'model.pt')!r} is a PyTorch checkpoint (torch.save; "
+                             f"{NOT_PICKLED}), not a prepared dataset; {DATASET}"),
+        # ---- --folds
+        "folds: missing, a typo": (ev(m, d, "--folds", str(f["results"] / "fold.csv")), f"fold table {f['results'] / 'fold.csv'} does "
+                                   f"not exist; did you mean {str(f['folds'])!r}?"),
+        "folds: the results folder": (ev(m, d, "--folds", str(f["results"])), f"fold table {f['results']} is a folder; give the fold "
+                                      f"table folds.csv, e.g. {str(f['folds'])!r}"),
+        "folds: the prepared dataset": (ev(m, d, "--folds", d), f"fold table {d} is a safetensors file, not rows of index,label,fold; "
+                                        "give the run's folds.csv, or rerun the `folds` rule"),
+        "folds: metrics.json": (ev(m, d, "--folds", str(f["metrics"])), f"fold table {f['metrics']} is a JSON file (starting "
+                                f"{json_start}), not rows of index,label,fold; give the run's folds.csv, or rerun the `folds` rule"),
+        "folds: empty": (ev(m, d, "--folds", str(b / "empty.png")), f"fold table {b / 'empty.png'} is empty (0 bytes), not rows of "
+                         "index,label,fold; give the run's folds.csv, or rerun the `folds` rule"),
+        "folds: another run's": (ev(m, d, "--folds", str(b / "other_folds.csv")), f"{b / 'other_folds.csv'}: labels do not match the "
+                                 "prepared dataset; give the folds.csv of the run that made it, or rerun the `folds` rule"),
+        # ---- predict's images
+        "image: a text file": (pr(b / "digit.png", b / "notes.png"), f"image {str(b / 'notes.png')!r} is a text file (starting "
+                               "'class 1: a one'), not an image; give image files (PNG, JPEG, ...)"),
+        "image: empty": (pr(b / "empty.png"), f"image {str(b / 'empty.png')!r} is empty (0 bytes), not an image; give image files "
+                         "(PNG, JPEG, ...)"),
+        "image: cut short": (pr(b / "cut.png"), f"image {str(b / 'cut.png')!r} cannot be decoded (OSError: image file is truncated); "
+                             "it is damaged or cut short: replace it with a readable copy"),
+        "image: weights": (pr(m), f"image {m!r} is a safetensors file, not an image; give image files (PNG, JPEG, ...)"),
+        "image: a folder of images": (pr(b / "images"), f"image {str(b / 'images')!r} is a folder; give image files, e.g. "
+                                      f"{str(b / 'images' / 'a.png')!r} or {b / 'images'}/*.png"),
+        "image: an empty folder": (pr(b / "nothing"), f"image {str(b / 'nothing')!r} is a folder; give image files (this folder holds "
+                                   "none)"),
+        "image: missing, a typo": (pr(b / "digit.pgn"), f"image {str(b / 'digit.pgn')!r} does not exist; did you mean "
+                                   f"{str(b / 'digit.png')!r}?"),
+    }
+
+
+def _case_ids() -> list[str]:
+    """The case names, read without the fixture (pytest collects ids before fixtures run)."""
+    fake = {k: Path("/x") / k for k in ("data", "folds", "backbone", "head", "model_dir", "model", "metrics", "predictions",
+                                         "results", "bad")}
+    fake["model_size"] = 0
+    fake["metrics"] = Path(__file__)  # any readable text file
+    return list(_bad_inputs(fake))
+
+
+@pytest.mark.parametrize("case", _case_ids())
+def test_a_bad_file_gets_one_line_naming_it(files, case, capsys):
+    from foldsoup import cli
+
+    argv, message = _bad_inputs(files)[case]
+    assert cli.main(argv) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"foldsoup {argv[0]}: error: {message}\n"
+
+
+@pytest.mark.parametrize("case", ["image: a text file", "data: folds.csv", "folds: empty"])
+def test_the_command_prints_that_line_and_nothing_else(files, case):
+    """As a user runs it: exit status 1, the line on stderr, no traceback or warning."""
+    import subprocess
+    import sys
+
+    from conftest import clean_env
+
+    argv, message = _bad_inputs(files)[case]
+    proc = subprocess.run([sys.executable, "-m", "foldsoup", *argv], env=clean_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"foldsoup {argv[0]}: error: {message}\n")
+
+
+def test_a_step_given_a_file_for_a_folder_or_a_folder_for_a_file(files, capsys):
+    """Paths no loader reads (a step's output) are named by the OS error, in one line."""
+    from foldsoup import cli
+
+    config = json.dumps({"seed": 0, "folds": {"k": 2}})
+    notes, folder = files["bad"] / "notes.png", files["bad"] / "nothing"
+    assert cli.main(["folds", "--config-json", config, "--data", str(files["data"]), "--out", str(notes / "folds.csv")]) == 1
+    assert capsys.readouterr().err == (f"foldsoup folds: error: {str(notes)!r}: a file stands where a folder is needed (File "
+                                       "exists); move it away or choose another path\n")
+    assert cli.main(["folds", "--config-json", config, "--data", str(files["data"]), "--out", str(folder)]) == 1
+    assert capsys.readouterr().err == f"foldsoup folds: error: {str(folder)!r} is a folder; give the path of a file\n"
+    assert sorted(p.name for p in folder.iterdir()) == []  # no temporary file left behind

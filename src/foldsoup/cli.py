@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="class predictions of a saved model or soup for images")
     pr.add_argument("model")
-    pr.add_argument("images", nargs="+", help="image files (PNG/JPEG), read with torchvision")
+    pr.add_argument("images", nargs="+", help="image files (PNG/JPEG), read as `prepare` read the training images")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
@@ -133,4 +133,19 @@ def main(argv: list[str] | None = None) -> int:
         # Known failure modes carry messages written for the user; no traceback needed.
         print(f"foldsoup {c}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path the loaders do not check (a step's output or table), named by the OS
+        print(f"foldsoup {c}: error: {os_error(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def os_error(exc: OSError) -> str:
+    """One line naming the path and what to do, for the errors a wrong path gives."""
+    path = repr(exc.filename) if exc.filename else "a path"
+    if isinstance(exc, IsADirectoryError):
+        return f"{path} is a folder; give the path of a file"
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        return f"{path}: a file stands where a folder is needed ({exc.strerror}); move it away or choose another path"
+    if isinstance(exc, PermissionError):
+        return f"{path}: permission denied; check its owner and mode"
+    return f"{path}: {exc.strerror or exc}"

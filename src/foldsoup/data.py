@@ -95,7 +95,13 @@ def save_prepared(path: str | Path, data: Prepared) -> None:
 def load_prepared(path: str | Path) -> Prepared:
     from safetensors import safe_open
 
+    from .files import folder_given, safetensors_contents, unreadable_safetensors
+
     path = Path(path)
+    instead = "give the prepared dataset, <results>/prepared/dataset.safetensors"
+    if path.is_dir():
+        raise DataError(f"prepared dataset {str(path)!r} "
+                        + folder_given(path, ("dataset.safetensors", "prepared/dataset.safetensors"), "the prepared dataset file"))
     if not path.is_file():
         raise DataError(f"prepared dataset {str(path)!r} does not exist (run the `prepare` rule)")
     try:
@@ -103,9 +109,13 @@ def load_prepared(path: str | Path) -> Prepared:
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise DataError(f"prepared dataset {str(path)!r} is unreadable, truncated or corrupt "
-                        f"({type(exc).__name__}: {exc}); delete it and rerun `prepare`") from exc
+        what, damaged = unreadable_safetensors(path, exc)
+        raise DataError(f"prepared dataset {str(path)!r} is {what}; delete it and rerun `prepare`" if damaged
+                        else f"prepared dataset {str(path)!r} is {what}, not a prepared dataset; {instead}") from exc
     missing = [k for k in ("pool_images", "pool_labels", "test_images", "test_labels") if k not in arrays]
+    held = safetensors_contents(arrays, meta)
+    if missing and held not in (None, "a prepared dataset"):
+        raise DataError(f"prepared dataset {str(path)!r} holds {held}, not a prepared dataset; {instead}")
     if missing:
         raise DataError(f"prepared dataset {str(path)!r} lacks tensor(s) {missing}; it holds {sorted(arrays)}. "
                         f"Delete it and rerun `prepare`")

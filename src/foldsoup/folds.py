@@ -14,6 +14,7 @@ import numpy as np
 
 from .data import DataError
 
+FOLDS_HEADER = "index,label,fold"
 HOLDOUT = -1  # the fold number of outer-holdout images in folds.csv and in fold_of arrays
 
 
@@ -69,11 +70,12 @@ def write_folds(path: str | Path, labels: np.ndarray, fold_of: np.ndarray) -> No
     from .weights import atomic_write_text
 
     rows = "".join(f"{i},{int(y)},{int(f)}\n" for i, (y, f) in enumerate(zip(labels, fold_of)))
-    atomic_write_text(path, "index,label,fold\n" + rows)
+    atomic_write_text(path, FOLDS_HEADER + "\n" + rows)
 
 
 def read_folds(path: str | Path, pool_labels: np.ndarray | None = None) -> np.ndarray:
     """Fold number per pool index; checks it matches the prepared pool when labels are given."""
+    _check_fold_table_file(Path(path))
     try:
         table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     except (OSError, ValueError) as exc:
@@ -81,12 +83,26 @@ def read_folds(path: str | Path, pool_labels: np.ndarray | None = None) -> np.nd
     if table.ndim != 2 or table.shape[1] != 3 or not np.array_equal(table[:, 0], np.arange(len(table))):
         raise DataError(f"{path}: expected columns index,label,fold with index 0..N-1")
     if pool_labels is not None and not np.array_equal(table[:, 1], pool_labels):
-        raise DataError(f"{path}: labels do not match the prepared dataset; rerun the `folds` rule")
+        raise DataError(f"{path}: labels do not match the prepared dataset; give the folds.csv of the run that "
+                        f"made it, or rerun the `folds` rule")
     fold_of = table[:, 2]
     if len(fold_of) and (fold_of.min() < HOLDOUT or np.setdiff1d(np.arange(fold_of.max() + 1), fold_of).size):
         raise DataError(f"{path}: fold numbers must be 0..k-1 (each used) or {HOLDOUT} (outer holdout), "
                         f"got {sorted(set(fold_of.tolist()))}")
     return fold_of
+
+
+def _check_fold_table_file(path: Path) -> None:
+    """A folder, a missing file or another kind of file than a fold table, named before parsing."""
+    from .files import folder_given, head_bytes, missing, sniff
+
+    if path.is_dir():
+        raise DataError(f"fold table {path} {folder_given(path, ('folds.csv',), 'the fold table folds.csv')}")
+    if not path.is_file():
+        raise DataError(f"fold table {path} {missing(path)}")
+    if not head_bytes(path, len(FOLDS_HEADER) + 2).decode("utf-8", "replace").startswith(FOLDS_HEADER):
+        raise DataError(f"fold table {path} is {sniff(path) or 'a binary file'}, not rows of {FOLDS_HEADER}; "
+                        f"give the run's folds.csv, or rerun the `folds` rule")
 
 
 def train_indices(fold_of: np.ndarray, fold: int) -> np.ndarray:

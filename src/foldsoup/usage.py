@@ -20,25 +20,47 @@ def load_model(path: str, device: str = "auto"):
     return model, meta["classes"], spec
 
 
+MODEL_FILES = "a model or soup, e.g. results/soups/gsgs.safetensors or results/models/<hp>/fold<i>/model.safetensors"
+
+
 def _load(path: str, device: str):
+    from .files import safetensors_contents
+
     state, meta = load_weights(path)
-    for key in ("model", "classes", "image"):
-        if key not in meta:
-            raise WeightsError(f"{path}: no {key!r} in its metadata; is it a model or soup written by foldsoup?")
+    lacking = [key for key in ("model", "classes", "image") if key not in meta]
+    if lacking:
+        held = safetensors_contents(state, meta)
+        # A model's or soup's logits sit beside its weights: models/.../predictions.safetensors, soups/<m>.predictions.safetensors.
+        beside = [p for p in (Path(path).with_name("model.safetensors"), Path(path.replace(".predictions.safetensors", ".safetensors")))
+                  if p != Path(path) and p.is_file()]
+        if "test_logits" in state and beside:
+            raise WeightsError(f"weight file {path} holds {held}, not weights; give the weights beside it, {str(beside[0])!r}")
+        if held:
+            raise WeightsError(f"weight file {path} holds {held}, not a model or soup; give {MODEL_FILES}")
+        raise WeightsError(f"weight file {path} was not written by foldsoup (no {', '.join(map(repr, lacking))} in its "
+                           f"metadata; {len(state)} tensors, the first {next(iter(state), '')!r}); give {MODEL_FILES}")
     model = build_classifier(meta["model"], len(meta["classes"]))
-    load_full(model, state, path)
+    try:
+        load_full(model, state, path)
+    except ValueError as exc:  # only a file whose tensors were replaced after foldsoup wrote it
+        raise WeightsError(f"{exc} (the model its metadata describes: {meta['model'].get('name')}, {len(meta['classes'])} "
+                           f"classes); its tensors belong to another model: give {MODEL_FILES}") from exc
     model.to(torch.device(place(device).device))
     return model, meta, ImageSpec(**meta["image"])
 
 
 def evaluate(model_path: str, data_path: str, folds_path: str | None = None, device: str = "auto") -> dict:
-    from .data import load_prepared
+    from .data import DataError, load_prepared
     from .folds import HOLDOUT, read_folds
 
     model, classes, spec = load_model(model_path, device)
     data = load_prepared(data_path)
-    if data.classes != classes:
-        raise ValueError(f"{model_path} predicts classes {classes}, {data_path} has {data.classes}")
+    channels = data.pool_images.shape[1]
+    if data.classes != classes or channels != model_channels(spec):
+        theirs, ours = ((f"classes {classes}", f"classes {data.classes}") if data.classes != classes
+                        else (f"{model_channels(spec)}-channel images", f"{channels}-channel images"))
+        raise DataError(f"{data_path}: the model {model_path} was trained on {theirs}, this dataset has {ours}; "
+                        f"evaluate it on the prepared dataset of the run that trained it")
     dev = next(model.parameters()).device
     test_logits = predict_logits(model, torch.from_numpy(data.test_images).to(dev), spec, 1024)
     out = {"model": model_path, "test_acc": accuracy(test_logits, torch.from_numpy(data.test_labels).to(dev)),
@@ -59,21 +81,48 @@ def read_images(paths: list[str], channels: int, source: dict | None = None, siz
     """uint8 [C, H, W] per image file, read as `prepare` read the model's training images: an
     imagefolder dataset's way (Pillow, EXIF orientation, RGB, bicubic `resize` to `size`), or
     else decoded at their own size in the model's channel count (the eval transform resizes)."""
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image {path!r} does not exist")
-    if (source or {}).get("dataset") == "imagefolder":
-        from .imagefolder import read_image as read_as_prepared
-
-        return [torch.from_numpy(read_as_prepared(Path(p), size, source.get("resize", "stretch")).copy()) for p in paths]
     from PIL import Image
 
+    from .data import DataError
+    from .files import in_folder, missing
+    from .imagefolder import IMAGE_EXTENSIONS, read_image as read_as_prepared
+
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            inside = in_folder(p, [f"*{ext}" for ext in IMAGE_EXTENSIONS])
+            raise DataError(f"image {path!r} is a folder; give image files" + (f", e.g. {str(inside)!r} or {path}/*{inside.suffix}"
+                                                                              if inside else " (this folder holds none)"))
+        if not p.is_file():
+            raise DataError(f"image {path!r} {missing(p)}")
+
     def decode(path: str) -> torch.Tensor:
+        if (source or {}).get("dataset") == "imagefolder":
+            return torch.from_numpy(read_as_prepared(Path(path), size, source.get("resize", "stretch")).copy())
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
         return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1).copy())
 
-    return [decode(path) for path in paths]
+    def read(path: str) -> torch.Tensor:
+        try:
+            return decode(path)
+        except Exception as exc:  # UnidentifiedImageError, OSError (truncated), or imagefolder's DataError wrapping them
+            cause = exc.__cause__ if isinstance(exc, DataError) else exc
+            if cause is None:
+                raise  # imagefolder's own message (a floating-point image)
+            raise DataError(_not_an_image(path, cause)) from exc
+
+    return [read(path) for path in paths]
+
+
+def _not_an_image(path: str, exc: BaseException) -> str:
+    from .files import sniff
+
+    what = sniff(Path(path))
+    if what and not what.endswith("image"):
+        return f"image {path!r} is {what}, not an image; give image files (PNG, JPEG, ...)"
+    return (f"image {path!r} cannot be decoded ({type(exc).__name__}: {exc}); it is damaged or cut short: "
+            f"replace it with a readable copy")
 
 
 def predict(model_path: str, image_paths: list[str], device: str = "auto"):

@@ -11,6 +11,7 @@ this module too and must stay cheap to import.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -64,6 +65,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and `path` is left untouched.
     """
     final = Path(path)
+    if final.is_dir():  # else os.replace fails naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "is a folder", str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target: os.replace is only atomic within one filesystem.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -207,17 +210,22 @@ def load_weights(
     """
     from safetensors import safe_open
 
+    from .files import folder_given, missing, unreadable_safetensors
+
     p = Path(path)
+    if p.is_dir():
+        raise WeightsError(f"weight file {p} {folder_given(p, ('model.safetensors', '*.safetensors'), 'a .safetensors file')}")
     if not p.is_file():
-        raise WeightsError(f"weight file not found: {p}")
+        raise WeightsError(f"weight file {p} {missing(p)}")
     try:
         with safe_open(str(p), framework="pt", device=str(device)) as f:
             raw_meta = f.metadata()
             state = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # SafetensorError, OSError, RuntimeError: all mean "unreadable"
-        raise WeightsError(
-            f"cannot read weight file {p} (truncated or corrupt?): {type(exc).__name__}: {exc}"
-        ) from exc
+        what, damaged = unreadable_safetensors(p, exc)
+        raise WeightsError(f"weight file {p} is {what}; copy it again, or delete it and rerun the step that wrote it" if damaged
+                           else f"weight file {p} is {what}, not a safetensors file; give a .safetensors file written by foldsoup"
+                           ) from exc
     try:
         metadata = _decode_metadata(raw_meta)
     except (json.JSONDecodeError, TypeError) as exc:
