@@ -126,6 +126,7 @@ CASES = [
     ({"data": {"name": "mnist"}}, "data.name: 'mnist' is not allowed; did you mean 'medmnist'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')"),
     ({"data": {"name": "cifar"}}, "data.name: 'cifar' is not allowed; did you mean 'cifar10'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')"),
     ({"model": {"name": "resnet50"}}, "model.name: 'resnet50' is not allowed (allowed: one of 'digits_cnn', 'open_clip')"),
+    ({"model": {"norm": "layer"}}, "model.norm: 'layer' is not allowed (allowed: one of 'group', 'batch')"),
     ({"data": {"name": "cifar10", "download": True}, "model": {"name": "open_clip", "arch": "ViT-B/32"}},
      "model.arch: 'ViT-B/32' is not an open_clip model; did you mean 'ViT-B-32'"),
     ({"data": {"name": "cifar10", "download": True}, "model": {"name": "digits_cnn"}},
@@ -168,8 +169,8 @@ def test_missing_required_keys(base):
     assert message.splitlines()[1:] == [
         "  - data: missing; it is required (allowed: a mapping (key: value) with keys name, root, download, image_size, "
         "mean, std, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test, class_names, resize)",
-        "  - model: missing; it is required (allowed: a mapping (key: value) with keys name, width, arch, pretrained, "
-        "normalize_features)",
+        "  - model: missing; it is required (allowed: a mapping (key: value) with keys name, width, norm, arch, pretrained, "
+        "quick_gelu, normalize_features)",
     ]
     assert only_problem(error_of({"data": {}, "model": {"name": "digits_cnn"}}, {})) == (
         "data.name: missing; it is required (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')")
@@ -228,6 +229,12 @@ def test_data_folder_that_does_not_exist(base, tmp_path):
     assert only_problem(error_of(base, cifar)) == (
         f"data.root: folder {str(tmp_path / 'nope')!r} has no cifar-10-batches-py/ inside; allowed: a folder holding "
         f"torchvision's CIFAR-10 files (or set data.download: true to fetch them there)")
+    (tmp_path / "nope" / "cifar-10-python.tar.gz").write_bytes(b"")  # the archive, not yet extracted
+    assert only_problem(error_of(base, cifar)) == (
+        f"data.root: folder {str(tmp_path / 'nope')!r} holds cifar-10-python.tar.gz but no cifar-10-batches-py/; "
+        f"allowed: data.download: true (torchvision checks the archive's md5 and extracts it, no network needed), or "
+        f"extract it there yourself (tar xzf)")
+    validate(deep_update(base, {**cifar, "data": {**cifar["data"], "download": True}}))
     (tmp_path / "nope" / "cifar-10-batches-py").mkdir()
     validate(deep_update(base, cifar))
     (tmp_path / "file").write_text("")
@@ -239,7 +246,7 @@ def test_data_folder_that_does_not_exist(base, tmp_path):
 
 def test_pretrained_checkpoint_that_does_not_exist(base, tmp_path):
     bad = {"data": {"name": "cifar10", "download": True},
-           "model": {"name": "open_clip", "pretrained": str(tmp_path / "clip.safetensors")}}
+           "model": {"name": "open_clip", "pretrained": str(tmp_path / "clip.safetensors"), "quick_gelu": True}}
     assert only_problem(error_of(base, bad)) == (
         f"model.pretrained: checkpoint file {str(tmp_path / 'clip.safetensors')!r} does not exist; allowed: an "
         f"open_clip pretrained tag (e.g. 'openai') or an existing .safetensors/.pt file")

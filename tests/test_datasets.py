@@ -421,8 +421,9 @@ def test_presets_are_valid(base, preset, own_data, tmp_path, monkeypatch):
     merged = deep_update(base, load_yaml_files(REPO / "presets" / f"{preset}.yaml"))
     name = merged["data"]["name"]
     cfg = validate(merged, check_paths=False)
-    assert cfg["model"] == {"name": "open_clip", "arch": "ViT-B-32", "pretrained": "openai", "normalize_features": True,
-                            "width": 16}
+    keys = ("name", "arch", "pretrained", "quick_gelu", "normalize_features")
+    assert {k: cfg["model"][k] for k in keys} == {"name": "open_clip", "arch": "ViT-B-32", "pretrained": "openai",
+                                                  "quick_gelu": True, "normalize_features": True}  # as 'openai' was trained
     assert cfg["data"]["image_size"] == 224 and not cfg["data"]["hflip"] and not cfg["data"]["download"]
     assert len(cfg["grid"]["lr"]) * len(cfg["grid"]["aug"]) * len(cfg["grid"]["mixup"]) == 18 and cfg["folds"]["k"] == 5
     # the placeholder root does not exist here: named at parse time, before any job
@@ -520,11 +521,76 @@ def test_open_clip_arch_and_pretrained_tag(base, tmp_path, monkeypatch):
     assert problems_of(model(pretrained="")) == ["model.pretrained: '' is empty; allowed: a non-empty string"]
     # a local checkpoint: any existing file (even without a suffix), or a path that must exist
     (tmp_path / "my_clip").write_bytes(b"weights")
-    validate(model(arch="ViT-S-32", pretrained="my_clip"))
-    validate(model(arch="ViT-S-32", pretrained=str(tmp_path / "later.safetensors")), check_paths=False)
-    assert problems_of(model(arch="ViT-S-32", pretrained=str(tmp_path / "later.safetensors"))) == [
+    validate(model(arch="ViT-S-32", pretrained="my_clip", quick_gelu=False))
+    validate(model(arch="ViT-S-32", pretrained=str(tmp_path / "later.safetensors"), quick_gelu=True), check_paths=False)
+    assert problems_of(model(arch="ViT-S-32", pretrained=str(tmp_path / "later.safetensors"), quick_gelu=True)) == [
         f"model.pretrained: checkpoint file {str(tmp_path / 'later.safetensors')!r} does not exist; allowed: an "
         f"open_clip pretrained tag (e.g. 'openai') or an existing .safetensors/.pt file"]
+
+
+def test_open_clip_activation(base, tmp_path, monkeypatch):
+    """model.quick_gelu, checked at parse time without importing open_clip: a tag fills it (as the
+    tag was trained) and refuses a contradiction; a checkpoint file needs it, unless the arch says it
+    (*-quickgelu) or its image tower has no GELU (RN*'s ModifiedResNet uses ReLU, timm towers their own)."""
+    monkeypatch.chdir(tmp_path)
+    cifar = deep_update(base, {"data": {"name": "cifar10", "download": True}, "model": {"name": "open_clip"}})
+    checkpoint = str(tmp_path / "clip.safetensors")
+    (tmp_path / "clip.safetensors").write_bytes(b"weights")
+
+    def quick_gelu(**keys):
+        return validate(deep_update(cifar, {"model": keys}))["model"]["quick_gelu"]
+
+    def problem(**keys) -> str:
+        (line,) = problems_of(deep_update(cifar, {"model": keys}))
+        return line
+
+    # A tag: null takes the tag's own activation, as open_clip's pretrained configs say.
+    assert quick_gelu(pretrained="openai") is True and quick_gelu(pretrained="laion2b_s34b_b79k") is False
+    assert quick_gelu(pretrained="openai", quick_gelu=True) is True
+    assert quick_gelu(arch="ViT-B-32-quickgelu", pretrained="metaclip_400m") is True
+    assert problem(pretrained="openai", quick_gelu=False) == (
+        "model.quick_gelu: false contradicts model.pretrained 'openai': open_clip's 'openai' weights of 'ViT-B-32' were "
+        "trained with QuickGELU; allowed: true or null (null takes the tag's activation)")
+    assert problem(pretrained="laion2b_s34b_b79k", quick_gelu=True) == (
+        "model.quick_gelu: true contradicts model.pretrained 'laion2b_s34b_b79k': open_clip's 'laion2b_s34b_b79k' "
+        "weights of 'ViT-B-32' were trained with GELU; allowed: false or null (null takes the tag's activation)")
+    # A file: said explicitly, or by the arch; refused before any job otherwise.
+    assert quick_gelu(pretrained=checkpoint, quick_gelu=True) is True
+    assert quick_gelu(pretrained=checkpoint, quick_gelu=False) is False
+    assert quick_gelu(arch="ViT-B-32-quickgelu", pretrained=checkpoint) is True
+    assert problem(pretrained=checkpoint) == (
+        f"model.quick_gelu: null, but model.pretrained {checkpoint!r} is a checkpoint file, which does not say which "
+        f"activation its weights were trained with; allowed: true for OpenAI's CLIP weights (or model.arch: "
+        f"ViT-B-32-quickgelu), false for weights trained with GELU (e.g. most LAION ones)")
+    assert problem(arch="ViT-S-32", pretrained=checkpoint).endswith(  # no ViT-S-32-quickgelu in open_clip
+        "allowed: true for OpenAI's CLIP weights, false for weights trained with GELU (e.g. most LAION ones)")
+    assert problem(arch="ViT-B-32-quickgelu", pretrained=checkpoint, quick_gelu=False) == (
+        "model.quick_gelu: false contradicts model.arch 'ViT-B-32-quickgelu', which is built with QuickGELU; allowed: "
+        "true or null, or model.arch 'ViT-B-32' for weights trained with GELU")
+    # Towers without GELU: not needed, any value accepted (it changes nothing there).
+    for arch in ("RN50", "convnext_base_w"):
+        assert quick_gelu(arch=arch, pretrained=checkpoint) is None
+    assert quick_gelu(arch="RN50", pretrained="openai", quick_gelu=False) is False
+    # digits_cnn has no activation to choose: nothing filled in.
+    assert validate(base)["model"]["quick_gelu"] is None
+
+
+@pytest.mark.slow
+def test_towers_without_gelu_ignore_quick_gelu():
+    """What test_open_clip_activation relies on: model.quick_gelu changes the ViT image tower
+    only; the RN50 (ModifiedResNet, ReLU) and convnext (timm) towers come out the same either way."""
+    import torch
+    from open_clip.transformer import QuickGELU
+
+    from foldsoup.clip import open_clip_visual
+    from foldsoup.config import _open_clip_arch_config, activation_matters
+
+    for arch in ("RN50", "convnext_base_w", "ViT-S-32"):
+        with torch.device("meta"):  # module classes only
+            kinds = [[type(m) for m in open_clip_visual(arch, None, quick)[0].modules()] for quick in (False, True)]
+        matters = activation_matters(_open_clip_arch_config(arch))
+        assert (kinds[0] != kinds[1]) == matters == (arch == "ViT-S-32"), arch
+        assert (QuickGELU in kinds[1]) == matters, arch
 
 
 def _preset_snakemake(tmp_path: Path, preset: str, root: Path, *args: str):
@@ -597,13 +663,18 @@ def test_parse_time_tables_equal_open_clip():
     import open_clip
 
     from foldsoup.clip import ClipError, pretrained_tag_cfg
-    from foldsoup.config import _open_clip_archs, _open_clip_tags
+    from foldsoup.config import _open_clip_arch_config, _open_clip_archs, _open_clip_tag_table, _open_clip_tags
 
     assert _open_clip_archs() == sorted(open_clip.list_models())
     expected: dict[str, list[str]] = {}
     for arch, tag in open_clip.list_pretrained():
         expected.setdefault(arch, []).append(tag)
     assert _open_clip_tags() == expected
+    # and the activation each tag was trained with, which fills model.quick_gelu
+    assert _open_clip_tag_table() == {arch: {tag: bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
+                                             for tag in tags} for arch, tags in expected.items()}
+    for arch in ("ViT-B-32", "RN50", "ViT-B-32-quickgelu"):
+        assert _open_clip_arch_config(arch) == open_clip.get_model_config(arch)
     assert all(open_clip.list_pretrained_tags_by_model(a) == t for a, t in expected.items())
     with pytest.raises(ClipError, match=r"pretrained tag of 'ViT-B-32' \(tags for 'ViT-B-32': openai, .*\); "
                                         r"did you mean 'openai'\?$"):
@@ -637,7 +708,7 @@ def run_pipeline(results: Path, preset: str, data: dict, checkpoint: Path) -> di
 
     merged = deep_update(load_yaml_files(REPO / "config.yaml", REPO / "presets" / f"{preset}.yaml"), {
         "results": str(results), "device": "cpu", "data": data,
-        "model": {"arch": "ViT-S-32", "pretrained": str(checkpoint)},
+        "model": {"arch": "ViT-S-32", "pretrained": str(checkpoint), "quick_gelu": False},
         "folds": {"k": 2}, "lp": {"epochs": 20},
         "finetune": {"epochs": 1, "batch_size": 2, "warmup_steps": 1, "eval_batch_size": 32, "precision": "fp32"},
         "grid": {"lr": [1e-5], "aug": ["strong"], "mixup": [True]},

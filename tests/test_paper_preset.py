@@ -24,6 +24,7 @@ except ImportError:  # tests/ imported as a package
 from foldsoup.cifar10 import read_cifar10
 from foldsoup.data import DataError
 
+REPO = Path(__file__).resolve().parents[1]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 N_TRAIN, N_TEST = 4, 2  # per class
@@ -198,6 +199,81 @@ def test_download_branch_calls_torchvision_only_when_missing(tmp_path, cifar, mo
     assert calls == [(str(tmp_path), True, True)] and len(train_x) == 10 * N_TRAIN
 
 
+def _pack_archive(src_root: Path, dst_root: Path) -> Path:
+    """The miniature as cifar-10-python.tar.gz (the real archive holds cifar-10-batches-py/)."""
+    import tarfile
+
+    dst_root.mkdir(parents=True, exist_ok=True)
+    archive = dst_root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src_root / FOLDER, arcname=FOLDER)
+    return archive
+
+
+@pytest.fixture
+def unreachable_cifar10(monkeypatch):
+    """torchvision's real download code, pointed at a port nothing listens on: the failure of a
+    machine without network, in milliseconds, and never a 163 MiB download where there is one."""
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+
+
+def test_download_without_network_names_the_way_out(tmp_path, cifar, unreachable_cifar10):
+    """data.download: true without network: one line naming the archive, data.root and
+    data.download: false instead of urllib's traceback; the extracted folder then reads offline."""
+    root = tmp_path / "cifar10"
+    with pytest.raises(DataError) as info:
+        read_cifar10(root, download=True)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        f"CIFAR-10: could not download cifar-10-python.tar.gz into {str(root)!r} (URLError: ")
+    assert message.endswith(
+        f"without network, put cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html into data.root "
+        f"{str(root)!r} (torchvision then checks its md5 and extracts it, no network needed), or extract it there "
+        f"yourself so that cifar-10-batches-py/ holds data_batch_1..5, test_batch and batches.meta, and set "
+        f"data.download: false")
+    # The extracted folder is the offline route: read with or without download, nothing fetched.
+    _copy_dataset(cifar[0], root)
+    for download in (True, False):
+        assert len(read_cifar10(root, download=download)[0]) == 10 * N_TRAIN
+
+
+def test_placed_archive_is_extracted_without_network(tmp_path, cifar, unreachable_cifar10, monkeypatch):
+    """cifar-10-python.tar.gz put into data.root: torchvision checks its md5 and extracts it, with
+    no network (the download URL is unreachable here). The miniature's archive cannot have the real
+    md5, so (1) as it is, torchvision tries to download the original and the error says why;
+    (2) with torchvision's md5 table set to the miniature's own sums, the real check-and-extract
+    code runs offline, as it does for the real archive."""
+    import hashlib
+
+    import torchvision.datasets
+
+    root = tmp_path / "cifar10"
+    archive = _pack_archive(cifar[0], root)
+    with pytest.raises(DataError) as info:
+        read_cifar10(root, download=True)
+    assert str(info.value).startswith(
+        f"CIFAR-10: {str(archive)!r} is not the original cifar-10-python.tar.gz (md5 differs from "
+        f"c58f30108f718f92721af3b95e74349a), so torchvision tried to download it again, which failed (URLError: ")
+    assert str(info.value).endswith("put the original from https://www.cs.toronto.edu/~kriz/cifar.html in its place "
+                                    "(torchvision then checks its md5 and extracts it, no network needed), or extract "
+                                    "it there yourself so that cifar-10-batches-py/ holds data_batch_1..5, test_batch "
+                                    "and batches.meta, and set data.download: false")
+
+    def md5(path: Path) -> str:
+        return hashlib.md5(path.read_bytes()).hexdigest()
+
+    cls, folder = torchvision.datasets.CIFAR10, cifar[0] / FOLDER
+    monkeypatch.setattr(cls, "tgz_md5", md5(archive))
+    monkeypatch.setattr(cls, "train_list", [[name, md5(folder / name)] for name, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[name, md5(folder / name)] for name, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / cls.meta["filename"])})
+    train_x, train_y, test_x, _, classes = read_cifar10(root, download=True)
+    assert (root / FOLDER / "data_batch_5").is_file() and classes == CLASSES
+    assert np.array_equal(train_x, read_cifar10(cifar[0], download=False)[0]) and len(test_x) == 10 * N_TEST
+
+
 # ---------------------------------------------------------------- open_clip ViT-B/32 (slow)
 
 
@@ -225,8 +301,9 @@ def vit_checkpoints(tmp_path_factory):
     return {"state": state, "safetensors": safetensors_path, "pt": pt_path, "dim": dim}
 
 
-def _model_cfg(pretrained, arch="ViT-B-32") -> dict:
-    return {"name": "open_clip", "arch": arch, "pretrained": str(pretrained), "normalize_features": True}
+def _model_cfg(pretrained, arch="ViT-B-32", quick_gelu=None) -> dict:
+    return {"name": "open_clip", "arch": arch, "pretrained": str(pretrained), "quick_gelu": quick_gelu,
+            "normalize_features": True}
 
 
 @pytest.mark.slow
@@ -260,7 +337,7 @@ def test_export_pretrained_visual_from_file(vit_checkpoints, fmt):
 
     from foldsoup.clip import export_pretrained_visual
 
-    state = export_pretrained_visual(_model_cfg(vit_checkpoints[fmt]))
+    state = export_pretrained_visual(_model_cfg(vit_checkpoints[fmt], quick_gelu=True))
     ref = vit_checkpoints["state"]
     assert state.keys() == ref.keys()
     for k, v in ref.items():
@@ -292,26 +369,31 @@ def test_export_pretrained_visual_bad_checkpoints(tmp_path, vit_checkpoints):
         path = tmp_path / name
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         with pytest.raises(ClipError, match=rf"{path}: {message}"):
-            export_pretrained_visual(_model_cfg(path))
+            export_pretrained_visual(_model_cfg(path, quick_gelu=True))
 
     # A torch file holding a pickled object: weights_only loading refuses it (nothing runs).
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": {"visual.class_embedding": ref[first]}, "obj": _Evil(print, "unpickled!")}, evil)
     with pytest.raises(ClipError, match=rf"{evil}: cannot load as a plain weights file"):
-        export_pretrained_visual(_model_cfg(evil))
+        export_pretrained_visual(_model_cfg(evil, quick_gelu=True))
     # A TorchScript archive (the format of OpenAI's original .pt files) is refused, not run.
     scripted = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
     with pytest.raises(ClipError, match=rf"{scripted}: .*TorchScript archive"):
-        export_pretrained_visual(_model_cfg(scripted))
+        export_pretrained_visual(_model_cfg(scripted, quick_gelu=True))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(vit_checkpoints["safetensors"].read_bytes()[:1000])
     with pytest.raises(ClipError, match=rf"{broken}: unreadable safetensors file"):
-        export_pretrained_visual(_model_cfg(broken))
+        export_pretrained_visual(_model_cfg(broken, quick_gelu=True))
     with pytest.raises(ClipError, match=r"checkpoint file .*nothere\.safetensors' does not exist"):
-        export_pretrained_visual(_model_cfg(tmp_path / "nothere.safetensors"))
+        export_pretrained_visual(_model_cfg(tmp_path / "nothere.safetensors", quick_gelu=True))
     with pytest.raises(ClipError, match=r"tags for 'ViT-B-32': openai"):
         export_pretrained_visual(_model_cfg("laion9000"))
+    # A file does not say its activation: refused before it is read, as foldsoup.config does.
+    with pytest.raises(ClipError, match=rf"^model\.quick_gelu: null, but model\.pretrained '{vit_checkpoints['pt']}' is "
+                                        r"a checkpoint file, .*true for OpenAI's CLIP weights \(or model\.arch: "
+                                        r"ViT-B-32-quickgelu\), false for weights trained with GELU"):
+        export_pretrained_visual(_model_cfg(vit_checkpoints["pt"]))
 
 
 @pytest.mark.slow
@@ -342,13 +424,124 @@ def test_export_pretrained_tag_route(monkeypatch):
     assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())
     # A fine-tuning backbone built with GELU for QuickGELU weights is refused before any download.
     monkeypatch.setattr(foldsoup.models, "build_backbone", lambda cfg: open_clip_visual(cfg["arch"]))
-    with pytest.raises(ClipError, match=r"trained with QuickGELU.*set model\.arch: ViT-B-32-quickgelu"):
+    with pytest.raises(ClipError, match=r"^model\.quick_gelu: the 'openai' weights of 'ViT-B-32' were trained with "
+                                        r"QuickGELU, but the backbone built for fine-tuning uses GELU; set "
+                                        r"model\.quick_gelu: true \(or null: the tag's own\)$"):
         export_pretrained_visual(_model_cfg("openai"))
     assert len(calls) == 1
-    # A backbone builder that passes model.pretrained on gets QuickGELU for ViT-B-32 + openai.
-    monkeypatch.setattr(foldsoup.models, "build_backbone", lambda cfg: open_clip_visual(cfg["arch"], cfg["pretrained"]))
-    export_pretrained_visual(_model_cfg("openai"))
-    assert calls[1] == ("ViT-B-32", "openai", {"force_quick_gelu": True})
+    # The real builder with a contradicting model.quick_gelu (foldsoup.config refuses it first).
+    monkeypatch.undo()
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    with pytest.raises(ClipError, match=r"trained with QuickGELU, but the backbone built for fine-tuning uses GELU"):
+        export_pretrained_visual(_model_cfg("openai", quick_gelu=False))
+    assert len(calls) == 1
+    # The real builder: QuickGELU for ViT-B-32 + openai, from model.quick_gelu or (null) the tag.
+    for quick_gelu in (True, None):
+        export_pretrained_visual(_model_cfg("openai", quick_gelu=quick_gelu))
+        assert calls[-1] == ("ViT-B-32", "openai", {"force_quick_gelu": True})
+
+
+@pytest.mark.slow
+def test_local_openai_checkpoint_builds_the_tag_routes_network(tmp_path, vit_checkpoints):
+    """model.pretrained: <a ViT-B-32 checkpoint file in OpenAI's key layout> + model.quick_gelu:
+    true builds exactly the network of the paper preset's tag route (pretrained: openai, built
+    from the config: building never downloads): the same module classes, QuickGELU in all 12
+    blocks, the same features for the same weights. GELU (what the file route built before
+    model.quick_gelu) gives other features, so the comparison can fail."""
+    import torch
+    from open_clip.transformer import QuickGELU
+    from safetensors.torch import save_file
+
+    from foldsoup.clip import export_pretrained_visual
+    from foldsoup.config import deep_update, load_yaml_files, validate
+    from foldsoup.models import build_backbone
+
+    # OpenAI's layout: the image tower under visual.*, the text tower's keys unprefixed beside it,
+    # fp16; as .safetensors, the conversion README's "Offline cluster" gives.
+    openai_like = {f"visual.{k}": v.half() for k, v in vit_checkpoints["state"].items()}
+    openai_like.update({k: torch.zeros(shape, dtype=torch.half) for k, shape in (
+        ("positional_embedding", (77, 512)), ("text_projection", (512, 512)), ("logit_scale", ()),
+        ("token_embedding.weight", (8, 512)), ("transformer.resblocks.0.attn.in_proj_weight", (1536, 512)))})
+    path = tmp_path / "ViT-B-32-openai.safetensors"
+    save_file(openai_like, str(path))
+
+    paper = load_yaml_files(REPO / "config.yaml", REPO / "presets" / "paper-cifar10.yaml")
+    tag = validate(paper, check_paths=False)["model"]
+    local = validate(deep_update(paper, {"model": {"pretrained": str(path), "quick_gelu": True}}), check_paths=False)["model"]
+    assert tag["pretrained"] == "openai" and tag["quick_gelu"] is True  # filled from open_clip's table of tags
+    state = export_pretrained_visual(local)  # the pretrain job, from the file
+    assert all(torch.equal(state[k], v.half().float()) for k, v in vit_checkpoints["state"].items())
+    nets = {}
+    for name, model_cfg in (("tag", tag), ("file", local), ("gelu", {**local, "quick_gelu": False})):
+        nets[name] = build_backbone(model_cfg)[0].eval()
+        nets[name].load_state_dict(state)
+    assert [type(m) for m in nets["file"].modules()] == [type(m) for m in nets["tag"].modules()]
+    assert sum(isinstance(m, QuickGELU) for m in nets["tag"].modules()) == 12
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = {name: net(x) for name, net in nets.items()}
+    assert torch.equal(features["file"], features["tag"])
+    assert (features["gelu"] - features["tag"]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_weights_metadata_rebuilds_the_same_activation(tmp_path):
+    """`foldsoup evaluate/predict` rebuild the tower from the weights' metadata (usage.load_model):
+    model.quick_gelu there decides the activation; a model config saved before the key existed
+    rebuilds what was built then (the arch's own GELU for a file). ViT-S-32: 4x cheaper than B/32."""
+    import torch
+    from open_clip.transformer import QuickGELU
+
+    from foldsoup.models import build_classifier
+    from foldsoup.usage import load_model
+    from foldsoup.weights import save_weights
+
+    image = {"size": 224, "mean": CLIP_MEAN, "std": CLIP_STD, "hflip": False}
+    old = {"name": "open_clip", "arch": "ViT-S-32", "pretrained": "/cluster/vit_s32.safetensors", "normalize_features": True}
+    for model_cfg, quick in (({**old, "quick_gelu": True}, True), (old, False)):
+        torch.manual_seed(0)
+        state = build_classifier(model_cfg, 3).state_dict()
+        path = tmp_path / f"quick{quick}.safetensors"
+        save_weights(path, state, {"model": model_cfg, "classes": ["a", "b", "c"], "image": image})
+        model, classes, _ = load_model(str(path), device="cpu")
+        assert any(isinstance(m, QuickGELU) for m in model.modules()) == quick
+        assert any(isinstance(m, torch.nn.GELU) for m in model.modules()) != quick and classes == ["a", "b", "c"]
+
+
+@pytest.mark.slow
+def test_tag_offline_fails_at_once_naming_the_way_out(tmp_path, cifar):
+    """model.pretrained: openai on a machine without network, as the `pretrain` job meets it:
+    with HF_HUB_OFFLINE=1 and an empty Hugging Face cache (HF_HOME), open_clip fails without
+    retrying and the job says, in one line, which keys or variables to set instead."""
+    import subprocess
+    import sys
+
+    from foldsoup import pipeline
+    from foldsoup.config import deep_update, load_yaml_files, validate
+
+    paper = load_yaml_files(REPO / "config.yaml", REPO / "presets" / "paper-cifar10.yaml")
+    cfg = validate(deep_update(paper, {"results": str(tmp_path / "results"), "device": "cpu",
+                                       "data": {"root": str(cifar[0]), "download": False}}), check_paths=False)
+    data = tmp_path / "dataset.safetensors"
+    pipeline.prepare(cfg, str(data))
+    hf_home = tmp_path / "hf"
+    hf_home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FOLDSOUP_", "HF_"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-m", "foldsoup", "pretrain", "--config-json", json.dumps(cfg),
+                          "--data", str(data), "--out", str(tmp_path / "backbone.safetensors")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    ours = [line for line in run.stderr.splitlines() if line.startswith("foldsoup pretrain: error:")]
+    assert ours == [
+        f"foldsoup pretrain: error: model.pretrained: the 'openai' weights of 'ViT-B-32' are not in the Hugging Face "
+        f"cache {hf_home / 'hub'} and HF_HUB_OFFLINE=1 forbids downloading them from the Hugging Face hub "
+        f"(timm/vit_base_patch32_clip_224.openai); set model.pretrained to a local checkpoint file of 'ViT-B-32' with "
+        f"model.quick_gelu: true (README, \"Offline cluster\"), or fill that cache (HF_HOME) on a machine with "
+        f"network and copy it here"], run.stderr
+    assert run.stderr.splitlines()[-1] == ours[0]  # open_clip's own ERROR log of the failure is not repeated
+    assert not any(word in run.stderr for word in ("Traceback", "Retrying", "ERROR"))
+    assert not (tmp_path / "backbone.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -370,7 +563,7 @@ def test_paper_pipeline_vit_b32(tmp_path, cifar, vit_checkpoints, two_threads):
             "device": "cpu",
             "data": {"name": "cifar10", "root": str(root), "download": False, "image_size": 224,
                      "mean": CLIP_MEAN, "std": CLIP_STD, "hflip": True, "max_pool": 20, "max_test": 10},
-            "model": _model_cfg(vit_checkpoints["pt"]),
+            "model": _model_cfg(vit_checkpoints["pt"], quick_gelu=True),
             "folds": {"k": 2},
             "lp": {"epochs": 20, "lr": 0.01},
             "finetune": {"epochs": 1, "batch_size": 4, "warmup_steps": 1, "eval_batch_size": 16, "save_dtype": "bfloat16"},

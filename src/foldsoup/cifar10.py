@@ -171,6 +171,30 @@ def _missing_files(folder: Path) -> list[str]:
     return [name for name in TRAIN_FILES + [TEST_FILE, META_FILE] if not (folder / name).is_file()]
 
 
+ARCHIVE = "cifar-10-python.tar.gz"
+SOURCE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+def _download_failure(root: Path, exc: Exception) -> str:
+    """One line for a failed torchvision download: where to put the archive or its folder instead."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    cause = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+    archive = root / ARCHIVE
+    extract = (f"or extract it there yourself so that {FOLDER}/ holds data_batch_1..5, test_batch and batches.meta, "
+               f"and set data.download: false")
+    if archive.is_file() and not check_integrity(str(archive), CIFAR10.tgz_md5):
+        return (f"CIFAR-10: {str(archive)!r} is not the original {ARCHIVE} (md5 differs from {CIFAR10.tgz_md5}), so "
+                f"torchvision tried to download it again, which failed ({cause}); put the original from {SOURCE} in "
+                f"its place (torchvision then checks its md5 and extracts it, no network needed), {extract}")
+    if archive.is_file():
+        return f"CIFAR-10: torchvision could not extract or verify {str(archive)!r} ({cause}); {extract.removeprefix('or ')}"
+    return (f"CIFAR-10: could not download {ARCHIVE} into {str(root)!r} ({cause}); without network, put {ARCHIVE} from "
+            f"{SOURCE} into data.root {str(root)!r} (torchvision then checks its md5 and extracts it, no network "
+            f"needed), {extract}")
+
+
 def read_cifar10(root: str | Path, download: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(train_x uint8 [50000, 3, 32, 32], train_y int64, test_x, test_y, class names) from
     `<root>/cifar-10-batches-py/`; with `download`, torchvision fetches missing files first."""
@@ -179,16 +203,20 @@ def read_cifar10(root: str | Path, download: bool) -> tuple[np.ndarray, np.ndarr
     if missing and download:
         import torchvision  # only here: it costs seconds to import
 
-        # Downloads cifar-10-python.tar.gz (md5-checked by torchvision), extracts it and
-        # checks every file's md5; the data it loads are discarded and read below instead.
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        # Downloads cifar-10-python.tar.gz (md5-checked by torchvision; an archive with the right
+        # md5 already in root is used as it is, without network), extracts it and checks every
+        # file's md5; the data it loads are discarded and read below instead.
+        try:
+            torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        except Exception as exc:  # URLError without network, RuntimeError on a bad md5, tarfile errors
+            raise DataError(_download_failure(Path(root), exc)) from exc
         missing = _missing_files(folder)
     if missing:
         where = f"folder {str(folder)!r} does not exist" if not folder.is_dir() else f"{str(folder / missing[0])!r} is missing"
         raise DataError(
             f"CIFAR-10: {where} (missing: {', '.join(missing)}). Set data.download: true to let torchvision "
-            f"fetch it, or extract cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
-            f"into {str(Path(root))!r} so that {FOLDER}/ holds data_batch_1..5, test_batch and batches.meta"
+            f"fetch it (or use {ARCHIVE} placed in {str(Path(root))!r}, without network), or extract {ARCHIVE} "
+            f"from {SOURCE} into {str(Path(root))!r} so that {FOLDER}/ holds data_batch_1..5, test_batch and batches.meta"
         )
     train = [read_batch(folder / name) for name in TRAIN_FILES]
     test_x, test_y = read_batch(folder / TEST_FILE)

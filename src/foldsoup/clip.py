@@ -16,20 +16,22 @@ back to OpenAI's URL, whose `ViT-B-32.pt` is a TorchScript archive; `torch.load(
 weights_only=True)` then refuses it with a RuntimeError instead of running it. The same holds
 for our local-file route: OpenAI's original .pt files are refused (convert them once with
 `torch.jit.load(f).state_dict()` in a trusted session, save with safetensors, point
-model.pretrained at that file).
+model.pretrained at that file, with model.quick_gelu: true).
 
 A second trap: the `openai` weights were trained with QuickGELU, but open_clip's `ViT-B-32`
 config uses nn.GELU; `create_model("ViT-B-32", pretrained="openai")` only warns about the
 mismatch. The activation has no parameters, so the state dict loads silently into the wrong
-network. Here the activation follows the weights: `open_clip_visual(arch, pretrained)` uses
-QuickGELU when the tag was trained with it (equivalently, use arch `ViT-B-32-quickgelu`), and
-`export_pretrained_visual` refuses to export when the backbone that fine-tuning builds from the
-same config would not use the activation the weights need.
+network, and a checkpoint file does not say which one its weights need. Here the activation is
+a config key, `model.quick_gelu`, the same for every job that builds the tower (export,
+fine-tune, soups, `foldsoup evaluate/predict` from the weights' metadata): foldsoup.config
+fills it from the tag's pretrained config and refuses a file without it (or a contradicting
+value) before any job runs; `export_pretrained_visual` checks it again against the weights.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from pathlib import Path
 
@@ -82,21 +84,27 @@ def pretrained_tag_cfg(arch: str, tag: str) -> dict:
     return oc.pretrained.get_pretrained_cfg(arch, tag)
 
 
-def _wants_quick_gelu(arch: str, pretrained: str | None, cfg: dict) -> bool:
-    """QuickGELU when the pretrained tag was trained with it, else as the arch's config says."""
+def resolve_quick_gelu(arch: str, pretrained: str | None, quick_gelu: bool | None, cfg: dict) -> bool:
+    """The activation the tower is built with: model.quick_gelu when set (a validated config
+    always sets it where it matters); else as the tag was trained; else the arch's own config,
+    which is how weights saved before model.quick_gelu existed were built, so their metadata
+    still rebuilds the network they were trained with."""
+    if quick_gelu is not None:
+        return bool(quick_gelu)
     if pretrained and not is_checkpoint_path(pretrained):
         return bool(pretrained_tag_cfg(arch, pretrained).get("quick_gelu", False))
     return bool(cfg.get("quick_gelu", False))
 
 
-def open_clip_visual(arch: str, pretrained: str | None = None) -> tuple[nn.Module, int]:
+def open_clip_visual(arch: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> tuple[nn.Module, int]:
     """(image tower of `arch` with random weights, its output dimension). No download.
 
-    `pretrained` (a tag or a checkpoint path, optional) only decides the activation: a tag
-    trained with QuickGELU (e.g. `openai`) gets QuickGELU, as in OpenAI's CLIP.
+    `quick_gelu` (model.quick_gelu) decides the activation; when None, `pretrained` (a tag or a
+    checkpoint path, optional) does: a tag trained with QuickGELU (e.g. `openai`) gets QuickGELU,
+    as in OpenAI's CLIP (resolve_quick_gelu).
     """
     cfg = check_arch(arch)
-    quick_gelu = _wants_quick_gelu(arch, pretrained, cfg)
+    quick_gelu = resolve_quick_gelu(arch, pretrained, quick_gelu, cfg)
     oc = _open_clip()
     build_tower = getattr(getattr(oc, "model", None), "_build_vision_tower", None)
     if build_tower is not None and "vision_cfg" in cfg and "embed_dim" in cfg:
@@ -137,7 +145,8 @@ def _read_checkpoint(path: Path) -> object:
         if "TorchScript" in str(exc):
             hint = (" It is a TorchScript archive (like OpenAI's original ViT-B-32.pt); foldsoup does not run "
                     "TorchScript. Use model.pretrained: openai, or convert it once in a trusted session: "
-                    "safetensors.torch.save_file(torch.jit.load(f).state_dict(), 'clip.safetensors').")
+                    "safetensors.torch.save_file(torch.jit.load(f).state_dict(), 'clip.safetensors'), with "
+                    "model.quick_gelu: true.")
         raise ClipError(f"{path}: cannot load as a plain weights file with torch.load(weights_only=True) "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).{hint}") from exc
 
@@ -197,37 +206,80 @@ def export_pretrained_visual(model_cfg: dict) -> dict[str, torch.Tensor]:
     """State dict of the image tower with the pretrained weights named by model_cfg["pretrained"]:
     a local checkpoint file (loaded here, never unpickling objects) or an open_clip tag (open_clip
     downloads it; see the module docstring). The weights are loaded into exactly the backbone that
-    every fine-tune builds (foldsoup.models.build_backbone), so keys and shapes are checked
-    against the real consumer."""
+    every fine-tune builds (foldsoup.models.build_backbone, with model_cfg["quick_gelu"]), so keys,
+    shapes and the activation are checked against the real consumer."""
+    from .config import activation_matters, file_activation_problem
     from .models import build_backbone
 
     arch = model_cfg["arch"]
     pretrained = str(model_cfg.get("pretrained") or "")
-    check_arch(arch)
+    cfg = check_arch(arch)
     if not pretrained:
         raise ClipError("model.pretrained is empty: give an open_clip pretrained tag (e.g. openai) or a checkpoint file")
-    if not is_checkpoint_path(pretrained):
-        pretrained_tag_cfg(arch, pretrained)  # clear error for unknown tags, before any download
-    visual, _ = build_backbone(model_cfg)
     if is_checkpoint_path(pretrained):
+        if model_cfg.get("quick_gelu") is None and activation_matters(cfg) and not cfg.get("quick_gelu"):
+            # As foldsoup.config refuses it: exporting would fix an unknown activation for every job.
+            raise ClipError(file_activation_problem(arch, pretrained, f"{arch}-quickgelu" in _open_clip().list_models()))
+        visual, _ = build_backbone(model_cfg)
         load_visual_state(visual, visual_state_from_checkpoint(pretrained), pretrained)
-    else:
-        quick_gelu = bool(pretrained_tag_cfg(arch, pretrained).get("quick_gelu", False))
-        if _uses(visual, "gelu") or _uses(visual, "quick_gelu"):
-            if quick_gelu != _uses(visual, "quick_gelu"):
-                raise ClipError(
-                    f"the {pretrained!r} weights of {arch!r} were trained with {'QuickGELU' if quick_gelu else 'GELU'}, but the "
-                    f"backbone built for fine-tuning uses {'GELU' if quick_gelu else 'QuickGELU'}; "
-                    + (f"set model.arch: {arch}-quickgelu" if quick_gelu and f"{arch}-quickgelu" in _open_clip().list_models()
-                       else "choose a matching model.arch")
-                )
-        oc = _open_clip()
-        try:
-            # Downloads on first use (Hugging Face hub preferred; weights_only loading).
-            model = oc.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu)
-        except Exception as exc:
-            raise ClipError(f"open_clip could not load pretrained {pretrained!r} for {arch!r} (needs the network or a "
-                            f"filled cache on first use): {type(exc).__name__}: {exc}") from exc
-        load_visual_state(visual, model.visual.state_dict(), f"open_clip {arch} pretrained={pretrained}")
-        del model
+        return {k: v.detach() for k, v in visual.state_dict().items()}
+    tag_cfg = pretrained_tag_cfg(arch, pretrained)  # clear error for unknown tags, before any download
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    with torch.device("meta"):  # the activation only: no memory, no init, before any download
+        probe, _ = build_backbone(model_cfg)
+    if (_uses(probe, "gelu") or _uses(probe, "quick_gelu")) and quick_gelu != _uses(probe, "quick_gelu"):
+        want, have = ("QuickGELU", "GELU") if quick_gelu else ("GELU", "QuickGELU")
+        raise ClipError(f"model.quick_gelu: the {pretrained!r} weights of {arch!r} were trained with {want}, but "
+                        f"the backbone built for fine-tuning uses {have}; set model.quick_gelu: "
+                        f"{str(quick_gelu).lower()} (or null: the tag's own)")
+    oc = _open_clip()
+    drop = _OwnErrorsOnly(Path(oc.__file__).parent)
+    logging.getLogger().addFilter(drop)
+    try:
+        # Downloads on first use (Hugging Face hub preferred; weights_only loading).
+        model = oc.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu)
+    except Exception as exc:
+        raise ClipError(_fetch_failure(arch, pretrained, tag_cfg, exc)) from exc
+    finally:
+        logging.getLogger().removeFilter(drop)
+    visual, _ = build_backbone(model_cfg)
+    load_visual_state(visual, model.visual.state_dict(), f"open_clip {arch} pretrained={pretrained}")
+    del model
     return {k: v.detach() for k, v in visual.state_dict().items()}
+
+
+class _OwnErrorsOnly(logging.Filter):
+    """Drops open_clip's own ERROR log of a failed download: the ClipError raised from the same
+    exception says it, with the way out, in one line."""
+
+    def __init__(self, package: Path):
+        super().__init__()
+        self.package = str(package)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.pathname.startswith(self.package))
+
+
+def _fetch_failure(arch: str, tag: str, tag_cfg: dict, exc: Exception) -> str:
+    """One line for a tag's weights that open_clip could not get: without network, the ways out."""
+    chain = [exc]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    root = chain[-1]
+    cause = f"{type(root).__name__}: {(str(root).splitlines() or [''])[0][:160]}"
+    if not any(isinstance(e, OSError) for e in chain):  # not a download: a damaged cache file, ...
+        return f"model.pretrained: open_clip could not load the {tag!r} weights of {arch!r} ({cause})"
+    from huggingface_hub import constants
+
+    quick = str(bool(tag_cfg.get("quick_gelu", False))).lower()
+    local = (f"set model.pretrained to a local checkpoint file of {arch!r} with model.quick_gelu: {quick} "
+             f"(README, \"Offline cluster\")")
+    repo = os.path.split(tag_cfg.get("hf_hub", ""))[0]  # "org/name/" or "org/name/file", as open_clip splits it
+    source = f"the Hugging Face hub ({repo})" if repo else tag_cfg.get("url", "its URL")
+    if constants.HF_HUB_OFFLINE:
+        return (f"model.pretrained: the {tag!r} weights of {arch!r} are not in the Hugging Face cache "
+                f"{constants.HF_HUB_CACHE} and HF_HUB_OFFLINE=1 forbids downloading them from {source}; {local}, or "
+                f"fill that cache (HF_HOME) on a machine with network and copy it here")
+    return (f"model.pretrained: open_clip could not download the {tag!r} weights of {arch!r} from {source} ({cause}); "
+            f"without network, {local}, or copy a Hugging Face cache filled on a machine with network to HF_HOME "
+            f"(now {constants.HF_HOME}) and set HF_HUB_OFFLINE=1, which also fails at once instead of retrying")

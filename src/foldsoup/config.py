@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import itertools
 import json
 import math
@@ -262,6 +263,10 @@ def validate(config: dict, schema: dict | None = None, check_paths: bool = True)
         raise ConfigError(f"invalid configuration ({len(lines)} problem(s)):\n" + "\n".join(f"  - {x}" for x in lines))
     filled = _coerce_integers(filled, schema, schema)
     _check_semantics(filled, check_paths)
+    if filled["model"]["name"] == "open_clip":
+        # Explicit in every job's config and in the weights' metadata: the activation the tower
+        # is built with (null stays null only where open_clip's tables could not be read).
+        filled["model"]["quick_gelu"] = quick_gelu_of(filled["model"])[0]
     return filled
 
 
@@ -315,34 +320,65 @@ def _results_problem(results: str) -> str | None:
     return None
 
 
-def _open_clip_archs() -> list[str] | None:
-    """open_clip's model names from its config files, without importing it (~5 s); None if absent."""
+def _open_clip_folder() -> Path | None:
+    """open_clip's package folder, found without importing it (~5 s); None if not installed."""
     import importlib.util
 
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model_configs"
-    names = sorted(p.stem for p in folder.glob("*.json"))
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _open_clip_archs() -> list[str] | None:
+    """open_clip's model names from its config files, without importing it (~5 s); None if absent."""
+    folder = _open_clip_folder()
+    if folder is None:
+        return None
+    names = sorted(p.stem for p in (folder / "model_configs").glob("*.json"))
     return names or None
 
 
-def _open_clip_tags() -> dict[str, list[str]] | None:
-    """open_clip.list_pretrained() as {arch: [tags]}, read from open_clip/pretrained.py's source
-    (`import open_clip` costs ~5 s at every parse). The table there is literal: top-level
-    `_NAME = dict(tag=_pcfg(..., quick_gelu=True), ...)` (or {...}) assignments, the dict
-    `_PRETRAINED = {"arch": _NAME or dict(...), ...}` and "<arch>-quickgelu" entries for the tags
-    trained with QuickGELU. tests/test_datasets.py checks the result equals open_clip's own
-    list. None (no parse-time check; the `pretrain` job still checks) if the source has another
-    shape."""
-    import ast
-    import importlib.util
+def _open_clip_arch_config(arch: str) -> dict | None:
+    """open_clip.get_model_config(arch), read from its JSON file; None if absent or unreadable."""
+    folder = _open_clip_folder()
+    try:
+        return json.loads((folder / "model_configs" / f"{arch}.json").read_text()) if folder else None
+    except (OSError, ValueError):
+        return None
 
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
+
+def activation_matters(arch_config: dict) -> bool:
+    """Whether model.quick_gelu changes the image tower open_clip builds from this config: only
+    its VisionTransformer takes the activation; the ModifiedResNet of the RN* models uses ReLU and
+    timm towers (convnext_*, SigLIP, ...) their own (open_clip.model._build_vision_tower)."""
+    vision = arch_config.get("vision_cfg", {})
+    return not vision.get("timm_model_name") and not isinstance(vision.get("layers"), (list, tuple))
+
+
+def _open_clip_tags() -> dict[str, list[str]] | None:
+    """open_clip.list_pretrained() as {arch: [tags]}; see _open_clip_tag_table."""
+    table = _open_clip_tag_table()
+    return None if table is None else {arch: list(tags) for arch, tags in table.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _open_clip_tag_table() -> dict[str, dict[str, bool]] | None:
+    """{arch: {tag: trained with QuickGELU}} for every pair of open_clip.list_pretrained(), read
+    from open_clip/pretrained.py's source (`import open_clip` costs ~5 s at every parse). The table
+    there is literal: top-level `_NAME = dict(tag=_pcfg(..., quick_gelu=True), ...)` (or {...})
+    assignments, the dict `_PRETRAINED = {"arch": _NAME or dict(...), ...}` and "<arch>-quickgelu"
+    entries for the tags trained with QuickGELU. tests/test_datasets.py checks the result equals
+    open_clip's own list and pretrained configs. None (no parse-time check; the `pretrain` job
+    still checks) if the source has another shape. Cached: the installed package does not change
+    while a process runs."""
+    import ast
+
+    folder = _open_clip_folder()
+    if folder is None:
         return None
     try:
-        source = (Path(next(iter(spec.submodule_search_locations))) / "pretrained.py").read_text()
+        source = (folder / "pretrained.py").read_text()
         tree = ast.parse(source)
     except (OSError, SyntaxError, ValueError):
         return None
@@ -384,9 +420,9 @@ def _open_clip_tags() -> dict[str, list[str]] | None:
                 named[name] = tags
     if not table:
         return None
-    out = {arch: list(tags) for arch, tags in table.items()}
+    out = dict(table)
     for arch, tags in table.items():  # open_clip adds these after the literal table
-        quick = [t for t, q in tags.items() if q]
+        quick = {t: q for t, q in tags.items() if q}
         if quick:
             out[f"{arch}-quickgelu"] = quick
     return out
@@ -456,9 +492,9 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
             problems.append(f"model.arch: {model['arch']!r} is not an open_clip model{mean} "
                             f"(allowed: one of the {len(archs)} names of open_clip.list_models(), e.g. 'ViT-B-32')")
         else:
-            problem = _pretrained_tag_problem(model["arch"], model["pretrained"])
-            if problem:
-                problems.append(problem)
+            for problem in (_pretrained_tag_problem(model["arch"], model["pretrained"]), quick_gelu_of(model)[1]):
+                if problem:
+                    problems.append(problem)
     problems += _budget_problems(cfg)
     if check_paths:
         problem = _results_problem(cfg["results"])
@@ -472,6 +508,10 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
             if not root.is_dir():
                 problems.append(f"data.root: folder {str(root)!r} does not exist; allowed: a folder holding "
                                 f"cifar-10-batches-py/ (or set data.download: true to fetch CIFAR-10 there)")
+            elif not (root / "cifar-10-batches-py").is_dir() and (root / "cifar-10-python.tar.gz").is_file():
+                problems.append(f"data.root: folder {str(root)!r} holds cifar-10-python.tar.gz but no cifar-10-batches-py/; "
+                                f"allowed: data.download: true (torchvision checks the archive's md5 and extracts it, no "
+                                f"network needed), or extract it there yourself (tar xzf)")
             elif not (root / "cifar-10-batches-py").is_dir():
                 problems.append(f"data.root: folder {str(root)!r} has no cifar-10-batches-py/ inside; allowed: a folder "
                                 f"holding torchvision's CIFAR-10 files (or set data.download: true to fetch them there)")
@@ -531,6 +571,44 @@ def _pretrained_tag_problem(arch: str, pretrained: str) -> str | None:
     mean = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return (f"model.pretrained: {pretrained!r} is not a pretrained tag of {arch!r}{mean} (allowed: one of "
             f"{', '.join(repr(t) for t in tags)}, or the path of a local .safetensors/.pt checkpoint)")
+
+
+def quick_gelu_of(model: dict) -> tuple[bool | None, str | None]:
+    """(model.quick_gelu resolved, or a problem) for an open_clip model section. OpenAI's weights
+    were trained with QuickGELU, but open_clip's `ViT-B-32` config says GELU, and the activation
+    has no parameters: the wrong one loads silently. A tag knows its activation (null takes it,
+    a contradicting value is refused); a checkpoint file does not, so null is refused unless the
+    arch itself says QuickGELU (`*-quickgelu`) or its image tower has no such activation (RN*,
+    timm towers). Unknown archs and tags pass unresolved: they are reported elsewhere."""
+    arch, pretrained, value = model["arch"], model["pretrained"], model.get("quick_gelu")
+    arch_config = _open_clip_arch_config(arch)
+    if arch_config is None or not activation_matters(arch_config):
+        return value, None
+    arch_quick = bool(arch_config.get("quick_gelu", False))
+    if _looks_like_path(pretrained) or os.path.isfile(pretrained):
+        if value is None and not arch_quick:
+            return None, file_activation_problem(arch, pretrained, f"{arch}-quickgelu" in (_open_clip_archs() or []))
+        if value is False and arch_quick:
+            return None, (f"model.quick_gelu: false contradicts model.arch {arch!r}, which is built with QuickGELU; "
+                          f"allowed: true or null, or model.arch {arch.removesuffix('-quickgelu')!r} for weights "
+                          f"trained with GELU")
+        return arch_quick if value is None else value, None
+    tag_quick = (_open_clip_tag_table() or {}).get(arch, {}).get(pretrained)
+    if tag_quick is None:
+        return value, None
+    if value is not None and value != tag_quick:
+        return None, (f"model.quick_gelu: {str(value).lower()} contradicts model.pretrained {pretrained!r}: open_clip's "
+                      f"{pretrained!r} weights of {arch!r} were trained with {'QuickGELU' if tag_quick else 'GELU'}; "
+                      f"allowed: {str(tag_quick).lower()} or null (null takes the tag's activation)")
+    return tag_quick, None
+
+
+def file_activation_problem(arch: str, pretrained: str, quick_arch_exists: bool) -> str:
+    """model.quick_gelu left null for a checkpoint file (parse-time check and pretrain export)."""
+    quick_arch = f" (or model.arch: {arch}-quickgelu)" if quick_arch_exists else ""
+    return (f"model.quick_gelu: null, but model.pretrained {pretrained!r} is a checkpoint file, which does not say "
+            f"which activation its weights were trained with; allowed: true for OpenAI's CLIP weights{quick_arch}, "
+            f"false for weights trained with GELU (e.g. most LAION ones)")
 
 
 def _looks_like_path(value: str) -> bool:

@@ -27,12 +27,20 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def digits_cnn(width: int) -> tuple[nn.Module, int]:
-    """A small CNN for 8x8 grey images. GroupNorm, not BatchNorm: no running statistics,
-    like the ViTs of the paper, so averaging weights is the whole story."""
+NORMS = ("group", "batch")
+
+
+def digits_cnn(width: int, norm: str = "group") -> tuple[nn.Module, int]:
+    """A small CNN for 8x8 grey images. norm "group" (default): GroupNorm, no running statistics,
+    like the ViTs of the paper, so averaging weights is the whole story. "batch": BatchNorm2d in
+    the same places, with running statistics and a step counter, like CLIP's ResNets and most timm
+    CNNs (what soups of BatchNorm models do: README, "BatchNorm models")."""
+    if norm not in NORMS:
+        raise ValueError(f"model.norm: {norm!r} is unknown; allowed: {', '.join(repr(n) for n in NORMS)}")
 
     def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU()]
+        layer = nn.GroupNorm(8, cout) if norm == "group" else nn.BatchNorm2d(cout)
+        return [nn.Conv2d(cin, cout, 3, padding=1), layer, nn.GELU()]
 
     w2 = 2 * width
     net = nn.Sequential(
@@ -50,11 +58,13 @@ def build_backbone(model_cfg: dict) -> tuple[nn.Module, int]:
     """Architecture only (random weights); pretrained weights come from pretrained/backbone.safetensors."""
     name = model_cfg["name"]
     if name == "digits_cnn":
-        return digits_cnn(model_cfg["width"])
+        # .get: the model config in the metadata of weights saved before model.norm existed.
+        return digits_cnn(model_cfg["width"], model_cfg.get("norm", "group"))
     if name == "open_clip":
         from .clip import open_clip_visual
 
-        return open_clip_visual(model_cfg["arch"], model_cfg.get("pretrained"))
+        # .get: weights saved before model.quick_gelu existed rebuild as they were built then.
+        return open_clip_visual(model_cfg["arch"], model_cfg.get("pretrained"), model_cfg.get("quick_gelu"))
     raise ValueError(f"model.name {name!r} is unknown")
 
 
