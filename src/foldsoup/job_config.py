@@ -115,8 +115,9 @@ def default_runtime() -> dict:
 
 
 def merge(job_cfg: dict | None, runtime: dict | None) -> dict | None:
-    """One configuration tree for the step functions: the job's keys plus the runtime ones
-    (the schema's defaults under whatever `runtime` leaves out)."""
+    """One configuration tree for the step functions: the job's keys plus the runtime ones.
+    The schema's runtime defaults lie under both, for a step run by hand without
+    --runtime-json (a full configuration given as --config-json keeps its own values)."""
     if job_cfg is None:
         return None
-    return deep_update(deep_update(job_cfg, default_runtime()), runtime or {})
+    return deep_update(deep_update(default_runtime(), job_cfg), runtime or {})
