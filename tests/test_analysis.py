@@ -304,7 +304,7 @@ def test_summary_table2_rows(tmp_path):
     assert _row(text, "Table 2", "1") == ["1", "0.783", "—", "0.783", "0.878", "6 / 6"]
     assert _row(text, "Table 2", "2") == ["2", "0.985", "0.934", "0.800", "0.763", "4 / 6"]
     assert _row(text, "Table 2", "3") == ["3", "1.000", "0.978", "n/a", "0.707", "1 / 2"]
-    assert "78.00% in this run, 97.20% in the paper" in text
+    assert "78.00% in this run (set by a/fold0), 97.20% in the paper" in text
 
 
 def test_summary_table3_rows(tmp_path):

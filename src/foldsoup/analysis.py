@@ -41,7 +41,14 @@ RELIABILITY_COLUMNS: tuple[str, ...] = (
     "mean_gap_holdout_acc",
     "corr_holdout_acc",
     "corr_avg_acc",
+    # The single model whose val accuracy is the threshold ("hp/fold<i>"), and whether it is at
+    # chance (empty when models.csv predates the at_chance column).
+    "threshold_model",
+    "threshold_at_chance",
 )
+
+# Significance level of the at-chance test (see `chance_ceiling`).
+CHANCE_ALPHA = 0.01
 
 
 # --------------------------------------------------------------------------- fold subsets
@@ -132,6 +139,54 @@ def _finite_gap(val: Sequence[float], test: Sequence[float]) -> np.ndarray:
     return gap[np.isfinite(gap)]
 
 
+# --------------------------------------------------------------------------- models at chance
+
+
+def majority_rate(labels: Sequence[int]) -> float:
+    """Share of the most frequent class: the accuracy of always predicting it. NaN when empty."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    return float(counts.max() / counts.sum()) if counts.sum() else float("nan")
+
+
+def chance_ceiling(n: int, rate: float, alpha: float = CHANCE_ALPHA) -> float:
+    """The highest accuracy on `n` images that a model with no information about the images can
+    reach with probability above `alpha`, as a fraction: (c - 1) / n for the smallest count c
+    with P(X >= c) <= alpha, X ~ Binomial(n, rate). `rate` is the majority-class rate of those
+    images, the best a model blind to its input can expect (always predict the largest class).
+
+    An accuracy at or below the ceiling is "at chance": a one-sided exact binomial test at level
+    `alpha` cannot tell it from a blind model's. E.g. n = 10, rate = 0.5, alpha = 0.01: P(X >= 10)
+    = 1/1024, P(X >= 9) = 11/1024 > 0.01, so the ceiling is 9/10.
+    """
+    if n <= 0 or not math.isfinite(rate):
+        return float("nan")
+    if rate <= 0.0 or rate >= 1.0:
+        return float(rate)
+    k = np.arange(n + 1)
+    # log C(n, k) by cumulative sums: exact enough and no overflow for any n.
+    log_comb = np.concatenate([[0.0], np.cumsum(np.log(n - k[1:] + 1) - np.log(k[1:]))])
+    pmf = np.exp(log_comb + k * math.log(rate) + (n - k) * math.log1p(-rate))
+    tail = np.cumsum(pmf[::-1])[::-1]  # tail[c] = P(X >= c)
+    c = int(np.flatnonzero(tail <= alpha)[0]) if (tail <= alpha).any() else n + 1
+    return (c - 1) / n
+
+
+def at_chance(val_acc: float, n: int, rate: float, alpha: float = CHANCE_ALPHA) -> bool:
+    """True when `val_acc` on `n` images is not significantly above the majority-class `rate`
+    (see `chance_ceiling`); counts are compared, so float rounding of `val_acc` cannot flip it."""
+    ceiling = chance_ceiling(n, rate, alpha)
+    if not (math.isfinite(ceiling) and math.isfinite(val_acc)):
+        return False  # no val images: nothing to tell
+    return round(val_acc * n) <= round(ceiling * n)
+
+
+def at_chance_mask(models: pd.DataFrame) -> pd.Series:
+    """Boolean mask of models flagged at chance (models.csv's `at_chance`); all False without it."""
+    if "at_chance" not in models.columns:
+        return pd.Series(False, index=models.index)
+    return models["at_chance"].map(lambda v: str(v).strip().lower() in ("true", "1", "yes")).astype(bool)
+
+
 # --------------------------------------------------------------------------- Tables 1 and 2
 
 
@@ -154,9 +209,21 @@ def val_threshold(models: pd.DataFrame) -> float:
     Diverged models are left out because one collapsed run would otherwise drag the threshold
     to chance level and make "corr over thre" the same as "corr for all". NaN if none is left.
     """
-    kept = models.loc[~diverged_mask(models), "val_acc"].astype(float)
-    kept = kept[np.isfinite(kept)]
-    return float(kept.min()) if len(kept) else float("nan")
+    model = threshold_model(models)
+    return float(model["val_acc"]) if model is not None else float("nan")
+
+
+def threshold_model(models: pd.DataFrame) -> pd.Series | None:
+    """The row of the single model that sets the threshold (`val_threshold`): the lowest val
+    accuracy among those that did not diverge, the first in table order on ties; None if none."""
+    val = models["val_acc"].astype(float)
+    kept = val[~diverged_mask(models) & np.isfinite(val)]
+    return models.loc[kept.idxmin()] if len(kept) else None
+
+
+def model_name(row: pd.Series) -> str:
+    """"hp/fold<i>", the name a model has in logs, soups and summaries."""
+    return f"{row['hp']}/fold{int(row['fold'])}"
 
 
 def reliability_table(subsets: pd.DataFrame, models: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
@@ -170,8 +237,11 @@ def reliability_table(subsets: pd.DataFrame, models: pd.DataFrame, k: int | None
     Correlations are NaN for fewer than 2 rows or zero variance (see `pearson`).
     """
     threshold = val_threshold(models)
+    setter = threshold_model(models)
+    who = {"threshold_model": model_name(setter) if setter is not None and {"hp", "fold"} <= set(setter.index) else None,
+           "threshold_at_chance": bool(at_chance_mask(models)[setter.name]) if setter is not None and "at_chance" in models else None}
     k = k or _infer_k(subsets, models)
-    rows = [_reliability_row(subsets[subsets["n"].astype(int) == n], n, threshold) for n in range(1, k + 1)]
+    rows = [{**_reliability_row(subsets[subsets["n"].astype(int) == n], n, threshold), **who} for n in range(1, k + 1)]
     return pd.DataFrame(rows, columns=list(RELIABILITY_COLUMNS))
 
 

@@ -202,12 +202,25 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     meta = ctx.metadata(kind="finetune", **point.as_dict(), fold=fold)
     save_weights(out / "model.safetensors", state, meta)
     save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits}, {"hp": hp, "fold": fold})
+    # At chance: own-fold val accuracy no better than always predicting that fold's largest class
+    # (exact binomial test, analysis.chance_ceiling): a loss that exploded without turning NaN.
+    from .analysis import CHANCE_ALPHA, at_chance, chance_ceiling, majority_rate
+
+    val_labels = d.pool_labels[ctx.fold_of == fold]
+    majority, n_val = majority_rate(val_labels), len(val_labels)
+    chance, ceiling = at_chance(accs[fold], n_val, majority), chance_ceiling(n_val, majority)
     metrics = {**point.as_dict(), "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
-               "fold_accs": {str(i): a for i, a in accs.items()}, "holdout_acc": holdout_acc, "diverged": diverged, **stats}
+               "fold_accs": {str(i): a for i, a in accs.items()}, "holdout_acc": holdout_acc, "diverged": diverged,
+               "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val, **stats}
     atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished
     resume.clear()
     log(f"{tag}: val acc (fold {fold}) {accs[fold]:.4f}" + (f", holdout acc {holdout_acc:.4f}" if holdout_acc is not None else "")
         + f", test acc {test_acc:.4f}")
+    if chance and not diverged:
+        log(f"WARNING {tag}: at chance: val acc {accs[fold]:.4f} is not above {ceiling:.4f}, the most a model blind to its "
+            f"input plausibly reaches on fold {fold}'s {n_val} val images (largest class {majority:.4f}; binomial test at "
+            f"p = {CHANCE_ALPHA}); final train loss {stats['final_loss']:.4g}. It learned nothing: lower lr {point.lr:g} in "
+            f"grid.lr or check the data. It is not diverged, so it still enters the soups and Table 2's threshold")
 
 
 # ---------------------------------------------------------------- gathering
@@ -225,6 +238,8 @@ def models_table(metrics_paths: list[str], out: str) -> None:
         with open(path) as f:
             m = json.load(f)
         row = {key: m[key] for key in ("hp", "lr", "aug", "mixup", "fold", "val_acc", "test_acc", "diverged")}
+        # Empty for metrics written before the chance test existed.
+        row.update(at_chance=m.get("at_chance"), chance_ceiling=m.get("chance_ceiling"))
         row.update({f"acc_fold{i}": a for i, a in m["fold_accs"].items()})
         if m.get("holdout_acc") is not None:
             row["holdout_acc"] = m["holdout_acc"]
@@ -233,6 +248,12 @@ def models_table(metrics_paths: list[str], out: str) -> None:
     table = pd.DataFrame(rows).sort_values(["hp", "fold"], kind="stable")
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log(f"{len(table)} models, val acc {table.val_acc.min():.4f}..{table.val_acc.max():.4f}")
+    from .analysis import at_chance_mask, diverged_mask, model_name
+
+    chance = [model_name(r) for _, r in table[at_chance_mask(table) & ~diverged_mask(table)].iterrows()]
+    if chance:
+        log(f"WARNING {len(chance)} model(s) at chance (val acc not above their fold's largest class, binomial test): "
+            f"{', '.join(chance)}; see their fine-tune logs")
 
 
 # ---------------------------------------------------------------- soups

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from foldsoup.analysis import diverged_mask, order_methods, val_threshold
+from foldsoup.analysis import (CHANCE_ALPHA, at_chance_mask, diverged_mask, model_name, order_methods, threshold_model,
+                               val_threshold)
 
 # The paper's published numbers, copied as printed (Suzuki & Matsuzawa, AI 2022, 3, 796-808).
 # Accuracies and RMSEs are in percent (percentage points), correlations are plain numbers;
@@ -62,6 +63,8 @@ METHOD_NAMES = {
     "best_on_holdout": "Best on holdout",
     "greedy_soup_holdout": "Greedy soup (all, on holdout)",
 }
+CHANCE_RULE = (f"at chance = own-fold val accuracy not significantly above the share of that fold's largest class "
+               f"(one-sided exact binomial test, p > {CHANCE_ALPHA})")
 NOT_REPORTED = "—"  # a cell the paper leaves blank or a method it does not have
 NOT_AVAILABLE = "n/a"  # this run cannot compute the value (e.g. fewer than 2 soups)
 
@@ -164,6 +167,11 @@ def header_section(run_info: dict, models_df: pd.DataFrame, subsets_df: pd.DataF
                      "single-model points, kept in the soups and in 'corr for all'")
     else:
         lines.append("- diverged models: none")
+    if "at_chance" in models_df.columns:
+        chance = models_df.loc[at_chance_mask(models_df) & ~diverged_mask(models_df)]
+        lines.append(f"- models at chance: {len(chance)} ({', '.join(model_name(r) for _, r in chance.iterrows())}); "
+                     f"{CHANCE_RULE}; they learned nothing, yet they are not diverged and stay in the soups and in "
+                     "Table 2's threshold" if len(chance) else f"- models at chance: none ({CHANCE_RULE})")
     lines += ["", _context_note(run_info), ""]
     return "\n".join(lines)
 
@@ -222,12 +230,32 @@ def table2_section(reliability_df: pd.DataFrame, models_df: pd.DataFrame) -> str
     threshold = reliability_df["threshold"].iloc[0] if len(reliability_df) else val_threshold(models_df)
     headers = ["n", "corr for all (this run)", "corr for all (paper)", "corr over thre (this run)",
                "corr over thre (paper)", "soups over thre"]
+    setter, chance_note = _threshold_setter(models_df)
     text = ("## Table 2: Pearson correlation of MinAcc and test accuracy\n\n"
             "Over all uniform soups of n folds ('corr for all') and over those with MinAcc ≥ threshold "
             f"('corr over thre'). Threshold = lowest val accuracy among the single (non-diverged) models: "
-            f"{fmt_pct(threshold)} in this run, {fmt_paper_pct(PAPER['figure2']['lowest_val'])} in the paper. "
-            "A correlation needs at least 2 soups with varying accuracies, else n/a.\n\n")
+            f"{fmt_pct(threshold)} in this run{setter}, {fmt_paper_pct(PAPER['figure2']['lowest_val'])} in the paper. "
+            f"{chance_note}A correlation needs at least 2 soups with varying accuracies, else n/a.\n\n")
     return text + md_table(headers, rows) + "\n"
+
+
+def _threshold_setter(models_df: pd.DataFrame) -> tuple[str, str]:
+    """(' (set by <model>)', a note when that model is at chance): what that does to 'corr over
+    thre', and the lowest val accuracy among the models above chance. The threshold is not changed."""
+    setter = threshold_model(models_df)
+    if setter is None or not {"hp", "fold"} <= set(setter.index):
+        return "", ""
+    name = model_name(setter)
+    if not at_chance_mask(models_df)[setter.name]:
+        return f" (set by {name})", ""
+    above = models_df.loc[~at_chance_mask(models_df)]
+    other = threshold_model(above) if len(above) else None
+    lowest = f"{fmt_pct(other['val_acc'])} ({model_name(other)})" if other is not None else "undefined (every model is at chance)"
+    return (f" (set by {name})",
+            f"**The threshold is set by a model at chance**: {name}'s val accuracy is not significantly above its fold's "
+            f"largest-class share (binomial test, p > {CHANCE_ALPHA}), so 'corr over thre' keeps nearly "
+            f"every soup and tells little beyond 'corr for all'. The paper's definition is kept; without the models at "
+            f"chance the lowest val accuracy would be {lowest}. ")
 
 
 def holdout_section(reliability_df: pd.DataFrame) -> str:
