@@ -152,9 +152,83 @@ def test_integer_and_bool_buffers_are_copied():
 
 
 def test_integer_buffer_mismatch_names_key_and_ingredient():
-    states = [with_buffers(random_state(0), 7), with_buffers(random_state(1), 8)]
-    with pytest.raises(SoupError, match=r"'model_b'.*bn\.num_batches_tracked"):
+    # Any integer buffer but BatchNorm's step counter: an index buffer (e.g. position ids).
+    states = [{**with_buffers(random_state(i)), "embed.position_ids": torch.arange(4) + i} for i in range(2)]
+    with pytest.raises(SoupError, match=r"'model_b'.*'embed\.position_ids'.*must be equal in every ingredient"):
         average(states, names=["model_a", "model_b"])
+    # A scalar int64 counter of another name is no BatchNorm counter either.
+    states = [{**random_state(i), "optimizer.step": torch.tensor(10 + i)} for i in range(2)]
+    with pytest.raises(SoupError, match=r"'#1'.*'optimizer\.step'"):
+        average(states)
+
+
+# ------------------------------------------------------------------------------------------
+# BatchNorm: running statistics averaged, step counters as their exact integer mean
+# ------------------------------------------------------------------------------------------
+
+
+def bn_state(mean: list[float], var: list[float], tracked: int) -> dict[str, torch.Tensor]:
+    return {
+        "bn.weight": torch.ones(2),
+        "bn.bias": torch.zeros(2),
+        "bn.running_mean": torch.tensor(mean, dtype=torch.float32),
+        "bn.running_var": torch.tensor(var, dtype=torch.float32),
+        "bn.num_batches_tracked": torch.tensor(tracked, dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+    }
+
+
+def test_batchnorm_running_stats_averaged_and_counter_is_floor_of_mean():
+    a, b = bn_state([0.0, 2.0], [1.0, 3.0], 40), bn_state([1.0, 4.0], [2.0, 5.0], 45)
+    soup = average([a, b])
+    assert soup["bn.running_mean"].tolist() == [0.5, 3.0]
+    assert soup["bn.running_var"].tolist() == [1.5, 4.0]
+    assert soup["bn.num_batches_tracked"].dtype == torch.int64
+    assert soup["bn.num_batches_tracked"].item() == 42  # floor(85 / 2)
+    assert soup["bn.num_batches_tracked"].dim() == 0
+    assert average([a, b, bn_state([0, 0], [1, 1], 50)])["bn.num_batches_tracked"].item() == 45  # 135 / 3
+    assert average([a])["bn.num_batches_tracked"].item() == 40  # a soup of one is that model
+    assert a["bn.num_batches_tracked"].item() == 40  # inputs untouched
+
+
+def test_batchnorm_counter_mean_is_exact_beyond_float64():
+    # 2**53 + 1 is not a float64: a float mean would give 2**53 + 2 or 2**53; exact is 2**53 + 1.
+    big = 2**53
+    states = [bn_state([0, 0], [1, 1], big), bn_state([0, 0], [1, 1], big + 2), bn_state([0, 0], [1, 1], big + 1)]
+    assert average(states)["bn.num_batches_tracked"].item() == big + 1
+    # Near int64's maximum an int64 sum would overflow; the mean of two equal counters is them.
+    top = 2**63 - 1
+    assert average([bn_state([0, 0], [1, 1], top)] * 2)["bn.num_batches_tracked"].item() == top
+
+
+def test_batchnorm_counter_weighted_mean_and_mean_with():
+    rs = RunningSum()
+    rs.add(bn_state([0, 0], [1, 1], 10), "a", weight=1.0)
+    rs.add(bn_state([4, 4], [1, 1], 20), "b", weight=3.0)
+    assert rs.mean()["bn.num_batches_tracked"].item() == 17  # floor(70 / 4)
+    assert rs.mean()["bn.running_mean"].tolist() == [3.0, 3.0]
+    preview = rs.mean_with(bn_state([0, 0], [1, 1], 33), "c", weight=0.5)
+    assert preview["bn.num_batches_tracked"].item() == 19  # floor(86.5 / 4.5) = floor(19.22)
+    assert rs.mean()["bn.num_batches_tracked"].item() == 17  # mean_with left the sum unchanged
+    clone = rs.copy()
+    clone.add(bn_state([0, 0], [1, 1], 33), "c", weight=0.5)
+    assert torch.equal(clone.mean()["bn.num_batches_tracked"], preview["bn.num_batches_tracked"])
+    assert rs.mean()["bn.num_batches_tracked"].item() == 17  # the copy is independent
+
+
+def test_batchnorm_counters_still_check_dtype_and_other_buffers():
+    a = bn_state([0, 0], [1, 1], 10)
+    check_compatible(a, bn_state([1, 1], [1, 1], 99), "other_fold")  # counters may differ
+    wrong = bn_state([0, 0], [1, 1], 10)
+    wrong["bn.num_batches_tracked"] = torch.tensor(10, dtype=torch.int32)
+    with pytest.raises(SoupError, match=r"'bn\.num_batches_tracked' has dtype torch\.int32"):
+        average([a, wrong])
+    flipped = bn_state([0, 0], [1, 1], 12)
+    flipped["mask"] = torch.tensor([False, False])
+    with pytest.raises(SoupError, match=r"'mask'.*must be equal"):
+        check_compatible(a, flipped, "flipped")
+    with pytest.raises(SoupError, match=r"'mask'.*must be equal"):
+        average([a, flipped])
 
 
 def test_missing_key_names_ingredient_and_key():

@@ -3,9 +3,16 @@
 * Floating-point (and complex) tensors are averaged. The running sum is kept in float32 (or
   float64) whatever the ingredients' dtype, because summing many bf16/fp16 tensors in their own
   precision loses the small increments; the mean is cast back to each tensor's own dtype.
-* Every other tensor (BatchNorm's `num_batches_tracked`, bool masks, index buffers) is copied
-  from the first ingredient and must be equal in all of them: `int_buffer * (1/N)` is never
-  computed.
+  BatchNorm's running_mean/running_var are float buffers: averaged like weights.
+* BatchNorm's step counters (`*.num_batches_tracked`, int64 scalars) count optimizer steps, which
+  differ between folds whose training parts differ in size. The soup's counter is the
+  (weighted) mean of the ingredients' counters rounded down, computed exactly (rational
+  arithmetic): the mean because Eq. 1 takes the mean of everything else (the max would credit
+  the averaged statistics with the longest-trained ingredient's steps); a soup of equal counters
+  keeps them, and the counter lies between its ingredients'. Torch reads it only in
+  `momentum=None` BatchNorm, as the weight of the stored statistics when training continues.
+* Every other non-float tensor (bool masks, index buffers) is copied from the first ingredient
+  and must be equal in all of them: `int_buffer * (1/N)` is never computed.
 * Ingredients are added one at a time (`RunningSum`), so a soup of 90 models needs memory for
   one model plus the running sum, never for all of them.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,6 +57,22 @@ def resolve_accum_dtype(accum_dtype: AccumDtype) -> torch.dtype:
 def is_averaged(t: torch.Tensor) -> bool:
     """Whether a tensor is averaged (floating point or complex) rather than copied."""
     return t.is_floating_point() or t.is_complex()
+
+
+BN_COUNTER = "num_batches_tracked"
+
+
+def is_bn_counter(key: str, t: torch.Tensor) -> bool:
+    """BatchNorm's step counter: an integer scalar named `num_batches_tracked` (its mean is taken;
+    any other integer buffer must be equal in every ingredient)."""
+    return key.rsplit(".", 1)[-1] == BN_COUNTER and t.dim() == 0 and not is_averaged(t) and t.dtype != torch.bool
+
+
+def _counter_mean(weighted_sum: Fraction, total_weight: Fraction, like: torch.Tensor) -> torch.Tensor:
+    """floor(weighted sum / total weight) with `like`'s dtype and device. Python fractions: exact
+    for any float weights and any int64 counters, where float64 (or an int64 sum) would round or
+    overflow."""
+    return torch.tensor(weighted_sum // total_weight, dtype=like.dtype, device=like.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +120,8 @@ def _check_fixed_equal(key: str, t: torch.Tensor, ref: torch.Tensor, name: str, 
     if not torch.equal(t.to(ref.device), ref):
         raise SoupError(
             f"ingredient {name!r}: non-float tensor {key!r} ({t.dtype}) differs from {ref_name!r}; "
-            "integer/bool buffers are copied, not averaged, so they must be equal in every ingredient"
+            "integer/bool buffers (other than BatchNorm's num_batches_tracked) are copied, not averaged, "
+            "so they must be equal in every ingredient"
         )
 
 
@@ -108,13 +133,13 @@ def check_compatible(
 ) -> None:
     """Raise SoupError unless `state` can be averaged with `reference_state`.
 
-    Same keys, shapes and dtypes; non-float tensors equal. Messages name `name`, the key and
-    both shapes.
+    Same keys, shapes and dtypes; non-float tensors other than BatchNorm's step counters equal.
+    Messages name `name`, the key and both shapes.
     """
     _check_keys(reference_state.keys(), state, name, reference_name)
     for key, ref in reference_state.items():
         t = _check_tensor(key, state[key], ref, name, reference_name)
-        if not is_averaged(ref):
+        if not is_averaged(ref) and not is_bn_counter(key, ref):
             _check_fixed_equal(key, t, ref, name, reference_name)
 
 
@@ -142,6 +167,9 @@ class RunningSum:
         self._ref: dict[str, torch.Tensor] = {}  # key -> meta tensor (shape, dtype), key order
         self._sums: dict[str, torch.Tensor] = {}  # averaged keys -> weighted sum
         self._fixed: dict[str, torch.Tensor] = {}  # other keys -> first ingredient's value
+        self._counters: dict[str, Fraction] = {}  # BatchNorm step counters -> exact weighted sum
+        self._counter_like: dict[str, torch.Tensor] = {}  # counters -> first ingredient's (dtype, device)
+        self._exact_weight = Fraction(0)  # total weight of the counters' mean
         self._names: list[str] = []
         self._total_weight = 0.0
 
@@ -187,6 +215,9 @@ class RunningSum:
                 if weight != 1.0:
                     acc.mul_(weight)
                 self._sums[key] = acc
+            elif is_bn_counter(key, t):
+                self._counters[key] = Fraction(weight) * int(t)
+                self._counter_like[key] = t.clone()
             else:
                 self._fixed[key] = t.clone()
 
@@ -206,8 +237,11 @@ class RunningSum:
                     acc.add_(t)
                 else:
                     acc.add_(t, alpha=w)
+            for key in self._counters:
+                self._counters[key] += Fraction(w) * int(checked[key])
         self._names.append(label)
         self._total_weight += w
+        self._exact_weight += Fraction(w)
 
     def _finish(self, key: str, summed: torch.Tensor, total: float) -> torch.Tensor:
         return summed.div(total).to(self._ref[key].dtype)
@@ -216,14 +250,15 @@ class RunningSum:
         """The (weighted) average of all ingredients, each tensor in its original dtype."""
         if self.count == 0:
             raise SoupError("cannot average zero ingredients")
-        return {
-            key: (
-                self._finish(key, self._sums[key], self._total_weight)
-                if key in self._sums
-                else self._fixed[key].clone()
-            )
-            for key in self._ref
-        }
+        out: State = {}
+        for key in self._ref:
+            if key in self._sums:
+                out[key] = self._finish(key, self._sums[key], self._total_weight)
+            elif key in self._counters:
+                out[key] = _counter_mean(self._counters[key], self._exact_weight, self._counter_like[key])
+            else:
+                out[key] = self._fixed[key].clone()
+        return out
 
     def mean_with(self, state: Mapping[str, torch.Tensor], name: str | None = None, weight: float = 1.0) -> State:
         """The mean as if `state` had been added, leaving this sum unchanged (greedy soups)."""
@@ -241,6 +276,9 @@ class RunningSum:
                 acc = self._sums[key]
                 summed = torch.add(acc, checked[key].to(acc.device), alpha=w)
                 out[key] = summed.div_(total).to(self._ref[key].dtype)
+            elif key in self._counters:
+                counted = self._counters[key] + Fraction(w) * int(checked[key])
+                out[key] = _counter_mean(counted, self._exact_weight + Fraction(w), self._counter_like[key])
             else:
                 out[key] = self._fixed[key].clone()
         return out
@@ -251,6 +289,9 @@ class RunningSum:
         other._ref = dict(self._ref)  # meta tensors hold no data; sharing them is safe
         other._sums = {k: v.clone() for k, v in self._sums.items()}
         other._fixed = {k: v.clone() for k, v in self._fixed.items()}
+        other._counters = dict(self._counters)  # Fractions are immutable
+        other._counter_like = dict(self._counter_like)  # never modified in place
+        other._exact_weight = self._exact_weight
         other._names = list(self._names)
         other._total_weight = self._total_weight
         return other
