@@ -1,7 +1,8 @@
 import os
 import sys
 
-# Under a local Snakemake run a job server may hold torch already imported (foldsoup.zygote).
+# Under a local Snakemake run a job server may hold torch already imported (foldsoup.zygote);
+# it runs the step only for a job of its own interpreter, else (None) the step runs here.
 _server = os.environ.get("FOLDSOUP_JOB_SERVER")
 if _server:
     from .zygote import run_via_server

@@ -171,6 +171,7 @@ class ResumeStore:
         tensors.update({f"optim.{k}": v for k, v in opt.state_tensors().items()})
         tensors["generator"] = gen.get_state()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         save_weights(self.path, tensors, {"progress": progress, "fingerprint": fingerprint})
 
     def load(self, model: torch.nn.Module, opt: AdamW, gen: torch.Generator, fingerprint: str | None = None) -> dict | None:
@@ -191,6 +192,14 @@ class ResumeStore:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of a save that was SIGKILLed (a signal that allows it cleans up
+        itself): ours and safetensors' own, each as large as the state (1 GB for ViT-B/32)."""
+        for pattern in (f".{self.path.name}.*.tmp", ".tmp*"):
+            for leftover in self.folder.glob(pattern):
+                leftover.unlink(missing_ok=True)
 
 
 def run_fingerprint(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: "LoopConfig") -> str:

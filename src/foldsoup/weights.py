@@ -2,7 +2,8 @@
 
 Every writer here goes through a temporary file in the destination folder, is fsync'ed and then
 renamed over the final name with `os.replace`, so a crash or a killed job never leaves a
-half-written file under a name that Snakemake (or a resumed run) would trust.
+half-written file under a name that Snakemake (or a resumed run) would trust. An exception,
+Ctrl-C or SIGTERM during the write removes the temporary file; only SIGKILL can leave one.
 
 torch and safetensors are imported inside the functions that need them: CSV/JSON writers use
 this module too and must stay cheap to import.
@@ -14,7 +15,10 @@ import contextlib
 import errno
 import json
 import os
+import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,31 +62,100 @@ def _current_umask() -> int:
     return mask
 
 
+class SignalExit(SystemExit):
+    """SIGTERM, SIGINT or SIGHUP arrived during an atomic write (exit status 128 + signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_replaced: dict[int, Any] = {}  # signal -> the handler it had before _signals_raise
+_held: list[int] | None = None  # signals waiting for the end of _hold_signals (None: not holding)
+
+
+def _stop(signum: int, frame) -> None:
+    if _held is not None:
+        _held.append(signum)
+    elif _replaced.get(signum) is signal.default_int_handler:
+        raise KeyboardInterrupt
+    else:
+        raise SignalExit(signum)
+
+
+@contextlib.contextmanager
+def _hold_signals() -> Iterator[None]:
+    """Signals that arrive within wait until its end. (Python runs handlers in the main thread
+    whichever thread the kernel picked, so a signal mask cannot do this in a threaded process.)"""
+    global _held
+    _held = []
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+        for signum in held:
+            signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Within it, SIGTERM/SIGINT/SIGHUP that would kill the process on the spot raise
+    SignalExit, and Ctrl-C KeyboardInterrupt as usual, so the write's cleanup runs. Other
+    handlers (the training loop's SIGTERM flag, an ignored SIGHUP) are kept."""
+    if threading.current_thread() is not threading.main_thread() or _replaced:
+        yield  # only the main thread may set handlers; a nested write is covered by the outer one
+        return
+    for sig in _STOP_SIGNALS:
+        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+            _replaced[sig] = signal.signal(sig, _stop)
+    try:
+        yield
+    finally:
+        with _hold_signals():  # one arriving now goes to the restored handler
+            for sig, handler in _replaced.items():
+                signal.signal(sig, handler)
+            _replaced.clear()
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success fsync it and rename it to `path`.
 
-    On any exception the temporary file is removed and `path` is left untouched.
+    On any exception, and on SIGTERM/SIGHUP/SIGINT (which then end the process with
+    SignalExit, or KeyboardInterrupt for Ctrl-C, after the cleanup), the temporary file is
+    removed and `path` is left untouched. The file gets the permissions a plain open() would
+    (0666 less the umask).
     """
     final = Path(path)
     if final.is_dir():  # else os.replace fails naming the temporary file
         raise IsADirectoryError(errno.EISDIR, "is a folder", str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target: os.replace is only atomic within one filesystem.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp creates 0600; give the final file the permissions a plain open() would.
-    os.chmod(tmp, 0o666 & ~_current_umask())
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    with _signals_raise():
+        tmp = None
+        try:
+            with _hold_signals():  # until `tmp` names the file mkstemp made
+                # Same folder as the target: os.replace is only atomic within one filesystem.
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+                os.close(fd)
+                tmp = Path(tmp_name)
+            yield tmp
+            # After the writer: mkstemp makes 0600, and writers that replace the file (safetensors
+            # writes its own temporary file and renames it) make 0600 too.
+            os.chmod(tmp, 0o666 & ~_current_umask())
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException as exc:
+            try:
+                if tmp is not None:
+                    tmp.unlink()  # gone if the signal came just after the rename: then the file is whole
+                    if isinstance(exc, SignalExit):
+                        print(f"foldsoup: {signal.Signals(exc.signum).name} while writing {final}; its unfinished "
+                              "temporary file was removed (rerun to write it)", file=sys.stderr, flush=True)
+            except FileNotFoundError:
+                pass
+            raise
     _fsync_dir(final.parent)
 
 
