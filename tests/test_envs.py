@@ -37,3 +37,12 @@ def test_installed_versions_match_pins():
     reqs = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line]
     for name, pinned in _pins(reqs).items():
         assert version(name) == pinned, name
+
+
+def test_conda_jobs_keep_the_library_path():
+    """Under --sdm conda Snakemake drops PYTHONPATH from jobs unless told not to, and jobs find
+    foldsoup (src/) only through it (envs/foldsoup.yaml does not install the checkout)."""
+    for profile in ("default", "slurm"):
+        cfg = yaml.safe_load((ROOT / "profiles" / profile / "config.yaml").read_text())
+        assert cfg.get("conda-not-block-search-path-envvars") is True, profile
+    assert "foldsoup" not in (ROOT / "envs" / "foldsoup.yaml").read_text().split("pip:")[1]
