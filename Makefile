@@ -7,7 +7,7 @@ SNAKEMAKE := $(VENV)/bin/snakemake
 CORES ?= 2
 STAMP := $(VENV)/.foldsoup-installed
 
-.PHONY: setup demo report test lint bench clean
+.PHONY: setup demo report test lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ lint: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# On a GPU machine only (no test needs one): ViT-B/32 throughput and memory, fused AdamW on
+# CUDA, GPU slots, the paper preset's smoke run; one JSON summary (README, Speed).
+gpu-check:
+	scripts/gpu-check.sh
 
 clean:
 	rm -rf results .snakemake
