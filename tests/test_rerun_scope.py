@@ -46,6 +46,7 @@ def test_the_finished_run_is_complete(smoke_run, tmp_path):
     {"finetune": {"eval_batch_size": 7}},
     {"finetune": {"compile": True}},
     {"finetune": {"on_divergence": "exclude"}},
+    {"finetune": {"resume_every_s": 60}},
     {"local_job_server": False},
     {"resources": {"finetune": {"runtime": 5, "mem_mb": 100}}},
     {"augment": {"strong": {"scale": [0.5, 1.0], "rotate": 5, "translate": 0.0, "jitter": 0.0, "erase": 0.0}}},

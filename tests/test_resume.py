@@ -31,8 +31,11 @@ def _command(smoke_run, out_dir: Path, resume_dir: Path) -> list[str]:
     args = dict(zip(argv[4::2], argv[5::2]))
     cfg = json.loads(args["--config-json"])
     cfg["finetune"].update(epochs=EPOCHS, batch_size=8)
-    cfg["device"] = "cpu"
-    args.update({"--config-json": json.dumps(cfg), "--out-dir": str(out_dir), "--resume-dir": str(resume_dir)})
+    runtime = json.loads(args["--runtime-json"])
+    runtime["device"] = "cpu"
+    runtime["finetune"]["resume_every_s"] = 0  # resume state before every step: a kill always finds some
+    args.update({"--config-json": json.dumps(cfg), "--runtime-json": json.dumps(runtime), "--out-dir": str(out_dir),
+                 "--resume-dir": str(resume_dir)})
     return [sys.executable, "-m", "foldsoup", "finetune", *[x for kv in args.items() for x in kv]]
 
 
@@ -91,7 +94,7 @@ def test_kill_9_mid_training_then_the_rerun_resumes_to_the_same_weights(smoke_ru
 
     rerun = _start(cmd, log)
     assert rerun.wait(timeout=300) == 0, log.read_text()
-    m = re.search(r"resumed \S+ from epoch (\d+) step 0", log.read_text())
+    m = re.search(r"resumed \S+ from epoch (\d+) step \d+", log.read_text())
     assert m and int(m.group(1)) >= 2, log.read_text()
     _assert_same_weights(_weights(straight), _weights(out))
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, out))
@@ -125,7 +128,7 @@ def test_sigterm_saves_state_exits_non_zero_and_the_rerun_continues(smoke_run, s
 AUG = {"scale": [0.35, 1.0], "rotate": 20, "translate": 0.15, "jitter": 0.4, "erase": 0.25}
 
 
-def _loop(resume_dir=None, lr=1e-3, init_seed=0, log=None, **kw):
+def _loop(resume_dir=None, lr=1e-3, init_seed=0, log=None, every_s=0, **kw):
     from foldsoup.models import build_classifier
     from foldsoup.train import ImageSpec, LoopConfig, ResumeStore, train
 
@@ -135,7 +138,7 @@ def _loop(resume_dir=None, lr=1e-3, init_seed=0, log=None, **kw):
     images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (40,), generator=g)
     cfg = LoopConfig(3, 8, lr, 0.1, 2, 1.0, 0.0, "fp32", AUG, 0.4, 0, "test/fold0")
-    store = ResumeStore(resume_dir) if resume_dir else None
+    store = ResumeStore(resume_dir, every_s) if resume_dir else None
     train(model, images, labels, ImageSpec(8, [0.5], [0.5], False), cfg, log or (lambda m: None), store, **kw)
     return model.state_dict()
 
@@ -176,3 +179,55 @@ def test_resume_state_of_a_run_with_other_inputs_is_ignored(tmp_path, change):
     expected = _loop(**change)
     for key in expected:
         assert torch.equal(expected[key], changed[key]), key
+
+
+@pytest.mark.parametrize("every_s, saved", [(None, False), (3600, False), (0, True)])
+def test_resume_state_is_written_on_its_interval(tmp_path, every_s, saved):
+    """finetune.resume_every_s: a 1 GB write per epoch per job is not what a ViT-B/32 sweep can
+    afford; between steps the state is written only once the interval has passed."""
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _loop(tmp_path, every_s=every_s, fail_at_step=12)
+    assert (tmp_path / "state.safetensors").is_file() == saved
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread in this process, as `straight` ran (OMP_NUM_THREADS=1): the same sums."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sigterm_during_the_final_evaluation_keeps_the_trained_weights(smoke_run, straight, tmp_path, monkeypatch, capfd,
+                                                                        one_thread):
+    """SLURM's time limit can fall after training, while the job evaluates: the trained weights
+    are saved, the job fails, and its rerun only evaluates, to the same outputs."""
+    import foldsoup.train as train_mod
+    from foldsoup.cli import main
+    from foldsoup.weights import load_weights
+
+    out, resume = tmp_path / "out", tmp_path / "resume"
+    argv = _command(smoke_run, out, resume)[3:]
+    real_predict = train_mod.predict_logits
+
+    def sigterm_then_predict(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "predict_logits", sigterm_then_predict)
+    assert main(argv) == 1
+    err = capfd.readouterr().err
+    assert "SIGTERM after training; the trained weights are saved to" in err, err
+    tensors, meta = load_weights(resume / "state.safetensors")
+    assert meta["progress"]["done"] is True and not any(k.startswith("optim.") for k in tensors)
+    assert not (out / "metrics.json").exists()
+
+    monkeypatch.setattr(train_mod, "predict_logits", real_predict)
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "training had finished" in err and " epoch 1/" not in err, err  # no step was trained again
+    _assert_same_weights(_weights(straight), _weights(out))
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, out))
+    assert (a["val_acc"], a["test_acc"], a["fold_accs"], a["final_loss"]) == (b["val_acc"], b["test_acc"], b["fold_accs"], b["final_loss"])
+    assert not (resume / "state.safetensors").exists()

@@ -19,9 +19,12 @@ from typing import Any, Iterable
 from .config import deep_update, grid_point
 
 # Never change a job's result: where it runs, whether a missing CIFAR-10 may be downloaded,
-# how many images per forward pass when evaluating, whether the training forward is compiled, and whether a NaN loss stops the job or
-# marks the model diverged (it only decides what happens to a job that fails).
-RUNTIME_KEYS = ("device", "data.download", "finetune.eval_batch_size", "finetune.compile", "finetune.on_divergence")
+# how many images per forward pass when evaluating, whether the training forward is compiled,
+# whether a NaN loss stops the job or marks the model diverged (it only decides what happens to
+# a job that fails), and how often resume state is saved (a resumed run ends with the same
+# weights).
+RUNTIME_KEYS = ("device", "data.download", "finetune.eval_batch_size", "finetune.compile", "finetune.on_divergence",
+                "finetune.resume_every_s")
 
 # What the images look like to the model (train.ImageSpec) and how `predict` reads new ones
 # (the weights' metadata): every torch job.

@@ -164,7 +164,7 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     import torch
 
     from .models import load_backbone
-    from .train import Diverged, LoopConfig, ResumeStore, fold_accuracies, predict_logits, train
+    from .train import Diverged, Interrupted, LoopConfig, ResumeStore, SigtermTrap, fold_accuracies, predict_logits, train
 
     point: GridPoint = grid_point(cfg, hp)
     tag = f"{hp}/fold{fold}"
@@ -177,7 +177,7 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     loop = LoopConfig(ft["epochs"], ft["batch_size"], point.lr, ft["weight_decay"], ft["warmup_steps"], ft["grad_clip"],
                       ft["label_smoothing"], ft["precision"], cfg["augment"][point.aug],
                       ft["mixup_alpha"] if point.mixup else None, cfg["seed"], tag, compile=ft["compile"])
-    resume = ResumeStore(resume_dir)
+    resume = ResumeStore(resume_dir, ft["resume_every_s"])
     log(f"{tag}: fine-tuning on {len(train_idx)} images, {ft['epochs']} epochs, lr {point.lr:g}, aug {point.aug}, mixup {point.mixup}")
     diverged = False
     try:
@@ -188,31 +188,42 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
             raise
         log(f"{exc}; marked diverged (finetune.on_divergence: exclude), excluded from every soup")
         diverged, stats = True, {"steps": None, "final_loss": float("nan"), "images_per_s": None, "train_seconds": None}
-    batch = ft["eval_batch_size"]
-    pool_logits = predict_logits(model, ctx.tensor(d.pool_images), ctx.spec, batch, ft["precision"])
-    test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
-    labels = ctx.tensor(d.pool_labels)
-    accs = fold_accuracies(pool_logits, labels, ctx.tensor(ctx.fold_of), ctx.k)
-    holdout = ctx.tensor(holdout_indices(ctx.fold_of))
-    holdout_acc = (pool_logits[holdout].argmax(1) == labels[holdout]).float().mean().item() if len(holdout) else None
-    test_acc = (test_logits.argmax(1) == ctx.tensor(d.test_labels)).float().mean().item()
-    out = Path(out_dir)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ft["save_dtype"]]
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    meta = ctx.metadata(kind="finetune", **point.as_dict(), fold=fold)
-    save_weights(out / "model.safetensors", state, meta)
-    save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits}, {"hp": hp, "fold": fold})
-    # At chance: own-fold val accuracy no better than always predicting that fold's largest class
-    # (exact binomial test, analysis.chance_ceiling): a loss that exploded without turning NaN.
-    from .analysis import CHANCE_ALPHA, at_chance, chance_ceiling, majority_rate
+    # A SIGTERM from here on (a time limit during the final evaluation) keeps the trained
+    # weights as resume state: the rerun skips training and only evaluates.
+    try:
+        with SigtermTrap(raising=True):
+            batch = ft["eval_batch_size"]
+            pool_logits = predict_logits(model, ctx.tensor(d.pool_images), ctx.spec, batch, ft["precision"])
+            test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
+            labels = ctx.tensor(d.pool_labels)
+            accs = fold_accuracies(pool_logits, labels, ctx.tensor(ctx.fold_of), ctx.k)
+            holdout = ctx.tensor(holdout_indices(ctx.fold_of))
+            holdout_acc = (pool_logits[holdout].argmax(1) == labels[holdout]).float().mean().item() if len(holdout) else None
+            test_acc = (test_logits.argmax(1) == ctx.tensor(d.test_labels)).float().mean().item()
+            out = Path(out_dir)
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ft["save_dtype"]]
+            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+            meta = ctx.metadata(kind="finetune", **point.as_dict(), fold=fold)
+            save_weights(out / "model.safetensors", state, meta)
+            save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits},
+                         {"hp": hp, "fold": fold})
+            # At chance: own-fold val accuracy no better than always predicting that fold's largest class
+            # (exact binomial test, analysis.chance_ceiling): a loss that exploded without turning NaN.
+            from .analysis import CHANCE_ALPHA, at_chance, chance_ceiling, majority_rate
 
-    val_labels = d.pool_labels[ctx.fold_of == fold]
-    majority, n_val = majority_rate(val_labels), len(val_labels)
-    chance, ceiling = at_chance(accs[fold], n_val, majority), chance_ceiling(n_val, majority)
-    metrics = {**point.as_dict(), "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
-               "fold_accs": {str(i): a for i, a in accs.items()}, "holdout_acc": holdout_acc, "diverged": diverged,
-               "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val, **stats}
-    atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished
+            val_labels = d.pool_labels[ctx.fold_of == fold]
+            majority, n_val = majority_rate(val_labels), len(val_labels)
+            chance, ceiling = at_chance(accs[fold], n_val, majority), chance_ceiling(n_val, majority)
+            metrics = {**point.as_dict(), "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
+                       "fold_accs": {str(i): a for i, a in accs.items()}, "holdout_acc": holdout_acc, "diverged": diverged,
+                       "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val, **stats}
+            atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished
+    except Interrupted:
+        if diverged:
+            raise
+        resume.save_trained(model, stats)
+        raise Interrupted(f"{tag}: SIGTERM after training; the trained weights are saved to {resume.path}, "
+                          f"a rerun only evaluates them") from None
     resume.clear()
     log(f"{tag}: val acc (fold {fold}) {accs[fold]:.4f}" + (f", holdout acc {holdout_acc:.4f}" if holdout_acc is not None else "")
         + f", test acc {test_acc:.4f}")
@@ -310,7 +321,9 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     metrics = _model_metrics(metrics_paths)
-    states = {m["fold"]: ctx.load(p) for m, p in zip(metrics, model_paths) if not m["diverged"]}
+    usable = {m["fold"]: p for m, p in zip(metrics, model_paths) if not m["diverged"]}
+    store = ctx.ingredients(usable.values())
+    states = {fold: store.get(p) for fold, p in usable.items()}
     k, cap = ctx.k, cfg["analysis"]["max_subsets_per_n"]
     rows = []
     for subset in fold_subsets(k, cap, cfg["seed"]):
