@@ -40,7 +40,10 @@ def test_prepare_reads_only_its_dataset_keys(demo):
                                                    ("name", "max_pool", "max_test", "classes", "pretrain_classes", "test_fraction")}
     paper = validate(load_yaml_files(ROOT / "config.yaml", ROOT / "presets" / "paper-cifar10.yaml"), check_paths=False)
     assert set(job_config(paper, "prepare")["data"]) == {"name", "max_pool", "max_test", "root"}
-    assert job_config(paper, "pretrain") == {"model": paper["model"]}  # exported, not trained: nothing else
+    clip_keys = ("name", "arch", "pretrained", "quick_gelu", "normalize_features")
+    # Exported, not trained: nothing else; and none of digits_cnn's keys.
+    assert job_config(paper, "pretrain") == {"model": {k: paper["model"][k] for k in clip_keys}}
+    assert set(job_config(demo, "lp")["model"]) == {"name", "width", "norm", "normalize_features"}  # no arch
 
 
 def test_merge_puts_the_runtime_keys_back_where_the_schema_has_them(demo):
@@ -50,5 +53,5 @@ def test_merge_puts_the_runtime_keys_back_where_the_schema_has_them(demo):
     # By hand, without --runtime-json: the schema's defaults, under what the config gives.
     assert merge({"seed": 0}, None)["device"] == "auto"
     assert merge({"device": "cuda", "finetune": {"compile": True}}, None)["finetune"] == {
-        "compile": True, "eval_batch_size": 1024, "on_divergence": "error"}
+        "compile": True, "eval_batch_size": 1024, "on_divergence": "error", "resume_every_s": 600}
     assert merge({"device": "cuda"}, None)["device"] == "cuda"

@@ -38,6 +38,13 @@ PREPARE_KEYS = {
     "medmnist": ("data.root", "data.class_names"),
 }
 
+# The model keys of each model.name (the schema fills every key, also those of the other
+# model): a digits_cnn job is not given open_clip's arch, nor its weights' metadata.
+MODEL_KEYS = {
+    "digits_cnn": ("model.name", "model.width", "model.norm", "model.normalize_features"),
+    "open_clip": ("model.name", "model.arch", "model.pretrained", "model.quick_gelu", "model.normalize_features"),
+}
+
 # The fine-tune recipe: everything of `finetune` except the runtime keys and mixup_alpha, which
 # only matters to grid points with mixup on.
 FINETUNE_RECIPE = tuple(f"finetune.{k}" for k in ("epochs", "batch_size", "weight_decay", "warmup_steps", "grad_clip",
@@ -81,6 +88,11 @@ def select(cfg: dict, paths: Iterable[str]) -> dict:
 
 def step_keys(cfg: dict, step: str, hp: str | None = None) -> tuple[str, ...]:
     """The dotted keys the result of `step` depends on (of grid point `hp`, for finetune)."""
+    model = MODEL_KEYS[cfg["model"]["name"]]
+    return tuple(key for entry in _step_keys(cfg, step, hp) for key in (model if entry == "model" else (entry,)))
+
+
+def _step_keys(cfg: dict, step: str, hp: str | None) -> tuple[str, ...]:
     if step == "prepare":
         return ("seed", "data.name", "data.max_pool", "data.max_test", *PREPARE_KEYS[cfg["data"]["name"]])
     if step == "pretrain":
