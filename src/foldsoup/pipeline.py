@@ -321,9 +321,7 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     metrics = _model_metrics(metrics_paths)
-    usable = {m["fold"]: p for m, p in zip(metrics, model_paths) if not m["diverged"]}
-    store = ctx.ingredients(usable.values())
-    states = {fold: store.get(p) for fold, p in usable.items()}
+    states = {m["fold"]: ctx.load(p) for m, p in zip(metrics, model_paths) if not m["diverged"]}
     k, cap = ctx.k, cfg["analysis"]["max_subsets_per_n"]
     rows = []
     for subset in fold_subsets(k, cap, cfg["seed"]):
