@@ -145,7 +145,7 @@ CASES = [
     # unknown keys, at every level, with a suggestion
     ({"finetune": {"epoch": 3}},
      "finetune.epoch: unknown key; did you mean 'epochs'? (allowed under finetune: epochs, batch_size, weight_decay, "
-     "warmup_steps, grad_clip, label_smoothing, mixup_alpha, precision, eval_batch_size, compile, on_divergence, save_dtype)"),
+     "warmup_steps, grad_clip, label_smoothing, mixup_alpha, precision, eval_batch_size, compile, on_divergence, resume_every_s, save_dtype)"),
     ({"fold": {"k": 3}}, "fold: unknown key; did you mean 'folds'? (allowed at the top level: results, seed, device, "),
     ({"finetune": {"k": 3}}, "finetune.k: unknown key; it belongs under folds (folds.k) (allowed under finetune: "),
     ({"data": {"nmae": "digits"}}, "data.nmae: unknown key; did you mean 'name'? (allowed under data: name, root, "),
