@@ -612,7 +612,9 @@ def _preset_snakemake(tmp_path: Path, preset: str, root: Path, *args: str):
     overlay = tmp_path / "root.yaml"
     # The miniatures' classes are not the preset's (medmnist's class_names: normal, pneumonia).
     names = "  class_names: null\n" if preset.startswith("medmnist") else ""
-    overlay.write_text(f"results: {tmp_path / 'results'}\ndata:\n  root: {root}\n{names}")
+    # device: cpu, as a user on a machine without a GPU would set it: the presets say cuda, and
+    # a real run of them stops before any job where no GPU is visible.
+    overlay.write_text(f"results: {tmp_path / 'results'}\ndevice: cpu\ndata:\n  root: {root}\n{names}")
     return snakemake(*args, "--cores", "2", "--configfile", str(REPO / "presets" / f"{preset}.yaml"), str(overlay),
                      env=clean_env(PATH=f"{stub.parent}{os.pathsep}{os.environ['PATH']}"))
 
