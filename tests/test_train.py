@@ -79,7 +79,7 @@ def _tiny_run(tmp_path, resume_dir=None, fail_at_step=None):
     labels = torch.randint(0, 3, (40,))
     spec = ImageSpec(8, [0.5], [0.5], False)
     cfg = LoopConfig(3, 8, 1e-3, 0.1, 2, 1.0, 0.0, "fp32", AUG, 0.4, 0, "test/fold0")
-    store = ResumeStore(resume_dir) if resume_dir else None
+    store = ResumeStore(resume_dir, every_s=0) if resume_dir else None  # saved before every step
     train(model, images, labels, spec, cfg, lambda m: None, store, fail_at_step=fail_at_step)
     return model
 

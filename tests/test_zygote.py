@@ -90,7 +90,8 @@ def _start_finetune(trained, sock, name: str) -> tuple[subprocess.Popen, Path]:
     log = d / f"{name}.log"
     client = subprocess.Popen([sys.executable, "-m", "foldsoup", "finetune", "--config-json", cfg, "--data", "d.st",
                                "--folds", "f.csv", "--backbone", "b.st", "--head", "h.st", "--hp", "lr0.001_minimal_nomix",
-                               "--fold", "0", "--out-dir", f"{name}-out", "--resume-dir", f"{name}-resume"],
+                               "--fold", "0", "--out-dir", f"{name}-out", "--resume-dir", f"{name}-resume",
+                               "--runtime-json", json.dumps({"device": "cpu", "finetune": {"resume_every_s": 0}})],
                               env={**ENV, "FOLDSOUP_JOB_SERVER": sock}, cwd=d, stderr=open(log, "w"))
     deadline = time.monotonic() + 60
     while "epoch 2/" not in log.read_text():
@@ -121,7 +122,7 @@ def test_ctrl_c_reaches_a_served_job_as_in_a_plain_process(server, trained):
     assert client.wait(30) == 128 + signal.SIGINT
     assert "KeyboardInterrupt" in log.read_text()
     resume = trained[0] / "interrupted-resume"
-    assert [p.name for p in resume.iterdir()] == ["state.safetensors"]  # saved after epoch 1; no temporary file
+    assert [p.name for p in resume.iterdir()] == ["state.safetensors"]  # saved before each step; no temporary file
 
 
 def test_the_job_sees_its_own_environment(server, trained, tmp_path):
