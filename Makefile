@@ -34,8 +34,10 @@ test: setup
 lint: setup
 	$(SNAKEMAKE) --lint
 
+# With a finished demo in results/: also its per-rule times and its soup stage's reads and
+# forward passes, before and after issue 15 (counters).
 bench: setup
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(if $(wildcard results/run.json),--demo-results results --soup-stage results)
 
 # On a GPU machine only (no test needs one): ViT-B/32 throughput and memory, fused AdamW on
 # CUDA, GPU slots, the paper preset's smoke run; one JSON summary (README, Speed).

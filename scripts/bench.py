@@ -6,6 +6,8 @@ scales with k and the grid. Prints Markdown; `--json PATH` also writes the numbe
   .venv/bin/python scripts/bench.py --model vit-b-32      # CLIP ViT-B/32 (use on a GPU)
   .venv/bin/python scripts/bench.py --demo-results results   # + per-rule breakdown of a finished demo
   .venv/bin/python scripts/bench.py --compile             # + training through torch.compile (finetune.compile)
+  .venv/bin/python scripts/bench.py --soup-stage results   # + the soup stage's reads and forward passes (counters),
+                                                          #   before (--soup-before REV) and after this checkout's code
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+# FOLDSOUP_BENCH_SRC: another checkout's library (the soup stage's reads before a change).
+sys.path.insert(0, os.environ.get("FOLDSOUP_BENCH_SRC") or str(ROOT / "src"))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from foldsoup.augment import eval_transform  # noqa: E402
@@ -213,6 +217,144 @@ def dag_scaling() -> list[dict]:
     return out
 
 
+# The last commit whose soup stage re-read weights and evaluated every greedy candidate in full.
+SOUP_BEFORE = "b829d0c"
+
+
+def soup_jobs(cfg: dict, results: str, out: Path, early_exit: bool | None) -> list[tuple[str, object]]:
+    """The soup stage of a finished run, job by job as the workflow runs it (uniform_subsets,
+    greedy_fold, soup_all, gsgs, budget), writing into `out`: (job, a call returning its cost
+    counters, pipeline.log_cost). early_exit None: code from before soups.early_exit existed."""
+    from foldsoup import pipeline as pl
+    from foldsoup.budget import budget, fold_counts
+    from foldsoup.config import grid_points
+
+    exit_kw = {} if early_exit is None else {"early_exit": early_exit}
+    if early_exit is not None:
+        cfg = {**cfg, "soups": {**cfg["soups"], "early_exit": early_exit}}
+    r, k = Path(results), cfg["folds"]["k"]
+    data, folds = str(r / "prepared" / "dataset.safetensors"), str(r / "folds.csv")
+    hps = [p.name for p in grid_points(cfg)]
+
+    def files(name: str, hp: list[str] = hps, fold: list[int] = list(range(k))) -> list[str]:
+        return [str(r / "models" / h / f"fold{i}" / name) for h in hp for i in fold]
+
+    def soup(name: str) -> str:
+        return str(out / "soups" / f"{name}.safetensors")
+
+    jobs = [(f"uniform_subsets/{hp}", lambda hp=hp: pl.uniform_subsets(
+        cfg, data, folds, hp, files("model.safetensors", [hp]), files("metrics.json", [hp]), str(out / f"{hp}.csv")))
+        for hp in hps]
+    jobs += [(f"greedy_fold/fold{i}", lambda i=i: pl.greedy_per_fold(
+        cfg, data, folds, i, files("model.safetensors", fold=[i]), files("metrics.json", fold=[i]), soup(f"greedy_fold{i}"),
+        soup(f"uniform_fold{i}"))) for i in range(k)]
+    every = (files("model.safetensors"), files("metrics.json"))
+    jobs += [("uniform_soup", lambda: pl.uniform_all(cfg, data, folds, *every, soup("uniform_soup"))),
+             ("greedy_soup", lambda: pl.greedy_all(cfg, data, folds, *every, soup("greedy_soup")))]
+    if cfg["folds"]["holdout_fraction"] > 0:
+        jobs.append(("greedy_soup_holdout", lambda: pl.greedy_all(cfg, data, folds, *every, soup("greedy_soup_holdout"),
+                                                                   on_holdout=True)))
+    jobs.append(("gsgs", lambda: pl.gsgs(cfg, data, folds, [soup(f"greedy_fold{i}") for i in range(k)], soup("gsgs"))))
+    if cfg["budget"]["enabled"]:
+        jobs += [(f"budget/f{f}", lambda f=f: budget(cfg, data, folds, str(r / "tables" / "models.csv"), str(r / "models"), f,
+                                                      str(out / f"budget_f{f}.csv"), **exit_kw))
+                 for f in fold_counts(k, cfg["budget"]["fold_counts"])]
+    return jobs
+
+
+def _soup_cfg(results: str, config_files: list[str]) -> dict:
+    from foldsoup.config import deep_update, load_yaml_files, validate
+
+    return validate(deep_update(load_yaml_files(*config_files), {"results": results}), check_paths=False)
+
+
+def _quiet(run):
+    """A job's cost, its log (stderr) dropped."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return run()
+
+
+def soup_reads(results: str, config_files: list[str], cache_bytes: int | None) -> dict[str, dict]:
+    """Weight files opened per soup job by whatever library is on sys.path, counted at
+    safetensors.safe_open (load_weights opens each file with it). cache_bytes: set the old
+    budget module's CACHE_BYTES (0: the demo's 5 MB of models behave like ViT-B/32's 31.6 GB)."""
+    import safetensors
+
+    import foldsoup.budget
+
+    if cache_bytes is not None:
+        foldsoup.budget.CACHE_BYTES = cache_bytes
+    real, opened = safetensors.safe_open, []
+    safetensors.safe_open = lambda path, *a, **kw: opened.append(str(path)) or real(path, *a, **kw)
+    torch.set_num_threads(1)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="foldsoup-bench-reads-") as tmp:
+        for job, run in soup_jobs(_soup_cfg(results, config_files), results, Path(tmp), None):
+            opened.clear()
+            _quiet(run)
+            weights = [p for p in opened if not p.endswith(("dataset.safetensors", "predictions.safetensors"))]
+            out[job] = {"reads": len(weights), "files": len(set(weights)), "bytes": sum(os.path.getsize(p) for p in weights)}
+    return out
+
+
+def soup_reads_before(rev: str, results: str, config_files: list[str]) -> dict[str, dict]:
+    """soup_reads of commit `rev` (git archive of its library and schema, in a subprocess): as it
+    ran the demo, and with its budget cache off, as for models over its 1 GiB cache."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="foldsoup-bench-before-") as tmp:
+        tree = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src", "workflow/schemas"], check=True,
+                              capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=tree, check=True)
+        for regime, cache in (("as_run", None), ("over_cache", 0)):
+            path = Path(tmp) / f"{regime}.json"
+            subprocess.run([sys.executable, __file__, "--soup-reads", results, "--soup-config", *config_files,
+                            *([] if cache is None else ["--cache-bytes", str(cache)]), "--json", str(path)],
+                           env={**os.environ, "FOLDSOUP_BENCH_SRC": str(Path(tmp) / "src")}, check=True)
+            out[regime] = json.loads(path.read_text())
+    return out
+
+
+def soup_stage(results: str, config_files: list[str], before: str | None, batches_per_fold: int) -> list[dict]:
+    """Every soup job of a finished run recomputed in this process (into a temporary folder):
+    weight files and bytes read, before (commit `before`, see soup_reads_before) and now; val
+    images evaluated with full evaluation (soups.early_exit: false, what Alg. 1 did before) and
+    with early exit, at the run's eval batch size and at `batches_per_fold` batches per val fold
+    (the paper preset: 10,000-image folds in batches of 1,024, about 10). All from counters (the
+    jobs' pipeline.log_cost, safetensors.safe_open), no timings; the soups are the same either
+    way (tests/test_early_exit.py)."""
+    import math
+
+    cfg = _soup_cfg(results, config_files)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workflow's soup jobs run (Snakemake sets OMP_NUM_THREADS=1)
+    folds = np.loadtxt(Path(results) / "folds.csv", delimiter=",", skiprows=1, usecols=2, dtype=int)
+    batch = math.ceil(np.bincount(folds[folds >= 0]).mean() / batches_per_fold)
+    paper_like = {**cfg, "finetune": {**cfg["finetune"], "eval_batch_size": batch}}
+    passes = {"full": (cfg, False), "early": (cfg, True), f"early_batch{batch}": (paper_like, True)}
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="foldsoup-bench-soups-") as tmp:
+        for name, (c, early_exit) in passes.items():
+            for job, run in soup_jobs(c, results, Path(tmp) / name, early_exit):
+                cost = _quiet(run)
+                row = rows.setdefault(job, {"job": job, "files": cost["files"], "reads": cost["reads"],
+                                            "MB_read": cost["bytes_read"] / 1e6, "test_images": cost["test_images"]})
+                assert (row["files"], row["reads"]) == (cost["files"], cost["reads"]), job  # reads do not depend on early exit
+                row[f"val_images_{name}"] = cost["val_images"]
+    torch.set_num_threads(threads)
+    old = soup_reads_before(before, results, config_files) if before else {}
+    out = []
+    for job, row in rows.items():
+        for regime, reads in old.items():
+            row[f"reads_before_{regime}"] = reads[job]["reads"]
+            row[f"MB_before_{regime}"] = reads[job]["bytes"] / 1e6
+        out.append(row)
+    total = {"job": "all soup jobs", **{key: sum(r[key] for r in out) for key in out[0] if key != "job"}}
+    return out + [total]
+
+
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -230,8 +372,21 @@ def main() -> None:
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time training through torch.compile")
+    p.add_argument("--soup-stage", metavar="RESULTS", help="a finished run's results folder: its soup stage's reads and "
+                   "images evaluated, with full evaluation and with early exit (counters)")
+    p.add_argument("--soup-config", nargs="+", default=[str(ROOT / "config.yaml")],
+                   help="the configuration files of that run (default: config.yaml, the demo)")
+    p.add_argument("--soup-before", default=SOUP_BEFORE, help=f"the commit to count reads before (default {SOUP_BEFORE}; "
+                   "'' skips it)")
+    p.add_argument("--soup-batches-per-fold", type=int, default=10,
+                   help="early exit also at this many eval batches per val fold (the paper preset: about 10)")
+    p.add_argument("--soup-reads", metavar="RESULTS", help=argparse.SUPPRESS)  # soup_reads_before's subprocess
+    p.add_argument("--cache-bytes", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args()
+    if args.soup_reads:
+        Path(args.json).write_text(json.dumps(soup_reads(args.soup_reads, args.soup_config, args.cache_bytes)))
+        return
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     report = {"throughput": bench_model(args.model, device, precision)}
@@ -245,6 +400,11 @@ def main() -> None:
     if args.demo_results:
         report["demo_rules"] = demo_breakdown(args.demo_results)
         print(f"## Per-rule time of {args.demo_results} (Snakemake benchmark files)\n\n" + table(report["demo_rules"]) + "\n")
+    if args.soup_stage:
+        report["soup_stage"] = soup_stage(args.soup_stage, args.soup_config, args.soup_before, args.soup_batches_per_fold)
+        print(f"## Soup stage of {args.soup_stage} (counters: weight files read now and before {args.soup_before}, "
+              "as run and with its budget cache off; val images evaluated in full and with early exit)\n\n"
+              + table(report["soup_stage"]) + "\n")
     if not args.skip_scaling:
         report["scaling"] = dag_scaling()
         print("## DAG scaling (dry runs)\n\n" + table(report["scaling"]) + "\n")

@@ -26,6 +26,7 @@ import itertools
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,6 @@ from .analysis import format_folds as join  # (0, 3, 7) -> "0-3-7", as fold subs
 METHODS: tuple[str, ...] = ("best_on_val", "uniform_soup", "greedy_soup", "bgss", "gsgs", "ensemble_all")
 COLUMNS: tuple[str, ...] = ("method", "grid_points", "n_folds", "budget", "draw", "grid", "folds", "subsets",
                             "n_models", "n_ingredients", "val_acc", "test_acc", "n_test")
-# Keep every model's weights in memory while a job runs when they take at most this much (the
-# demo's 90 models: 5 MB); larger models (ViT-B/32: 350 MB each) are read from disk when needed.
-CACHE_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------- the cells and draws
@@ -126,12 +124,15 @@ class Model:
 class BudgetRun:
     """Every model of a run, loaded once, and the methods of `pipeline` on any subset of them.
 
-    Greedy and uniform soups are memoised by their candidate list, so a soup two cells share
-    (every per-fold greedy soup of the full grid, or greedy_soup at f = 1, which is a per-fold
-    greedy soup) is computed once per job.
+    Every model file is read once and kept resident (`foldsoup.ingredients`). Greedy and uniform
+    soups are memoised by their candidate list, so a soup two cells share (every per-fold greedy
+    soup of the full grid, or greedy_soup at f = 1, which is a per-fold greedy soup) is computed
+    once per job; the weights of the last few greedy soups (a cell's per-fold soups, its greedy
+    soup and GSGS) are cached, older ones averaged again from the resident models when needed.
     """
 
-    def __init__(self, ctx, models: list[Model], table: pd.DataFrame, pool_labels: np.ndarray, fold_of: np.ndarray):
+    def __init__(self, ctx, models: list[Model], table: pd.DataFrame, pool_labels: np.ndarray, fold_of: np.ndarray,
+                 early_exit: bool = True):
         from safetensors.numpy import load_file
 
         self.ctx, self.ev = ctx, ctx.evaluator()
@@ -141,15 +142,17 @@ class BudgetRun:
         self.pool_labels, self.fold_of = pool_labels, fold_of
         soups = ctx.cfg["soups"]
         self.accept, self.cross_fold = soups["greedy_accept"], soups["cross_fold_val"]
+        self.early_exit = early_exit  # the same decisions either way (False: benchmarks of full evaluation)
         usable = [m for m in models if not m.diverged]
-        size = sum(os.path.getsize(m.weights) for m in usable)
-        self._states = {m.name: ctx.load(m.weights) for m in usable} if size <= CACHE_BYTES else None
+        self.soups_kept = ctx.k + 2  # one cell's per-fold soups, greedy soup and GSGS
+        self.store = ctx.ingredients([m.weights for m in usable], extra_models=self.soups_kept)
         self.logits = {m.name: load_file(m.predictions) for m in usable}
         self._greedy: dict[tuple, list] = {}  # key -> [GreedyResult, test accuracy or None, loader]
+        self._soups: OrderedDict[tuple, dict] = OrderedDict()  # key -> greedy soup weights, least recent first
         self._uniform: dict[tuple, tuple] = {}
 
     def state(self, name: str):
-        return self._states[name] if self._states is not None else self.ctx.load(self.by_name[name].weights)
+        return self.store.get(self.by_name[name].weights)
 
     def _score(self, accs: dict[int, float]) -> float:
         from .select import cross_fold_score
@@ -160,23 +163,34 @@ class BudgetRun:
         """Alg. 1 (`select.greedy_soup` with a `soup.RunningSoupScorer`) as
         `pipeline._greedy_and_save` runs it; the GreedyResult, memoised by `key` (default: the
         candidates' names; single models name themselves uniquely)."""
+        from .pipeline import greedy_scorer
         from .select import greedy_soup
-        from .soup import RunningSoupScorer
 
         key = key or tuple(c.name for c in cands)
         if key not in self._greedy:
-            scorer = RunningSoupScorer(load, self.ev.fold_accs)
-            result = greedy_soup(cands, scorer, accept=self.accept, cross_fold=self.cross_fold)
+            scorer = greedy_scorer(self.ev, load)
+            result = greedy_soup(cands, scorer, accept=self.accept, cross_fold=self.cross_fold, early_exit=self.early_exit)
             self._greedy[key] = [result, None, load]
+            self._keep_soup(key, scorer.mean())
         return self._greedy[key][0]
 
+    def _keep_soup(self, key: tuple, state: dict) -> None:
+        self._soups[key] = state
+        self._soups.move_to_end(key)
+        while len(self._soups) > self.soups_kept:
+            self._soups.popitem(last=False)
+
     def greedy_state(self, key: tuple):
-        """The weights of a memoised greedy soup: the mean of its ingredients in acceptance
-        order, which is what RunningSoupScorer.mean() returned, bit for bit."""
+        """The weights of a memoised greedy soup: cached, or the mean of its ingredients in
+        acceptance order (resident: nothing is read), which is what RunningSoupScorer.mean()
+        returned, bit for bit."""
         from .soup import average
 
-        result, _, load = self._greedy[key]
-        return average(load(c) for c in result.ingredients)
+        if key not in self._soups:
+            result, _, load = self._greedy[key]
+            self._keep_soup(key, average(load(c) for c in result.ingredients))
+        self._soups.move_to_end(key)
+        return self._soups[key]
 
     def greedy_test(self, key: tuple) -> float:
         """Test accuracy of a memoised greedy soup, measured once, and only for a reported row."""
@@ -276,16 +290,18 @@ def load_models(cfg: dict, model_dir: str | os.PathLike) -> list[Model]:
     return out
 
 
-def budget(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, n_folds: int, out: str) -> None:
-    """The budget cells of one fold count f: every grid-subset size, `budget.draws` draws each."""
-    from .pipeline import Context, log
+def budget(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, n_folds: int, out: str,
+           early_exit: bool = True) -> dict:
+    """The budget cells of one fold count f: every grid-subset size, `budget.draws` draws each.
+    Returns the job's cost (pipeline.log_cost); `early_exit` False: full evaluation (benchmarks)."""
+    from .pipeline import Context, log, log_cost
     from .weights import atomic_write_text
 
     t0 = time.monotonic()
     ctx = Context(cfg, data_path, folds_path)
     models = load_models(cfg, model_dir)
     n_grid, k, b = len({m.hp for m in models}), ctx.k, cfg["budget"]
-    run = BudgetRun(ctx, models, pd.read_csv(models_csv), ctx.data.pool_labels, ctx.fold_of)
+    run = BudgetRun(ctx, models, pd.read_csv(models_csv), ctx.data.pool_labels, ctx.fold_of, early_exit)
     rows = []
     for g in grid_ladder(n_grid, b["grid_points"]):
         subsets = draw_subsets(n_grid, k, g, n_folds, b["draws"], cfg["seed"])
@@ -298,6 +314,7 @@ def budget(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_di
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log(f"f={n_folds}: {len(table)} rows, {run.ev.evaluations} soup evaluations, {time.monotonic() - t0:.1f} s")
+    return log_cost(run.store, run.ev)
 
 
 def budget_table(parts: list[str], out_table: str, out_figure: str) -> None:

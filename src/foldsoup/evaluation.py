@@ -1,6 +1,12 @@
 """Evaluating models and soups: one resident model, data resident on the device, weights
 swapped in place, each fold's val part prepared once per job. Greedy soups pair this with
-soup.RunningSoupScorer, so each candidate is loaded once and nothing is re-read per evaluation."""
+soup.RunningSoupScorer, so each candidate is loaded once and nothing is re-read per evaluation.
+
+Val accuracies are counted: correct answers batch by batch (batches of `batch_size` from the
+fold's first image, the same in full and early-exit evaluation, so both see the same answers),
+and `select.fold_acc(correct, total)` is the accuracy. `count` can stop a fold early (greedy
+soups' early exit); `images_evaluated` counts the forward passes, on val folds (and the outer
+holdout) and on the test set."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import torch
 
 from .folds import HOLDOUT
 from .models import Classifier, load_full
+from .select import FoldCount
 from .train import ImageSpec, predict_logits
 
 
@@ -44,14 +51,32 @@ class Evaluator:
             self.fold_labels[i] = torch.from_numpy(pool_labels[idx]).to(device)
         self.test_images = torch.from_numpy(test_images).to(device)
         self.test_labels = torch.from_numpy(test_labels).to(device)
-        self.evaluations = 0
+        self.evaluations = 0  # fold_accs calls
+        self.images_evaluated = {"val": 0, "test": 0}  # forward passes: val folds and holdout; test set
 
     def load(self, state: Mapping[str, torch.Tensor], source: str = "soup") -> None:
         load_full(self.model, state, source)
 
-    def _acc(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        logits = predict_logits(self.model, images, self.spec, self.batch_size, self.precision)
-        return (logits.argmax(1) == labels).float().mean().item()
+    def fold_size(self, fold: int) -> int:
+        return len(self.fold_labels[fold])
+
+    def count(self, state: Mapping[str, torch.Tensor] | None, fold: int, need: int = 0) -> FoldCount:
+        """Correct answers of `state` (None: the weights already loaded) on `fold`, batch by
+        batch; stops after the first batch past which fewer than `need` correct answers remain
+        possible (more wrong answers than total - need)."""
+        if state is not None:
+            self.load(state)
+        images, labels = self.fold_images[fold], self.fold_labels[fold]
+        total, correct, seen = len(labels), 0, 0
+        for start in range(0, total, self.batch_size):
+            logits = predict_logits(self.model, images[start : start + self.batch_size], self.spec, self.batch_size,
+                                    self.precision)
+            correct += int((logits.argmax(1) == labels[start : start + self.batch_size]).sum())
+            seen = min(start + self.batch_size, total)
+            if seen - correct > total - need:
+                break
+        self.images_evaluated["val"] += seen
+        return FoldCount(correct, seen, total)
 
     def fold_accs(self, state: Mapping[str, torch.Tensor] | None, folds) -> dict[int, float]:
         """Acc(state, D_val,i) for i in folds (state None: the weights already loaded); fold
@@ -59,7 +84,7 @@ class Evaluator:
         if state is not None:
             self.load(state)
         self.evaluations += 1
-        return {i: self._acc(self.fold_images[i], self.fold_labels[i]) for i in sorted(folds)}
+        return {i: self.count(None, i).acc for i in sorted(folds)}
 
     def holdout_acc(self, state: Mapping[str, torch.Tensor] | None = None) -> float | None:
         """Accuracy on the outer holdout; None when the split has none."""
@@ -69,6 +94,7 @@ class Evaluator:
         """Reporting only: no selection decision ever calls this (or test_acc)."""
         if state is not None:
             self.load(state)
+        self.images_evaluated["test"] += len(self.test_labels)
         return predict_logits(self.model, self.test_images, self.spec, self.batch_size, self.precision)
 
     def test_acc(self, state: Mapping[str, torch.Tensor] | None = None) -> float:

@@ -61,8 +61,9 @@ STEP_KEYS: dict[str, tuple[str, ...]] = {
     "soup_all": (*SOUP_MODEL, "soups"),
     "gsgs": (*SOUP_MODEL, "soups"),
     "methods": ("seed", "soups.cross_fold_val", "analysis.bootstrap_resamples", "analysis.ci_level"),
-    # Budget draws grid points and folds from the configured grid; the rest as a soup job.
-    "budget": (*SOUP_MODEL, "soups", "grid", "folds.k", "budget"),
+    # Budget draws grid points and folds from the configured grid; the rest as a soup job. It
+    # writes no greedy steps, so soups.early_exit (the same decisions either way) is not its.
+    "budget": (*SOUP_MODEL, "soups.greedy_accept", "soups.cross_fold_val", "grid", "folds.k", "budget"),
     "summary": ("data", "model", "folds", "grid", "analysis"),
 }
 

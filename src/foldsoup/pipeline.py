@@ -82,9 +82,9 @@ class Context:
 
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    def load(self, path: str):
-        """Weights onto the job's device: soups are summed and evaluated there. Keys and shapes
-        are checked against the configured model: an error names the file and the tensor."""
+    def load(self, path: str, device: str | None = None):
+        """Weights onto the job's device (or `device`): soups are summed and evaluated there. Keys
+        and shapes are checked against the configured model: an error names the file and the tensor."""
         if self._shapes is None:
             import torch
 
@@ -93,7 +93,14 @@ class Context:
             with torch.device("meta"):  # shapes only: no memory, no init
                 model = build_classifier(self.cfg["model"], self.data.num_classes)
             self._shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        return load_weights(path, device=str(self.device), expect=self._shapes)[0]
+        return load_weights(path, device=device or str(self.device), expect=self._shapes)[0]
+
+    def ingredients(self, paths, extra_models: int = 0, keep: bool = True):
+        """A soup job's weight files, each read at most once (foldsoup.ingredients). Create it
+        after the evaluator, so the device's free memory excludes the model and data."""
+        from .ingredients import Ingredients
+
+        return Ingredients(self.load, paths, str(self.device), extra_models, log, keep)
 
     def metadata(self, **extra) -> dict:
         # "source": how `prepare` decoded the images, so `foldsoup predict` reads new ones the same way.
@@ -309,7 +316,7 @@ def _save_soup(ctx: Context, ev, out_weights: str, state, record: dict) -> None:
 
 
 def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_paths: list[str], metrics_paths: list[str],
-                    out: str) -> None:
+                    out: str) -> dict:
     """Section 3.1: uniform soups of one grid point's models over every (sampled) fold subset."""
     import pandas as pd
 
@@ -321,7 +328,9 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     metrics = _model_metrics(metrics_paths)
-    states = {m["fold"]: ctx.load(p) for m, p in zip(metrics, model_paths) if not m["diverged"]}
+    usable = {m["fold"]: p for m, p in zip(metrics, model_paths) if not m["diverged"]}
+    store = ctx.ingredients(usable.values())
+    states = {fold: store.get(p) for fold, p in usable.items()}
     k, cap = ctx.k, cfg["analysis"]["max_subsets_per_n"]
     rows = []
     for subset in fold_subsets(k, cap, cfg["seed"]):
@@ -337,6 +346,7 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
     table = pd.DataFrame(rows, columns=columns)  # the header even when every model diverged
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log(f"{hp}: {len(rows)} uniform soups evaluated")
+    return log_cost(store, ev)
 
 
 def _candidates(metrics: list[dict], paths: list[str], on_holdout: bool = False):
@@ -356,47 +366,69 @@ def _candidates(metrics: list[dict], paths: list[str], on_holdout: bool = False)
     return cands, by_name
 
 
-def _greedy_and_save(ctx: Context, ev, method: str, cands: list, paths: dict[str, str], out: str) -> None:
-    """Alg. 1 over `cands` (each loaded once from `paths`), then save the soup as `method`."""
-    from .select import greedy_soup
+def log_cost(store, ev) -> dict:
+    """The soup job's last line, files read and images evaluated (each file read once), and the
+    same as a dict, which the soup steps return (scripts/bench.py adds them up)."""
+    n = ev.images_evaluated
+    log(f"{store.summary()}; {n['val']} val and {n['test']} test images evaluated")
+    return {"files": len(store.reads), "reads": sum(store.reads.values()), "bytes_read": store.bytes_read,
+            "val_images": n["val"], "test_images": n["test"]}
+
+
+def greedy_scorer(ev, load):
+    """A RunningSoupScorer that counts on `ev` (evaluation.Evaluator): greedy_soup's early exit."""
     from .soup import RunningSoupScorer
 
+    return RunningSoupScorer(load, ev.fold_accs, count=ev.count, fold_size=ev.fold_size)
+
+
+def _greedy_and_save(ctx: Context, ev, method: str, cands: list, paths: dict[str, str], out: str, store) -> None:
+    """Alg. 1 over `cands` (each read once, from `store`, by `paths`), then save the soup as `method`."""
+    from .select import greedy_soup, step_record
+
     soups = ctx.cfg["soups"]
-    scorer = RunningSoupScorer(lambda c: ctx.load(paths[c.name]), ev.fold_accs)
-    result = greedy_soup(cands, scorer, accept=soups["greedy_accept"], cross_fold=soups["cross_fold_val"])
+    scorer = greedy_scorer(ev, lambda c: store.get(paths[c.name]))
+    result = greedy_soup(cands, scorer, accept=soups["greedy_accept"], cross_fold=soups["cross_fold_val"],
+                         early_exit=soups["early_exit"])
+    rejected = sum(1 for s in result.steps if s.score is None)
+    log(f"{method}: {len(result.steps)} candidates, {result.images} val images evaluated, {rejected} rejected early")
     _save_soup(ctx, ev, out, scorer.mean(), _soup_record(method, [c.name for c in result.ingredients], dict(result.fold_accs),
-                                                         soups["cross_fold_val"], steps=[vars(s) for s in result.steps]))
+                                                         soups["cross_fold_val"], steps=[step_record(s) for s in result.steps]))
 
 
 def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model_paths: list[str], metrics_paths: list[str],
-                    out_greedy: str, out_uniform: str) -> None:
+                    out_greedy: str, out_uniform: str) -> dict:
     """Alg. 1 over the grid's models of one fold (plain val acc on that fold), and their uniform soup."""
     from .soup import average
 
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
-    _greedy_and_save(ctx, ev, f"greedy_fold{fold}", cands, paths, out_greedy)
-    uniform = average(ctx.load(paths[c.name]) for c in cands)
+    store = ctx.ingredients(paths.values())
+    _greedy_and_save(ctx, ev, f"greedy_fold{fold}", cands, paths, out_greedy, store)
+    uniform = average(store.get(paths[c.name]) for c in cands)  # resident: not read again
     accs = ev.fold_accs(uniform, {fold})
     _save_soup(ctx, ev, out_uniform, uniform, _soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
                                                             cfg["soups"]["cross_fold_val"]))
+    return log_cost(store, ev)
 
 
-def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str) -> None:
+def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str) -> dict:
     """Uniform soup of every model of the grid and every fold (streamed from disk)."""
     from .soup import average
 
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
-    state = average(ctx.load(paths[c.name]) for c in cands)
+    store = ctx.ingredients(paths.values(), keep=False)
+    state = average(store.stream(paths[c.name]) for c in cands)  # each used once: none kept
     accs = ev.fold_accs(state, range(ctx.k))
     _save_soup(ctx, ev, out, state, _soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"]))
+    return log_cost(store, ev)
 
 
 def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str,
-               on_holdout: bool = False) -> None:
+               on_holdout: bool = False) -> dict:
     """Greedy soup over all models of all folds, scored by MinAcc (or AvgAcc) over the included
     folds, or (`on_holdout`, method greedy_soup_holdout) by accuracy on the outer holdout."""
     ctx = Context(cfg, data_path, folds_path)
@@ -404,10 +436,12 @@ def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str
     if on_holdout and not ev.has_holdout:
         raise ValueError(f"{folds_path}: has no outer holdout (set folds.holdout_fraction > 0 and rerun `folds`)")
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths, on_holdout)
-    _greedy_and_save(ctx, ev, "greedy_soup_holdout" if on_holdout else "greedy_soup", cands, paths, out)
+    store = ctx.ingredients(paths.values())
+    _greedy_and_save(ctx, ev, "greedy_soup_holdout" if on_holdout else "greedy_soup", cands, paths, out, store)
+    return log_cost(store, ev)
 
 
-def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str], out: str) -> None:
+def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str], out: str) -> dict:
     """GSGS: Alg. 1 over the per-fold greedy soups (each soup weighs the same), scored across folds."""
     import json
 
@@ -421,7 +455,10 @@ def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str],
         c = Candidate(name=rec["method"], folds=frozenset(rec["folds"]), val_acc=rec["val_acc"])
         cands.append(c)
         paths[c.name] = path
-    _greedy_and_save(ctx, ctx.evaluator(), "gsgs", cands, paths, out)
+    ev = ctx.evaluator()
+    store = ctx.ingredients(paths.values())
+    _greedy_and_save(ctx, ev, "gsgs", cands, paths, out, store)
+    return log_cost(store, ev)
 
 
 def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, soups_dir: str, out: str) -> None:

@@ -4,6 +4,12 @@ best on val and best uniform soup per split.
 Pure Python on purpose (no torch): the selection logic only sees accuracies, through a
 `SoupScorer` that owns the weights (see `foldsoup.soup.RunningSoupScorer`), so it is cheap to
 import and can be tested against hand-computed tables.
+
+Exact early exit: a scorer that counts correct answers batch by batch (`CountingSoupScorer`)
+lets `greedy_soup` stop evaluating a candidate once it can no longer reach the soup's score: the
+current soup's weakest fold first, and on each fold the number of correct answers the best
+needs, so the decisions are those of full evaluation (accepted candidates are always evaluated
+in full).
 """
 
 from __future__ import annotations
@@ -52,6 +58,36 @@ def cross_fold_score(fold_accs: Mapping[int, float], cross_fold: str = "min") ->
     return min_acc(fold_accs) if cross_fold == "min" else avg_acc(fold_accs)
 
 
+def fold_acc(correct: int, total: int) -> float:
+    """Accuracy from integer counts: the one formula behind every recorded val accuracy, so
+    early exit compares counts with exactly what full evaluation would compute."""
+    return correct / total if total else math.nan
+
+
+@dataclass(frozen=True)
+class FoldCount:
+    """Correct answers of a soup on one fold after `evaluated` of its `total` images."""
+
+    correct: int
+    evaluated: int
+    total: int
+
+    @property
+    def complete(self) -> bool:
+        return self.evaluated == self.total
+
+    @property
+    def most_correct(self) -> int:
+        """Correct answers if every image not evaluated were right."""
+        return self.correct + self.total - self.evaluated
+
+    @property
+    def acc(self) -> float:
+        if not self.complete:
+            raise ValueError(f"accuracy of a fold evaluated on {self.evaluated} of {self.total} images")
+        return fold_acc(self.correct, self.total)
+
+
 class SoupScorer(Protocol):
     """Evaluates the uniform soup of the accepted ingredients plus one candidate."""
 
@@ -65,15 +101,38 @@ class SoupScorer(Protocol):
         ...
 
 
+class CountingSoupScorer(SoupScorer, Protocol):
+    """A SoupScorer that also counts correct answers batch by batch (early exit)."""
+
+    counts: bool  # False: this instance cannot count (greedy_soup then evaluates in full)
+
+    def fold_size(self, fold: int) -> int:
+        """Number of val images of `fold`."""
+        ...
+
+    def fold_count_with(self, candidate: Candidate, fold: int, need: int) -> FoldCount:
+        """Correct answers of average(accepted + [candidate]) on `fold`, batch by batch in a
+        fixed order, stopping after the first batch where fewer than `need` correct answers
+        remain possible (need 0: the whole fold)."""
+        ...
+
+
 @dataclass
 class GreedyStep:
-    """One iteration of Alg. 1: the candidate tried and what the soup would score with it."""
+    """One iteration of Alg. 1: the candidate tried and what the soup would score with it.
+
+    With early exit, a rejected candidate may have been evaluated on some folds only: then
+    `fold_accs` holds the folds evaluated in full, `score` is None, `images` says how many
+    images of each fold were evaluated (in evaluation order) and `reason` why it was rejected.
+    """
 
     candidate: str
     fold_accs: dict[int, float]
-    score: float
+    score: float | None
     best_before: float | None  # the soup's score without the candidate (None: empty soup)
     accepted: bool
+    images: dict[int, int] = field(default_factory=dict)  # fold -> images evaluated
+    reason: str | None = None  # why a candidate was rejected
 
 
 @dataclass
@@ -97,11 +156,19 @@ class GreedyResult:
             "folds": sorted(self.folds),
             "fold_accs": {str(f): a for f, a in sorted(self.fold_accs.items())},
             "score": self.score,
-            "steps": [
-                {**asdict(s), "fold_accs": {str(f): a for f, a in sorted(s.fold_accs.items())}}
-                for s in self.steps
-            ],
+            "steps": [step_record(s) for s in self.steps],
         }
+
+    @property
+    def images(self) -> int:
+        """Val images evaluated over all steps (forward passes of the selection)."""
+        return sum(sum(s.images.values()) for s in self.steps)
+
+
+def step_record(step: GreedyStep) -> dict[str, Any]:
+    """A step as soups/*.json records it (fold keys as strings; `images` in evaluation order)."""
+    return {**asdict(step), "fold_accs": {str(f): a for f, a in sorted(step.fold_accs.items())},
+            "images": {str(f): n for f, n in step.images.items()}}
 
 
 def _check_option(label: str, value: str, allowed: Sequence[str]) -> None:
@@ -123,6 +190,11 @@ def _improves(score: float, best: float, accept: str) -> bool:
     return score >= best if accept == ">=" else score > best
 
 
+def _rejection(score: float, best: float, accept: str, cross_fold: str) -> str:
+    label = "MinAcc" if cross_fold == "min" else "AvgAcc"
+    return f"{label} {score:.6g} {'<' if accept == '>=' else '<='} best {best:.6g}"
+
+
 def _accs_over(fold_accs: Mapping[int, float], folds: frozenset[int], name: str) -> dict[int, float]:
     """Restrict the scorer's answer to the soup's folds; every one of them must be present."""
     missing = folds - set(fold_accs)
@@ -131,11 +203,68 @@ def _accs_over(fold_accs: Mapping[int, float], folds: frozenset[int], name: str)
     return {f: float(fold_accs[f]) for f in sorted(folds)}
 
 
+def evaluation_order(soup_accs: Mapping[int, float], cand: Candidate, folds: Iterable[int]) -> list[int]:
+    """Folds to evaluate a candidate on, weakest expected first: the current soup's folds at
+    the soup's last full accuracy on them, a fold new to the soup at the candidate's own val
+    accuracy (the one measurement of that fold we have: the candidate alone, on the fold it was
+    validated on; NaN: first); ties by fold number."""
+    own = -math.inf if math.isnan(cand.val_acc) else cand.val_acc
+    return sorted(folds, key=lambda f: (soup_accs.get(f, own), f))
+
+
+def needed_correct(fold: int, total: int, known: Mapping[int, float], folds: Iterable[int], best: float,
+                   accept: str, cross_fold: str) -> int:
+    """The fewest correct answers on `fold` (of `total` images) with which the soup can still
+    reach `best`: folds in `known` at their exact accuracy, the other folds not yet evaluated at
+    1.0. total + 1 when none is enough. Computed through the same float formulas as the full
+    decision (`fold_acc`, `cross_fold_score` over folds in ascending order), which are
+    non-decreasing in each fold's count, so stopping below it never changes a decision."""
+    folds = sorted(folds)
+
+    def reaches(correct: int) -> bool:
+        accs = {f: fold_acc(correct, total) if f == fold else known.get(f, 1.0) for f in folds}
+        return _improves(cross_fold_score(accs, cross_fold), best, accept)
+
+    lo, hi = 0, total + 1  # reaches(hi) is taken as true: the answer lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reaches(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _counted_step(cand: Candidate, scorer: CountingSoupScorer, folds: frozenset[int], soup_accs: Mapping[int, float],
+                  best: float | None, accept: str, cross_fold: str) -> GreedyStep:
+    """One candidate, fold by fold in `evaluation_order`, stopped once it cannot reach `best`."""
+    known: dict[int, float] = {}
+    images: dict[int, int] = {}
+    for fold in evaluation_order(soup_accs, cand, folds):
+        total = scorer.fold_size(fold)
+        need = 0 if best is None else needed_correct(fold, total, known, folds, best, accept, cross_fold)
+        count = scorer.fold_count_with(cand, fold, need) if need <= total else FoldCount(0, 0, total)
+        images[fold] = count.evaluated
+        if count.most_correct < need:
+            accs = {f: known[f] for f in sorted(known)}
+            reason = (f"fold {fold}: at most {count.most_correct}/{total} correct possible after "
+                      f"{count.evaluated} images, the best needs {need}")
+            return GreedyStep(cand.name, accs, None, best, False, images, reason)
+        known[fold] = count.acc
+    accs = {f: known[f] for f in sorted(folds)}
+    score = cross_fold_score(accs, cross_fold)
+    accepted = best is None or _improves(score, best, accept)
+    # Reached every fold's need, so it reaches the best: full evaluation decides the same.
+    assert accepted, f"early exit let {cand.name!r} through with {score!r} against {best!r}"
+    return GreedyStep(cand.name, accs, score, best, True, images)
+
+
 def greedy_soup(
     candidates: Iterable[Candidate],
     scorer: SoupScorer,
     accept: str = ">=",
     cross_fold: str = "min",
+    early_exit: bool = True,
 ) -> GreedyResult:
     """Alg. 1 with MinAcc/AvgAcc over the folds of the soup including the candidate.
 
@@ -143,6 +272,10 @@ def greedy_soup(
     score still comes from the scorer); each later one is accepted when the soup's score with it
     is `>=` (or `>`) the current soup's score over the current soup's folds. `scorer.accept` is
     called exactly for the accepted candidates, in order.
+
+    `early_exit` (with a scorer whose `counts` is true): each candidate is evaluated fold by fold,
+    stopping once it cannot reach the best (`_counted_step`); the decisions are those of full
+    evaluation, with fewer images evaluated.
     """
     _check_option("accept", accept, ACCEPT_RULES)
     _check_option("cross_fold", cross_fold, CROSS_FOLD_RULES)
@@ -158,16 +291,23 @@ def greedy_soup(
     soup_accs: dict[int, float] = {}
     best: float | None = None
     steps: list[GreedyStep] = []
+    counted = early_exit and getattr(scorer, "counts", False)
     for cand in order:
         folds = soup_folds | cand.folds
-        accs = _accs_over(scorer.fold_accs_with(cand), folds, cand.name)
-        score = cross_fold_score(accs, cross_fold)
-        accepted = best is None or _improves(score, best, accept)
-        steps.append(GreedyStep(cand.name, accs, score, best, accepted))
-        if accepted:
+        if counted:
+            step = _counted_step(cand, scorer, folds, soup_accs, best, accept, cross_fold)
+        else:
+            accs = _accs_over(scorer.fold_accs_with(cand), folds, cand.name)
+            score = cross_fold_score(accs, cross_fold)
+            accepted = best is None or _improves(score, best, accept)
+            images = {f: scorer.fold_size(f) for f in sorted(folds)} if getattr(scorer, "counts", False) else {}
+            step = GreedyStep(cand.name, accs, score, best, accepted, images,
+                              None if accepted else _rejection(score, best, accept, cross_fold))
+        steps.append(step)
+        if step.accepted:
             scorer.accept(cand)
             ingredients.append(cand)
-            soup_folds, soup_accs, best = folds, accs, score
+            soup_folds, soup_accs, best = folds, step.fold_accs, step.score
     assert best is not None
     return GreedyResult(ingredients, soup_accs, best, steps)
 

@@ -30,7 +30,7 @@ import torch
 from foldsoup.weights import load_weights
 
 if TYPE_CHECKING:
-    from foldsoup.select import Candidate
+    from foldsoup.select import Candidate, FoldCount
 
 State = dict[str, torch.Tensor]
 AccumDtype = torch.dtype | str
@@ -343,6 +343,10 @@ class RunningSoupScorer:
     GSGS stage: each candidate weighs the same). `evaluate(state, folds)` returns the val
     accuracy of `state` on each fold in `folds`. Each candidate is loaded once: the state loaded
     for scoring is kept until `accept` (Alg. 1 accepts right after scoring) or the next candidate.
+
+    With `count(state, fold, need)` and `fold_size(fold)` (evaluation.Evaluator's) it is a
+    `select.CountingSoupScorer`: greedy_soup then evaluates fold by fold and stops early. The
+    soup with the candidate is averaged once per candidate, whatever the number of folds.
     """
 
     def __init__(
@@ -350,12 +354,17 @@ class RunningSoupScorer:
         load: Callable[[Candidate], Mapping[str, torch.Tensor]],
         evaluate: Callable[[State, frozenset[int]], Mapping[int, float]],
         accum_dtype: AccumDtype = "float32",
+        count: Callable[[State, int, int], FoldCount] | None = None,
+        fold_size: Callable[[int], int] | None = None,
     ) -> None:
         self._load = load
         self._evaluate = evaluate
+        self._count, self._fold_size = count, fold_size
+        self.counts = count is not None and fold_size is not None
         self.running = RunningSum(accum_dtype)
         self.folds: frozenset[int] = frozenset()
         self._cached: tuple[str, Mapping[str, torch.Tensor]] | None = None
+        self._soup: tuple[str, State] | None = None  # average(accepted + [candidate]) of the last candidate
 
     def _state(self, candidate: Candidate) -> Mapping[str, torch.Tensor]:
         if self._cached is None or self._cached[0] != candidate.name:
@@ -363,14 +372,26 @@ class RunningSoupScorer:
             self._cached = (candidate.name, self._load(candidate))
         return self._cached[1]
 
+    def _soup_with(self, candidate: Candidate) -> State:
+        if self._soup is None or self._soup[0] != candidate.name:
+            self._soup = None
+            self._soup = (candidate.name, self.running.mean_with(self._state(candidate), name=candidate.name))
+        return self._soup[1]
+
     def fold_accs_with(self, candidate: Candidate) -> dict[int, float]:
-        soup = self.running.mean_with(self._state(candidate), name=candidate.name)
+        soup = self._soup_with(candidate)
         return {int(f): float(a) for f, a in self._evaluate(soup, self.folds | candidate.folds).items()}
+
+    def fold_size(self, fold: int) -> int:
+        return self._fold_size(fold)
+
+    def fold_count_with(self, candidate: Candidate, fold: int, need: int) -> FoldCount:
+        return self._count(self._soup_with(candidate), fold, need)
 
     def accept(self, candidate: Candidate) -> None:
         self.running.add(self._state(candidate), name=candidate.name)
         self.folds = self.folds | candidate.folds
-        self._cached = None
+        self._cached = self._soup = None
 
     def mean(self) -> State:
         """The accepted soup."""
