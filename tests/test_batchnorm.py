@@ -20,10 +20,9 @@ torch = pytest.importorskip("torch")
 from foldsoup import pipeline  # noqa: E402
 
 try:
-    from tiny_runs import train_tiny_run  # noqa: E402
+    from tiny_runs import TinyRun, train_tiny_run  # noqa: E402
 except ImportError:  # tests/ imported as a package
-    from tests.tiny_runs import train_tiny_run  # noqa: E402
-from foldsoup.config import grid_points, validate  # noqa: E402
+    from tests.tiny_runs import TinyRun, train_tiny_run  # noqa: E402
 from foldsoup.data import load_prepared  # noqa: E402
 from foldsoup.folds import read_folds, train_indices  # noqa: E402
 from foldsoup.models import build_classifier  # noqa: E402
@@ -35,11 +34,10 @@ BATCH = 8
 COUNTER = "backbone.1.num_batches_tracked"  # the first BatchNorm2d of digits_cnn
 
 
-class Run:
+class Run(TinyRun):
     def __init__(self, root: Path):
-        self.root = root
-        self.cfg = validate({
-            "results": str(root), "seed": 0, "device": "cpu",
+        super().__init__(root, {
+            "seed": 0, "device": "cpu",
             "data": {"name": "digits", "classes": [1, 2, 3], "pretrain_classes": [0, 4, 6, 8, 9], "test_fraction": 0.5,
                      "max_pool": 63},
             "model": {"name": "digits_cnn", "width": 8, "norm": "batch"},
@@ -49,19 +47,6 @@ class Run:
             "finetune": {"epochs": 1, "batch_size": BATCH, "warmup_steps": 1},
             "grid": {"lr": [0.003, 0.001], "aug": ["minimal"], "mixup": [False]},
         })
-        self.data = str(root / "prepared" / "dataset.safetensors")
-        self.folds = str(root / "folds.csv")
-        self.backbone = str(root / "pretrained" / "backbone.safetensors")
-        self.hps = [p.name for p in grid_points(self.cfg)]
-
-    def head(self, fold: int) -> str:
-        return str(self.root / "lp" / f"fold{fold}" / "head.safetensors")
-
-    def finetune(self, hp: str, fold: int) -> Path:
-        out = self.root / "models" / hp / f"fold{fold}"
-        pipeline.finetune(self.cfg, self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
-                          str(self.root / ".resume" / hp / f"fold{fold}"))
-        return out
 
     def model_dir(self, hp: str, fold: int) -> Path:
         return self.root / "models" / hp / f"fold{fold}"

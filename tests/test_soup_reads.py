@@ -20,21 +20,19 @@ torch = pytest.importorskip("torch")
 from foldsoup import pipeline  # noqa: E402
 
 try:
-    from tiny_runs import train_tiny_run  # noqa: E402
+    from tiny_runs import TinyRun, train_tiny_run  # noqa: E402
 except ImportError:  # tests/ imported as a package
-    from tests.tiny_runs import train_tiny_run  # noqa: E402
+    from tests.tiny_runs import TinyRun, train_tiny_run  # noqa: E402
 from foldsoup.budget import budget  # noqa: E402
-from foldsoup.config import grid_points, validate  # noqa: E402
 from foldsoup.ingredients import ACTIVATIONS, MODEL_BUFFERS, MemoryShort, format_bytes, residence  # noqa: E402
 
 K = 2
 
 
-class Run:
+class Run(TinyRun):
     def __init__(self, root: Path):
-        self.root = root
-        self.cfg = validate({
-            "results": str(root), "seed": 0, "device": "cpu",
+        super().__init__(root, {
+            "seed": 0, "device": "cpu",
             "data": {"name": "digits", "classes": [1, 2, 3], "pretrain_classes": [0, 4, 6, 8, 9], "test_fraction": 0.5,
                      "max_pool": 90},
             "model": {"name": "digits_cnn", "width": 8},
@@ -45,20 +43,7 @@ class Run:
             "grid": {"lr": [0.003, 0.001], "aug": ["minimal"], "mixup": [False]},
             "budget": {"draws": 2},
         })
-        self.data = str(root / "prepared" / "dataset.safetensors")
-        self.folds = str(root / "folds.csv")
-        self.backbone = str(root / "pretrained" / "backbone.safetensors")
-        self.hps = [p.name for p in grid_points(self.cfg)]
         self.soups = root / "soups"
-
-    def head(self, fold: int) -> str:
-        return str(self.root / "lp" / f"fold{fold}" / "head.safetensors")
-
-    def finetune(self, hp: str, fold: int) -> Path:
-        out = self.root / "models" / hp / f"fold{fold}"
-        pipeline.finetune(self.cfg, self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
-                          str(self.root / ".resume" / hp / f"fold{fold}"))
-        return out
 
     def lists(self, hps: list[str] | None = None, folds: list[int] | None = None) -> tuple[list[str], list[str]]:
         dirs = [self.root / "models" / hp / f"fold{f}" for hp in hps or self.hps for f in folds or range(K)]

@@ -18,3 +18,29 @@ def train_tiny_run(r, hps: list[str], k: int):
         for fold in range(k):
             r.finetune(hp, fold)
     return r
+
+
+class TinyRun:
+    """A results folder of a tiny run with the workflow's layout: paths and the two per-fold
+    steps `train_tiny_run` calls (prepare, folds and pretrain write the plain paths)."""
+
+    def __init__(self, root, cfg: dict):
+        from pathlib import Path
+
+        from foldsoup.config import grid_points, validate
+
+        self.root = Path(root)
+        self.cfg = validate({"results": str(root), **cfg})
+        self.data = str(self.root / "prepared" / "dataset.safetensors")
+        self.folds = str(self.root / "folds.csv")
+        self.backbone = str(self.root / "pretrained" / "backbone.safetensors")
+        self.hps = [p.name for p in grid_points(self.cfg)]
+
+    def head(self, fold: int) -> str:
+        return str(self.root / "lp" / f"fold{fold}" / "head.safetensors")
+
+    def finetune(self, hp: str, fold: int):
+        out = self.root / "models" / hp / f"fold{fold}"
+        pipeline.finetune(self.cfg, self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
+                          str(self.root / ".resume" / hp / f"fold{fold}"))
+        return out
