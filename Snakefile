@@ -7,8 +7,9 @@ from pathlib import Path
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 
-from foldsoup import results_folder
-from foldsoup.config import ConfigError, validate
+from foldsoup.config import results_folder
+from foldsoup.errors import ConfigError
+from foldsoup.config.schema import validate
 
 
 configfile: "config.yaml"

@@ -31,10 +31,10 @@ sys.path.insert(0, os.environ.get("FOLDSOUP_BENCH_SRC") or str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from foldsoup.augment import eval_transform  # noqa: E402
-from foldsoup.models import build_classifier  # noqa: E402
-from foldsoup.soup import RunningSum  # noqa: E402
-from foldsoup.train import ImageSpec, LoopConfig, predict_logits, train  # noqa: E402
+from foldsoup.training.augment import eval_transform  # noqa: E402
+from foldsoup.models.build import build_classifier  # noqa: E402
+from foldsoup.soups.average import RunningSum  # noqa: E402
+from foldsoup.training.loop import ImageSpec, LoopConfig, predict_logits, train  # noqa: E402
 
 MODELS = {
     "digits_cnn": dict(cfg={"name": "digits_cnn", "width": 16, "normalize_features": False}, shape=(1, 8, 8), size=8,
@@ -169,8 +169,8 @@ def startup_seconds(repeats: int = 3) -> dict:
     code = {
         "python": "pass",
         "import torch": "import torch",
-        "foldsoup job imports": "import foldsoup.pipeline, foldsoup.train, foldsoup.models, torch",
-        "+ build digits_cnn": "import foldsoup.models as m; m.build_classifier({'name':'digits_cnn','width':16,'normalize_features':False}, 5)",
+        "foldsoup job imports": "import foldsoup.steps, foldsoup.training.loop, foldsoup.models.classifier, torch",
+        "+ build digits_cnn": "import foldsoup.models.build as m; m.build_classifier({'name':'digits_cnn','width':16,'normalize_features':False}, 5)",
     }
     out = {}
     for label, snippet in code.items():
@@ -209,7 +209,7 @@ def dag_scaling() -> list[dict]:
             res = subprocess.run([snakemake, "-n", "--configfile", f.name, "--workflow-profile", "none"], cwd=ROOT,
                                  capture_output=True, text=True, check=True)
             counts = dict(re.findall(r"^(\w+)\s+(\d+)$", res.stdout, re.M))
-            from foldsoup.analysis import fold_subsets
+            from foldsoup.analysis.reliability import fold_subsets
 
             out.append({"k": k, "grid_points": t, "finetune_jobs": int(counts.get("finetune", 0)),
                         "total_jobs": int(counts.get("total", 0)), "analysis_soups": t * len(fold_subsets(k, cap, 0)),
@@ -224,10 +224,11 @@ SOUP_BEFORE = "b829d0c"
 def soup_jobs(cfg: dict, results: str, out: Path, early_exit: bool | None) -> list[tuple[str, object]]:
     """The soup stage of a finished run, job by job as the workflow runs it (uniform_subsets,
     greedy_fold, soup_all, gsgs, budget), writing into `out`: (job, a call returning its cost
-    counters, pipeline.log_cost). early_exit None: code from before soups.early_exit existed."""
-    from foldsoup import pipeline as pl
-    from foldsoup.budget import budget, fold_counts
-    from foldsoup.config import grid_points
+    counters, steps.log_cost). early_exit None: code from before soups.early_exit existed."""
+    from foldsoup import steps as pl
+    from foldsoup.analysis.budget import fold_counts
+    from foldsoup.steps import budget
+    from foldsoup.config.schema import grid_points
 
     exit_kw = {} if early_exit is None else {"early_exit": early_exit}
     if early_exit is not None:
@@ -263,7 +264,7 @@ def soup_jobs(cfg: dict, results: str, out: Path, early_exit: bool | None) -> li
 
 
 def _soup_cfg(results: str, config_files: list[str]) -> dict:
-    from foldsoup.config import deep_update, load_yaml_files, validate
+    from foldsoup.config.schema import deep_update, load_yaml_files, validate
 
     return validate(deep_update(load_yaml_files(*config_files), {"results": results}), check_paths=False)
 
@@ -283,10 +284,10 @@ def soup_reads(results: str, config_files: list[str], cache_bytes: int | None) -
     budget module's CACHE_BYTES (0: the demo's 5 MB of models behave like ViT-B/32's 31.6 GB)."""
     import safetensors
 
-    import foldsoup.budget
+    import foldsoup.analysis.budget
 
     if cache_bytes is not None:
-        foldsoup.budget.CACHE_BYTES = cache_bytes
+        foldsoup.analysis.budget.CACHE_BYTES = cache_bytes
     real, opened = safetensors.safe_open, []
     safetensors.safe_open = lambda path, *a, **kw: opened.append(str(path)) or real(path, *a, **kw)
     torch.set_num_threads(1)
@@ -323,7 +324,7 @@ def soup_stage(results: str, config_files: list[str], before: str | None, batche
     images evaluated with full evaluation (soups.early_exit: false, what Alg. 1 did before) and
     with early exit, at the run's eval batch size and at `batches_per_fold` batches per val fold
     (the paper preset: 10,000-image folds in batches of 1,024, about 10). All from counters (the
-    jobs' pipeline.log_cost, safetensors.safe_open), no timings; the soups are the same either
+    jobs' steps.log_cost, safetensors.safe_open), no timings; the soups are the same either
     way (tests/test_early_exit.py)."""
     import math
 

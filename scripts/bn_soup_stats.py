@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from foldsoup import pipeline  # noqa: E402
-from foldsoup.augment import eval_transform  # noqa: E402
-from foldsoup.config import deep_update, grid_points, load_yaml_files, validate  # noqa: E402
-from foldsoup.folds import HOLDOUT, train_indices  # noqa: E402
-from foldsoup.models import load_full  # noqa: E402
-from foldsoup.weights import load_weights  # noqa: E402
+from foldsoup import steps  # noqa: E402
+from foldsoup.training.augment import eval_transform  # noqa: E402
+from foldsoup.config.schema import deep_update, grid_points, load_yaml_files, validate  # noqa: E402
+from foldsoup.data.folds import HOLDOUT, train_indices  # noqa: E402
+from foldsoup.models.classifier import load_full  # noqa: E402
+from foldsoup.storage.weights import load_weights  # noqa: E402
 
 SOUPS = ("uniform_soup", "greedy_soup")
 SOURCES = ("averaged", "union", "disjoint", "holdout", "pretrain")
@@ -69,26 +69,26 @@ def train_run(cfg: dict, p: Paths) -> None:
     """Every step of the workflow up to the two soups; a step whose output exists is skipped."""
     k, hps = cfg["folds"]["k"], [g.name for g in grid_points(cfg)]
     if not Path(p.data).is_file():
-        pipeline.prepare(cfg, p.data)
+        steps.prepare(cfg, p.data)
     if not Path(p.folds).is_file():
-        pipeline.folds(cfg, p.data, p.folds)
+        steps.folds(cfg, p.data, p.folds)
     if not Path(p.backbone).is_file():
-        pipeline.pretrain(cfg, p.data, p.backbone)
+        steps.pretrain(cfg, p.data, p.backbone)
     for fold in range(k):
         if not Path(p.head(fold)).is_file():
-            pipeline.linear_probe(cfg, p.data, p.folds, p.backbone, fold, p.head(fold))
+            steps.linear_probe(cfg, p.data, p.folds, p.backbone, fold, p.head(fold))
     for hp in hps:
         for fold in range(k):
             out = p.model(hp, fold)
             if not (out / "metrics.json").is_file():
-                pipeline.finetune(cfg, p.data, p.folds, p.backbone, p.head(fold), hp, fold, str(out),
+                steps.finetune(cfg, p.data, p.folds, p.backbone, p.head(fold), hp, fold, str(out),
                                   str(p.root / ".resume" / hp / f"fold{fold}"))
     models = [str(p.model(hp, f) / "model.safetensors") for hp in hps for f in range(k)]
     metrics = [str(p.model(hp, f) / "metrics.json") for hp in hps for f in range(k)]
     if not p.soup("uniform_soup").is_file():
-        pipeline.uniform_all(cfg, p.data, p.folds, models, metrics, str(p.soup("uniform_soup")))
+        steps.uniform_all(cfg, p.data, p.folds, models, metrics, str(p.soup("uniform_soup")))
     if not p.soup("greedy_soup").is_file():
-        pipeline.greedy_all(cfg, p.data, p.folds, models, metrics, str(p.soup("greedy_soup")))
+        steps.greedy_all(cfg, p.data, p.folds, models, metrics, str(p.soup("greedy_soup")))
 
 
 def stat_images(ctx, source: str, folds: list[int]) -> np.ndarray | None:
@@ -129,7 +129,7 @@ def recompute(ctx, state: dict, images: np.ndarray) -> dict:
 
 
 def measure(cfg: dict, p: Paths) -> list[dict]:
-    ctx = pipeline.Context(cfg, p.data, p.folds)
+    ctx = steps.Context(cfg, p.data, p.folds)
     ev = ctx.evaluator()
     rows = []
     for name in SOUPS:

@@ -6,7 +6,7 @@ Prints one JSON summary (and writes it to --json):
                peak memory. FLOPs: torch's FlopCounterMode over one forward pass of the whole
                classifier with autograd on (2 FLOPs per multiply-add; augmentation and the
                optimiser not counted), training = 3 x forward (backward about twice the forward).
-  adamw        foldsoup.optim.AdamW (torch's fused kernel) on CUDA against torch.optim.AdamW:
+  adamw        foldsoup.training.optim.AdamW (torch's fused kernel) on CUDA against torch.optim.AdamW:
                the largest parameter difference after 20 steps on the same gradients.
   gpu_slots    the demo's smoke run with --resources gpu=2 on the GPU: which device slot each GPU
                job held and when; no two jobs held one device at once (with one GPU, the check
@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 from bench import KNOWN_PEAK_TFLOPS, flops_per_image  # noqa: E402
-from foldsoup.models import build_classifier  # noqa: E402
-from foldsoup.train import ImageSpec, LoopConfig, predict_logits, train  # noqa: E402
+from foldsoup.models.build import build_classifier  # noqa: E402
+from foldsoup.training.loop import ImageSpec, LoopConfig, predict_logits, train  # noqa: E402
 
 VIT = {"name": "open_clip", "arch": "ViT-B-32", "pretrained": "openai", "quick_gelu": True, "normalize_features": True}
 AUG = {"scale": [0.6, 1.0], "rotate": 10, "translate": 0.1, "jitter": 0.2, "erase": 0.0}
@@ -108,7 +108,7 @@ def throughput(device: torch.device, rehearse: bool) -> dict:
 
 
 def adamw_check(device: torch.device) -> dict:
-    from foldsoup.optim import AdamW
+    from foldsoup.training.optim import AdamW
 
     torch.manual_seed(0)
     shapes = [(768, 768), (768,), (3072, 768), (10, 512)]

@@ -5,7 +5,7 @@ Python 2 `str` (opcodes SHORT_BINSTRING / BINSTRING, read back as str under
 encoding="latin1", as torchvision reads them) and whose `data` is a numpy array pickled as
 `numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), 'b')` plus its state. The pickler
 below writes the same opcodes from Python 3, so both torchvision's reader and
-foldsoup.cifar10 read these files as they read the real ones.
+foldsoup.data.cifar10 read these files as they read the real ones.
 
 Images are class-dependent: each class has its own colour and a horizontal or vertical
 stripe pattern, plus noise, so a classifier can learn something from a few of them.

@@ -17,17 +17,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from foldsoup import pipeline  # noqa: E402
+from foldsoup import steps  # noqa: E402
 
 try:
     from tiny_runs import TinyRun, train_tiny_run  # noqa: E402
 except ImportError:  # tests/ imported as a package
     from tests.tiny_runs import TinyRun, train_tiny_run  # noqa: E402
-from foldsoup.data import load_prepared  # noqa: E402
-from foldsoup.folds import read_folds, train_indices  # noqa: E402
-from foldsoup.models import build_classifier  # noqa: E402
-from foldsoup.train import ImageSpec, extract_features, linear_probe, predict_logits  # noqa: E402
-from foldsoup.weights import load_weights  # noqa: E402
+from foldsoup.data.prepared import load_prepared  # noqa: E402
+from foldsoup.data.folds import read_folds, train_indices  # noqa: E402
+from foldsoup.models.build import build_classifier  # noqa: E402
+from foldsoup.training.loop import ImageSpec, extract_features, linear_probe, predict_logits  # noqa: E402
+from foldsoup.storage.weights import load_weights  # noqa: E402
 
 K = 2
 BATCH = 8
@@ -65,17 +65,17 @@ def run(tmp_path_factory):
     train_tiny_run(r, r.hps, K)
     models, metrics = r.lists()
     soups = r.root / "soups"
-    pipeline.models_table(metrics, str(r.root / "tables" / "models.csv"))
+    steps.models_table(metrics, str(r.root / "tables" / "models.csv"))
     for hp in r.hps:
-        pipeline.uniform_subsets(r.cfg, r.data, r.folds, hp, [m for m in models if f"/{hp}/" in m],
+        steps.uniform_subsets(r.cfg, r.data, r.folds, hp, [m for m in models if f"/{hp}/" in m],
                                  [m for m in metrics if f"/{hp}/" in m], str(r.root / "analysis" / f"{hp}.csv"))
     for fold in range(K):
         fold_models, fold_metrics = r.lists(fold)
-        pipeline.greedy_per_fold(r.cfg, r.data, r.folds, fold, fold_models, fold_metrics,
+        steps.greedy_per_fold(r.cfg, r.data, r.folds, fold, fold_models, fold_metrics,
                                  str(soups / f"greedy_fold{fold}.safetensors"), str(soups / f"uniform_fold{fold}.safetensors"))
-    pipeline.uniform_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "uniform_soup.safetensors"))
-    pipeline.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "greedy_soup.safetensors"))
-    pipeline.gsgs(r.cfg, r.data, r.folds, [str(soups / f"greedy_fold{i}.safetensors") for i in range(K)],
+    steps.uniform_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "uniform_soup.safetensors"))
+    steps.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "greedy_soup.safetensors"))
+    steps.gsgs(r.cfg, r.data, r.folds, [str(soups / f"greedy_fold{i}.safetensors") for i in range(K)],
                   str(soups / "gsgs.safetensors"))
     return r
 
@@ -144,7 +144,7 @@ def test_uniform_subsets_include_the_soup_of_both_folds(run):
 
 
 def test_budget_soups_span_folds(run):
-    from foldsoup.budget import budget
+    from foldsoup.steps import budget
 
     out = run.root / "analysis" / "budget" / "f2.csv"
     budget(run.cfg, run.data, run.folds, str(run.root / "tables" / "models.csv"), str(run.root / "models"), K, str(out))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, SMOKE, snakemake
 
-from foldsoup.budget import (
+from foldsoup.analysis.budget import (
     COLUMNS,
     METHODS,
     Subset,
@@ -24,7 +24,8 @@ from foldsoup.budget import (
     mean_table,
     n_subsets,
 )
-from foldsoup.config import ConfigError, deep_update, load_yaml_files, validate
+from foldsoup.errors import ConfigError
+from foldsoup.config.schema import deep_update, load_yaml_files, validate
 
 # ------------------------------------------------------------------------ cells and draws
 
@@ -125,8 +126,8 @@ def test_equal_budgets_and_the_comparison():
 
 
 def test_summary_section_and_figure(tmp_path):
-    from foldsoup.plots import plot_budget
-    from foldsoup.summary import budget_section
+    from foldsoup.report.plots import plot_budget
+    from foldsoup.report.summary import budget_section
 
     table = _synthetic()
     table.loc[(table.grid_points == 2) & (table.n_folds == 2), "test_acc"] += 0.01  # 2 x 2 beats 4 x 1
@@ -240,9 +241,10 @@ def test_smoke_one_fold_cells_are_the_per_fold_soups(smoke_run):
 def test_every_draw_of_a_smaller_grid_is_what_the_workflow_steps_give_on_its_models(smoke_run, tmp_path):
     """g = 1 of the 2 grid points on both folds: run the workflow's own soup steps and methods on
     just that grid point's models, in this process, and compare with BudgetRun on the draw."""
-    from foldsoup import pipeline as pl
-    from foldsoup.budget import BudgetRun, load_models
-    from foldsoup.config import grid_points
+    from foldsoup import steps as pl
+    from foldsoup.analysis.budget import BudgetRun
+    from foldsoup.steps.budget import load_models
+    from foldsoup.config.schema import grid_points
 
     r = smoke_run.results
     cfg = validate(deep_update(load_yaml_files(ROOT / "config.yaml", SMOKE), {"results": str(r)}), check_paths=False)

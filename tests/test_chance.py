@@ -3,7 +3,7 @@ its val accuracy is no better than always predicting the fold's largest class. I
 its log, in tables/models.csv and in summary.md, and the summary says when such a model sets
 Table 2's threshold (which keeps the paper's definition).
 
-The rule (foldsoup.analysis.chance_ceiling): at chance = own-fold val accuracy not significantly
+The rule (foldsoup.analysis.reliability.chance_ceiling): at chance = own-fold val accuracy not significantly
 above that fold's majority-class rate, by a one-sided exact binomial test at p = 0.01. Checked
 against scipy's binomial distribution, on hand-made tables, and on a tiny real fine-tune at
 lr 1000 (digits, width-8 CNN: the loss reaches ~1e14 in one epoch and never turns NaN).
@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from foldsoup import analysis, summary
-from foldsoup.analysis import at_chance, chance_ceiling, majority_rate, reliability_table
+from foldsoup.analysis import reliability as analysis
+from foldsoup.report import summary
+from foldsoup.analysis.reliability import at_chance, chance_ceiling, majority_rate, reliability_table
 
 # ---------------------------------------------------------------- the rule, known answers
 
@@ -116,8 +117,8 @@ def run(tmp_path_factory):
     import contextlib
     import io
 
-    from foldsoup import pipeline
-    from foldsoup.config import grid_points, validate
+    from foldsoup import steps
+    from foldsoup.config.schema import grid_points, validate
 
     root = tmp_path_factory.mktemp("chance") / "results"
     cfg = validate({"results": str(root), "seed": 0, "device": "cpu",
@@ -127,35 +128,35 @@ def run(tmp_path_factory):
                     "grid": {"lr": [ABSURD_LR, GOOD_LR], "aug": ["minimal"], "mixup": [False]}})
     data, folds = str(root / "prepared" / "dataset.safetensors"), str(root / "folds.csv")
     backbone, head = str(root / "pretrained" / "backbone.safetensors"), str(root / "lp" / "fold0" / "head.safetensors")
-    pipeline.prepare(cfg, data)
-    pipeline.folds(cfg, data, folds)
-    pipeline.pretrain(cfg, data, backbone)
-    pipeline.linear_probe(cfg, data, folds, backbone, 0, head)
+    steps.prepare(cfg, data)
+    steps.folds(cfg, data, folds)
+    steps.pretrain(cfg, data, backbone)
+    steps.linear_probe(cfg, data, folds, backbone, 0, head)
     hps = {p.lr: p.name for p in grid_points(cfg)}
     logs = {}
     for lr, hp in hps.items():
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            pipeline.finetune(cfg, data, folds, backbone, head, hp, 0, str(root / "models" / hp / "fold0"), str(root / ".resume"))
+            steps.finetune(cfg, data, folds, backbone, head, hp, 0, str(root / "models" / hp / "fold0"), str(root / ".resume"))
         logs[lr] = err.getvalue()
     metrics = [str(root / "models" / hp / "fold0" / "metrics.json") for hp in hps.values()]
     models_log = io.StringIO()
     with contextlib.redirect_stderr(models_log):
-        pipeline.models_table(metrics, str(root / "tables" / "models.csv"))
+        steps.models_table(metrics, str(root / "tables" / "models.csv"))
     subsets = []
     for hp in hps.values():
         subsets.append(str(root / "analysis" / f"{hp}.csv"))
-        pipeline.uniform_subsets(cfg, data, folds, hp, [str(root / "models" / hp / "fold0" / "model.safetensors")],
+        steps.uniform_subsets(cfg, data, folds, hp, [str(root / "models" / hp / "fold0" / "model.safetensors")],
                                  [str(root / "models" / hp / "fold0" / "metrics.json")], subsets[-1])
-    pipeline.reliability(subsets, str(root / "tables" / "models.csv"), str(root / "tables" / "uniform_subsets.csv"),
+    steps.reliability(subsets, str(root / "tables" / "models.csv"), str(root / "tables" / "uniform_subsets.csv"),
                          str(root / "tables" / "reliability.csv"))
     return {"root": root, "hps": hps, "logs": logs, "models_log": models_log.getvalue(), "data": data, "folds": folds,
             "metrics": {lr: json.loads(Path(p).read_text()) for lr, p in zip(hps, metrics)}}
 
 
 def test_lr_1000_explodes_without_nan_and_is_flagged_at_chance(run):
-    from foldsoup.data import load_prepared
-    from foldsoup.folds import read_folds
+    from foldsoup.data.prepared import load_prepared
+    from foldsoup.data.folds import read_folds
 
     labels = load_prepared(run["data"]).pool_labels
     val = labels[read_folds(run["folds"], labels) == 0]

@@ -1,6 +1,6 @@
 """Configuration errors: caught on the merged config before any job is scheduled.
 
-Most cases call `foldsoup.config.validate` (what the Snakefile calls at parse time) on the
+Most cases call `foldsoup.config.schema.validate` (what the Snakefile calls at parse time) on the
 embedded config.yaml with one bad override. A few run the real `snakemake` on a bad
 --configfile and check the exit code, the message on stderr and that no results folder was
 made. Every message must name the key, the bad value and what is allowed.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from foldsoup.config import (
+from foldsoup.config.schema import (
     DIGITS_CLASS_COUNTS,
     ConfigError,
     deep_update,
@@ -269,7 +269,7 @@ def test_parse_time_bound_never_rejects_a_k_that_works(classes, test_fraction, m
     """The parse-time bound is an upper bound of the real smallest class (never a false alarm)."""
     import numpy as np
 
-    from foldsoup.data import prepare
+    from foldsoup.data.prepared import prepare
 
     data_cfg = {"name": "digits", "classes": classes, "pretrain_classes": [4, 6], "test_fraction": test_fraction,
                 "max_pool": max_pool, "max_test": None, "root": "data"}
@@ -281,15 +281,15 @@ def test_parse_time_bound_never_rejects_a_k_that_works(classes, test_fraction, m
 def test_k_between_bound_and_real_class_size_fails_at_the_folds_step(base, tmp_path):
     """digits 8 and 9 with test_fraction 0.5: the bound allows k = 88, class 8 keeps 87. The
     `folds` step (before any training) names the class."""
-    from foldsoup import pipeline
-    from foldsoup.data import DataError
+    from foldsoup import steps
+    from foldsoup.errors import DataError
 
     cfg = validate(deep_update(base, {"results": str(tmp_path), "data": {"classes": [8, 9], "pretrain_classes": [0, 4]},
                                       "folds": {"k": 88}}))
     data, folds = str(tmp_path / "prepared" / "dataset.safetensors"), str(tmp_path / "folds.csv")
-    pipeline.prepare(cfg, data)
+    steps.prepare(cfg, data)
     with pytest.raises(DataError) as info:
-        pipeline.folds(cfg, data, folds)
+        steps.folds(cfg, data, folds)
     assert str(info.value) == ("folds.k = 88 is larger than class '8', which has only 87 pool image(s); every fold needs "
                                "at least one image of every class (allowed: k <= 87, or more images of that class)")
     assert not os.path.exists(folds)

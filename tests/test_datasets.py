@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from foldsoup.config import ConfigError, deep_update, fill_defaults, load_schema, load_yaml_files, validate
-from foldsoup.data import DataError, prepare
+from foldsoup.errors import ConfigError
+
+from foldsoup.config.schema import deep_update, fill_defaults, load_schema, load_yaml_files, validate
+from foldsoup.errors import DataError
+from foldsoup.data.prepared import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 # Folder name of each digit; sorted, the class order is covid (2), normal (0), pneumonia (1).
@@ -151,7 +154,7 @@ def test_modes_and_resizing(tmp_path, digits):
     images = np.concatenate([data.pool_images, data.test_images])
     assert images.shape == (9, 3, 32, 32)
 
-    from foldsoup.imagefolder import read_image
+    from foldsoup.data.imagefolder import read_image
 
     expected_grey = np.repeat(grey[None], 3, axis=0)
     assert np.array_equal(read_image(root / "a" / "1_rgba.png", 32, "stretch"), _colour(grey, 0).transpose(2, 0, 1))
@@ -582,8 +585,8 @@ def test_towers_without_gelu_ignore_quick_gelu():
     import torch
     from open_clip.transformer import QuickGELU
 
-    from foldsoup.clip import open_clip_visual
-    from foldsoup.config import _open_clip_arch_config, activation_matters
+    from foldsoup.models.clip import open_clip_visual
+    from foldsoup.config.schema import _open_clip_arch_config, activation_matters
 
     for arch in ("RN50", "convnext_base_w", "ViT-S-32"):
         with torch.device("meta"):  # module classes only
@@ -635,7 +638,7 @@ def test_replacing_the_data_reruns_prepare(tmp_path, digits, preset):
     a new image in a class folder, or a changed .npz, does."""
     import os
 
-    from foldsoup.data import source_paths
+    from foldsoup.data.prepared import source_paths
 
     if preset == "imagefolder-clip":
         root = tmp_path / "images"
@@ -664,8 +667,10 @@ def test_parse_time_tables_equal_open_clip():
     """The model names and tags config.py reads without importing open_clip are open_clip's own."""
     import open_clip
 
-    from foldsoup.clip import ClipError, pretrained_tag_cfg
-    from foldsoup.config import _open_clip_arch_config, _open_clip_archs, _open_clip_tag_table, _open_clip_tags
+    from foldsoup.errors import ClipError
+
+    from foldsoup.models.clip import pretrained_tag_cfg
+    from foldsoup.config.schema import _open_clip_arch_config, _open_clip_archs, _open_clip_tag_table, _open_clip_tags
 
     assert _open_clip_archs() == sorted(open_clip.list_models())
     expected: dict[str, list[str]] = {}
@@ -693,7 +698,7 @@ def vit_s32_checkpoint(tmp_path_factory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from foldsoup.clip import open_clip_visual
+    from foldsoup.models.clip import open_clip_visual
 
     torch.manual_seed(5)
     visual, _ = open_clip_visual("ViT-S-32")
@@ -704,9 +709,9 @@ def vit_s32_checkpoint(tmp_path_factory) -> Path:
 
 def run_pipeline(results: Path, preset: str, data: dict, checkpoint: Path) -> dict:
     """The preset, shrunk: prepare -> folds -> pretrain (export from the checkpoint) -> linear probe
-    per fold -> one fine-tune per fold -> uniform soup, through foldsoup.pipeline as the jobs run it."""
-    from foldsoup import pipeline
-    from foldsoup.config import grid_points
+    per fold -> one fine-tune per fold -> uniform soup, through foldsoup.steps as the jobs run it."""
+    from foldsoup import steps
+    from foldsoup.config.schema import grid_points
 
     merged = deep_update(load_yaml_files(REPO / "config.yaml", REPO / "presets" / f"{preset}.yaml"), {
         "results": str(results), "device": "cpu", "data": data,
@@ -718,29 +723,29 @@ def run_pipeline(results: Path, preset: str, data: dict, checkpoint: Path) -> di
     cfg = validate(merged)
     data_path, folds_path = str(results / "prepared" / "dataset.safetensors"), str(results / "folds.csv")
     backbone = str(results / "pretrained" / "backbone.safetensors")
-    pipeline.prepare(cfg, data_path)
-    pipeline.folds(cfg, data_path, folds_path)
-    pipeline.pretrain(cfg, data_path, backbone)
+    steps.prepare(cfg, data_path)
+    steps.folds(cfg, data_path, folds_path)
+    steps.pretrain(cfg, data_path, backbone)
     (hp,) = [p.name for p in grid_points(cfg)]
     model_paths, metrics_paths, metrics = [], [], []
     for fold in range(2):
         head = str(results / "lp" / f"fold{fold}" / "head.safetensors")
-        pipeline.linear_probe(cfg, data_path, folds_path, backbone, fold, head)
+        steps.linear_probe(cfg, data_path, folds_path, backbone, fold, head)
         out_dir = results / "models" / hp / f"fold{fold}"
-        pipeline.finetune(cfg, data_path, folds_path, backbone, head, hp, fold, str(out_dir),
+        steps.finetune(cfg, data_path, folds_path, backbone, head, hp, fold, str(out_dir),
                           str(results / ".resume" / hp / f"fold{fold}"))
         model_paths.append(str(out_dir / "model.safetensors"))
         metrics_paths.append(str(out_dir / "metrics.json"))
         metrics.append(json.loads((out_dir / "metrics.json").read_text()))
     soup = results / "soups" / "uniform_soup.safetensors"
-    pipeline.uniform_all(cfg, data_path, folds_path, model_paths, metrics_paths, str(soup))
+    steps.uniform_all(cfg, data_path, folds_path, model_paths, metrics_paths, str(soup))
     return {"cfg": cfg, "data": data_path, "metrics": metrics, "soup": json.loads(soup.with_suffix(".json").read_text()),
             "model": model_paths[0]}
 
 
 def _check_run(run: dict, classes: list[str], n_pool: int, n_test: int, stored: tuple) -> None:
-    from foldsoup.data import load_prepared
-    from foldsoup.weights import load_weights
+    from foldsoup.data.prepared import load_prepared
+    from foldsoup.storage.weights import load_weights
 
     data = load_prepared(run["data"])
     assert data.classes == classes and data.pool_images.shape == (n_pool, *stored) and len(data.test_labels) == n_test

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from foldsoup.select import (
+from foldsoup.soups.select import (
     Candidate,
     FoldCount,
     evaluation_order,
@@ -214,7 +214,7 @@ def digits_models():
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from foldsoup.models import build_classifier
+    from foldsoup.models.build import build_classifier
 
     x, y = load_digits(return_X_y=True)
     keep = y < 5
@@ -236,8 +236,8 @@ def digits_models():
 def _evaluator(digits_models, batch: int):
     import torch
 
-    from foldsoup.evaluation import Evaluator
-    from foldsoup.train import ImageSpec
+    from foldsoup.soups.evaluation import Evaluator
+    from foldsoup.training.loop import ImageSpec
 
     model, images, labels, fold_of, _ = digits_models
     return Evaluator(model, images, labels, fold_of, images[:8], labels[:8], ImageSpec(8, [0.5], [0.5], False), batch,
@@ -246,7 +246,7 @@ def _evaluator(digits_models, batch: int):
 
 @pytest.mark.parametrize("accept, cross_fold", RULES)
 def test_real_evaluator_decides_as_full_evaluation(digits_models, accept, cross_fold):
-    from foldsoup.pipeline import greedy_scorer
+    from foldsoup.soups.evaluation import greedy_scorer
 
     states = digits_models[4]
     ev = _evaluator(digits_models, batch=4)
@@ -297,10 +297,10 @@ def test_smoke_run_steps_are_those_of_full_evaluation(smoke_run):
     per batch (the smoke run's folds fit in one batch of 1,024) the same decisions again."""
     from conftest import ROOT, SMOKE
 
-    from foldsoup import pipeline as pl
-    from foldsoup.config import deep_update, load_yaml_files, validate
-    from foldsoup.folds import HOLDOUT
-    from foldsoup.select import Candidate as C
+    from foldsoup import steps as pl
+    from foldsoup.config.schema import deep_update, load_yaml_files, validate
+    from foldsoup.data.folds import HOLDOUT
+    from foldsoup.soups.select import Candidate as C
 
     r = smoke_run.results
     cfg = validate(deep_update(load_yaml_files(ROOT / "config.yaml", SMOKE), {"results": str(r)}), check_paths=False)
@@ -315,7 +315,7 @@ def test_smoke_run_steps_are_those_of_full_evaluation(smoke_run):
     saved = 0
     for method in greedy:
         rec = records[method]
-        if method == "gsgs":  # as pipeline.gsgs: the per-fold soups, each one candidate
+        if method == "gsgs":  # as steps.gsgs: the per-fold soups, each one candidate
             paths = {f"greedy_fold{i}": str(r / "soups" / f"greedy_fold{i}.safetensors") for i in range(2)}
             cands = [C(n, records[n]["folds"], records[n]["val_acc"]) for n in paths]
         else:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from foldsoup.data import load_digits_prepared, save_prepared
-from foldsoup.train import ResumeStore
-from foldsoup.weights import atomic_write_json, save_weights
+from foldsoup.data.prepared import load_digits_prepared, save_prepared
+from foldsoup.training.loop import ResumeStore
+from foldsoup.storage.weights import atomic_write_json, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -51,7 +51,7 @@ def test_a_signal_during_a_write_removes_the_temporary_file(tmp_path, sig):
     killed the process on the spot and left it; SIGINT already raised KeyboardInterrupt)."""
     proc = _python("""
         import os, signal, sys, time
-        from foldsoup.weights import atomic_path
+        from foldsoup.storage.weights import atomic_path
 
         with atomic_path(sys.argv[1]) as tmp:
             tmp.write_bytes(b"half of it")
@@ -75,7 +75,7 @@ def test_sigterm_during_a_real_save_leaves_nothing(tmp_path):
         import os, signal, sys, threading, time
         from pathlib import Path
         import torch
-        from foldsoup.weights import save_weights
+        from foldsoup.storage.weights import save_weights
 
         folder = Path(sys.argv[1])
         state = {"w": torch.ones(32 * 2**20)}

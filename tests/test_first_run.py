@@ -9,8 +9,9 @@ import pytest
 
 from conftest import ROOT, SMOKE, clean_env, snakemake
 
-from foldsoup import results_folder
-from foldsoup.config import ConfigError, load_yaml_files, validate
+from foldsoup.config import results_folder
+from foldsoup.errors import ConfigError
+from foldsoup.config.schema import load_yaml_files, validate
 from foldsoup.devices import start_check
 
 PAPER = ROOT / "presets" / "paper-cifar10.yaml"

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from foldsoup.analysis import reliability_table
-from foldsoup.config import ConfigError, validate
-from foldsoup.data import DataError
-from foldsoup.folds import HOLDOUT, holdout_indices, make_folds, read_folds, train_indices, write_folds
+from foldsoup.analysis.reliability import reliability_table
+from foldsoup.errors import ConfigError
+from foldsoup.config.schema import validate
+from foldsoup.errors import DataError
+from foldsoup.data.folds import HOLDOUT, holdout_indices, make_folds, read_folds, train_indices, write_folds
 
 K = 2
 HOLDOUT_FRACTION = 0.25
@@ -120,7 +121,7 @@ def test_reliability_holdout_columns_known_answers():
 
 
 def test_summary_compares_the_three_signals():
-    from foldsoup.summary import holdout_section
+    from foldsoup.report.summary import holdout_section
 
     rel = pd.DataFrame({"n": [1, 2], "rmse_avg_acc": [0.02, 0.03], "rmse_min_acc": [0.02, 0.05],
                         "rmse_holdout_acc": [0.01, 0.01], "mean_gap_avg_acc": [0.0, 0.01], "mean_gap_min_acc": [0.0, -0.02],
@@ -136,15 +137,15 @@ def test_summary_compares_the_three_signals():
 
 torch = pytest.importorskip("torch")
 
-from foldsoup import pipeline  # noqa: E402
+from foldsoup import steps  # noqa: E402
 
 try:
     from tiny_runs import train_tiny_run  # noqa: E402
 except ImportError:  # tests/ imported as a package
     from tests.tiny_runs import train_tiny_run  # noqa: E402
-from foldsoup.config import grid_points  # noqa: E402
-from foldsoup.data import load_prepared, save_prepared  # noqa: E402
-from foldsoup.weights import load_weights  # noqa: E402
+from foldsoup.config.schema import grid_points  # noqa: E402
+from foldsoup.data.prepared import load_prepared, save_prepared  # noqa: E402
+from foldsoup.storage.weights import load_weights  # noqa: E402
 
 
 class Run:
@@ -171,7 +172,7 @@ class Run:
     def finetune(self, hp: str, fold: int, root: Path | None = None, data: str | None = None, folds: str | None = None) -> Path:
         root = root or self.root
         out = root / "models" / hp / f"fold{fold}"
-        pipeline.finetune(self.cfg, data or self.data, folds or self.folds, self.backbone, self.head(fold, root), hp, fold,
+        steps.finetune(self.cfg, data or self.data, folds or self.folds, self.backbone, self.head(fold, root), hp, fold,
                           str(out), str(root / ".resume" / hp / f"fold{fold}"))
         return out
 
@@ -186,20 +187,20 @@ def run(tmp_path_factory):
     train_tiny_run(r, r.hps, K)
     models, metrics = r.lists()
     soups, tables = r.root / "soups", r.root / "tables"
-    pipeline.models_table(metrics, str(tables / "models.csv"))
+    steps.models_table(metrics, str(tables / "models.csv"))
     for hp in r.hps:
-        pipeline.uniform_subsets(r.cfg, r.data, r.folds, hp, [m for m in models if f"/{hp}/" in m],
+        steps.uniform_subsets(r.cfg, r.data, r.folds, hp, [m for m in models if f"/{hp}/" in m],
                                  [m for m in metrics if f"/{hp}/" in m], str(r.root / "analysis" / f"{hp}.csv"))
     for fold in range(K):
         pick = [i for i, m in enumerate(models) if m.endswith(f"fold{fold}/model.safetensors")]
-        pipeline.greedy_per_fold(r.cfg, r.data, r.folds, fold, [models[i] for i in pick], [metrics[i] for i in pick],
+        steps.greedy_per_fold(r.cfg, r.data, r.folds, fold, [models[i] for i in pick], [metrics[i] for i in pick],
                                  str(soups / f"greedy_fold{fold}.safetensors"), str(soups / f"uniform_fold{fold}.safetensors"))
-    pipeline.uniform_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "uniform_soup.safetensors"))
-    pipeline.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "greedy_soup.safetensors"))
-    pipeline.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "greedy_soup_holdout.safetensors"), on_holdout=True)
-    pipeline.gsgs(r.cfg, r.data, r.folds, [str(soups / f"greedy_fold{i}.safetensors") for i in range(K)],
+    steps.uniform_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "uniform_soup.safetensors"))
+    steps.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "greedy_soup.safetensors"))
+    steps.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(soups / "greedy_soup_holdout.safetensors"), on_holdout=True)
+    steps.gsgs(r.cfg, r.data, r.folds, [str(soups / f"greedy_fold{i}.safetensors") for i in range(K)],
                   str(soups / "gsgs.safetensors"))
-    pipeline.methods(r.cfg, r.data, r.folds, str(tables / "models.csv"), str(r.root / "models"), str(soups),
+    steps.methods(r.cfg, r.data, r.folds, str(tables / "models.csv"), str(r.root / "models"), str(soups),
                      str(tables / "methods.csv"))
     return r
 
@@ -224,7 +225,7 @@ def test_models_never_train_on_the_holdout(run, tmp_path):
     write_folds(folds, d.pool_labels, fold_of)
     root = tmp_path / "results"
     hp, fold = run.hps[0], 1
-    pipeline.linear_probe(run.cfg, data, folds, run.backbone, fold, run.head(fold, root))
+    steps.linear_probe(run.cfg, data, folds, run.backbone, fold, run.head(fold, root))
     out = run.finetune(hp, fold, root=root, data=data, folds=folds)
     ours, theirs = load_weights(out / "model.safetensors")[0], load_weights(run.root / "models" / hp / f"fold{fold}" / "model.safetensors")[0]
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -276,13 +277,13 @@ def test_greedy_on_holdout_without_holdout_is_refused(run, tmp_path):
     write_folds(folds, d.pool_labels, make_folds(d.pool_labels, K, 0))
     models, metrics = run.lists()
     with pytest.raises(ValueError, match=r"folds.csv: has no outer holdout \(set folds.holdout_fraction > 0"):
-        pipeline.greedy_all(run.cfg, run.data, str(folds), models, metrics, str(tmp_path / "g.safetensors"), on_holdout=True)
+        steps.greedy_all(run.cfg, run.data, str(folds), models, metrics, str(tmp_path / "g.safetensors"), on_holdout=True)
 
 
 def test_validation_signals_figure_has_a_panel_per_signal(run, tmp_path):
     from PIL import Image
 
-    from foldsoup.plots import DPI, plot_validation_signals
+    from foldsoup.report.plots import DPI, plot_validation_signals
 
     subsets = pd.concat([pd.read_csv(run.root / "analysis" / f"{hp}.csv", dtype={"folds": str}) for hp in run.hps])
     for frame, panels in ((subsets, 3), (subsets.drop(columns="holdout_acc"), 2), (subsets.assign(holdout_acc=np.nan), 2)):

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from foldsoup.data import DataError, Prepared, load_prepared, save_prepared, validate_prepared
-from foldsoup.folds import make_folds, read_folds, write_folds
+from foldsoup.errors import DataError
+
+from foldsoup.data.prepared import Prepared, load_prepared, save_prepared, validate_prepared
+from foldsoup.data.folds import make_folds, read_folds, write_folds
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "foldsoup"
 CLASSES = ["cat", "dog", "eel"]
@@ -144,7 +146,7 @@ def test_fewer_than_two_classes(tmp_path):
 
 def test_prepare_validates_what_a_loader_returns(monkeypatch):
     """`prepare` checks the loaded dataset before writing anything (message names the source)."""
-    from foldsoup import data as data_module
+    from foldsoup.data import prepared as data_module
 
     broken = dataset()
     broken.pool_labels = broken.pool_labels.copy()
@@ -176,16 +178,16 @@ def test_class_with_fewer_images_than_folds_names_the_class():
 
 
 def test_folds_step_fails_before_training_naming_the_class(tmp_path):
-    """pipeline.folds, as the `folds` job runs it: no fold table is written."""
-    from foldsoup import pipeline
+    """steps.folds, as the `folds` job runs it: no fold table is written."""
+    from foldsoup import steps
 
     data = tmp_path / "prepared" / "dataset.safetensors"
     save_prepared(data, dataset(n_per_class=(6, 2, 6)))
     out = tmp_path / "folds.csv"
     with pytest.raises(DataError, match=re.escape("folds.k = 3 is larger than class 'dog', which has only 2 pool image(s)")):
-        pipeline.folds({"seed": 0, "folds": {"k": 3}}, str(data), str(out))
+        steps.folds({"seed": 0, "folds": {"k": 3}}, str(data), str(out))
     assert not out.exists()
-    pipeline.folds({"seed": 0, "folds": {"k": 2}}, str(data), str(out))
+    steps.folds({"seed": 0, "folds": {"k": 2}}, str(data), str(out))
     assert np.bincount(read_folds(out, load_prepared(data).pool_labels)).tolist() == [7, 7]
 
 
@@ -209,8 +211,10 @@ def test_fold_table_errors_name_the_file(tmp_path):
 def test_average_files_with_different_shapes_names_file_and_tensor(tmp_path):
     import torch
 
-    from foldsoup.soup import SoupError, average_files
-    from foldsoup.weights import save_weights
+    from foldsoup.errors import SoupError
+
+    from foldsoup.soups.average import average_files
+    from foldsoup.storage.weights import save_weights
 
     a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
     save_weights(a, {"backbone.w": torch.zeros(4, 3), "head.weight": torch.zeros(5, 4)})
@@ -223,8 +227,10 @@ def test_average_files_with_different_shapes_names_file_and_tensor(tmp_path):
 def test_average_files_with_different_keys_names_file_and_tensor(tmp_path):
     import torch
 
-    from foldsoup.soup import SoupError, average_files
-    from foldsoup.weights import save_weights
+    from foldsoup.errors import SoupError
+
+    from foldsoup.soups.average import average_files
+    from foldsoup.storage.weights import save_weights
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_weights(a, {"backbone.w": torch.zeros(2), "head.weight": torch.zeros(2)})
@@ -237,8 +243,9 @@ def test_average_files_with_different_keys_names_file_and_tensor(tmp_path):
 
 def test_model_file_into_mismatched_model_names_file_and_tensor(tmp_path):
     """A fine-tuned model file of width 8 loaded into a model configured with width 16."""
-    from foldsoup.models import build_classifier, load_full
-    from foldsoup.weights import load_weights, save_weights
+    from foldsoup.models.build import build_classifier
+    from foldsoup.models.classifier import load_full
+    from foldsoup.storage.weights import load_weights, save_weights
 
     path = tmp_path / "model.safetensors"
     save_weights(path, build_classifier({"name": "digits_cnn", "width": 8}, 5).state_dict())
@@ -259,8 +266,9 @@ def test_model_file_into_mismatched_model_names_file_and_tensor(tmp_path):
 def test_load_weights_checks_keys_and_shapes_against_the_model(tmp_path):
     import torch
 
-    from foldsoup.models import build_classifier
-    from foldsoup.weights import WeightsError, load_weights, save_weights
+    from foldsoup.models.build import build_classifier
+    from foldsoup.errors import WeightsError
+    from foldsoup.storage.weights import load_weights, save_weights
 
     model = build_classifier({"name": "digits_cnn", "width": 8}, 5)
     path = tmp_path / "model.safetensors"
@@ -357,7 +365,7 @@ np.load(p, allow_pickle=False)
 
 def test_nothing_in_src_unpickles_outside_the_restricted_cifar_reader():
     files = sorted(SRC.rglob("*.py"))
-    assert {"weights.py", "cifar10.py", "clip.py", "pipeline.py"} <= {f.name for f in files}
+    assert {"weights.py", "cifar10.py", "clip.py", "steps.py"} <= {f.name for f in files}
     found = [hit for f in files for hit in unsafe_loads(f.read_text(), str(f.relative_to(SRC.parent)))]
     assert found == [], "calls that may unpickle a file:\n" + "\n".join(found)
     # The one Unpickler there is, and it is the restricted one, loaded only through its own class.
@@ -392,9 +400,9 @@ def files(tmp_path_factory):
     import torch
     from PIL import Image
 
-    from foldsoup import pipeline
-    from foldsoup.config import grid_points, validate
-    from foldsoup.weights import load_weights, save_weights
+    from foldsoup import steps
+    from foldsoup.config.schema import grid_points, validate
+    from foldsoup.storage.weights import load_weights, save_weights
 
     root = tmp_path_factory.mktemp("commands")
     res, bad = root / "results", root / "bad"
@@ -407,11 +415,11 @@ def files(tmp_path_factory):
          "backbone": res / "pretrained" / "backbone.safetensors", "head": res / "lp" / "fold0" / "head.safetensors"}
     hp = grid_points(cfg)[0].name
     model_dir = res / "models" / hp / "fold0"
-    pipeline.prepare(cfg, str(f["data"]))
-    pipeline.folds(cfg, str(f["data"]), str(f["folds"]))
-    pipeline.pretrain(cfg, str(f["data"]), str(f["backbone"]))
-    pipeline.linear_probe(cfg, str(f["data"]), str(f["folds"]), str(f["backbone"]), 0, str(f["head"]))
-    pipeline.finetune(cfg, str(f["data"]), str(f["folds"]), str(f["backbone"]), str(f["head"]), hp, 0, str(model_dir),
+    steps.prepare(cfg, str(f["data"]))
+    steps.folds(cfg, str(f["data"]), str(f["folds"]))
+    steps.pretrain(cfg, str(f["data"]), str(f["backbone"]))
+    steps.linear_probe(cfg, str(f["data"]), str(f["folds"]), str(f["backbone"]), 0, str(f["head"]))
+    steps.finetune(cfg, str(f["data"]), str(f["folds"]), str(f["backbone"]), str(f["head"]), hp, 0, str(model_dir),
                       str(res / ".resume"))
     f.update(model_dir=model_dir, model=model_dir / "model.safetensors", metrics=model_dir / "metrics.json",
              predictions=model_dir / "predictions.safetensors", results=res, bad=bad)
@@ -426,7 +434,7 @@ def files(tmp_path_factory):
     save_weights(bad / "foreign.safetensors", {"visual.conv1.weight": torch.zeros(4, 3, 2, 2), "visual.proj": torch.zeros(4)})
     save_weights(bad / "swapped.safetensors", {**state, "head.weight": torch.zeros(5, 16), "head.bias": torch.zeros(5)}, meta)
     other = validate({**cfg, "data": {**cfg["data"], "classes": [1, 2, 3, 5]}})
-    pipeline.prepare(other, str(bad / "other.safetensors"))  # another run's dataset: 4 classes
+    steps.prepare(other, str(bad / "other.safetensors"))  # another run's dataset: 4 classes
     (bad / "other_folds.csv").write_text(f["folds"].read_text().replace("\n0,0,", "\n0,1,", 1))  # labels differ
     digit = load_prepared(f["data"]).test_images[0, 0]
     Image.fromarray(digit).save(bad / "digit.png")

@@ -1,12 +1,12 @@
-"""What each job is given of the configuration (foldsoup.job_config), on known cases; the
+"""What each job is given of the configuration (foldsoup.config.job), on known cases; the
 workflow-level effect (which edits rerun what) is in test_rerun_scope.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from foldsoup.config import load_yaml_files, validate
-from foldsoup.job_config import RUNTIME_KEYS, STEP_KEYS, job_config, merge, runtime_config, step_keys
+from foldsoup.config.schema import load_yaml_files, validate
+from foldsoup.config.job import RUNTIME_KEYS, STEP_KEYS, job_config, merge, runtime_config, step_keys
 
 from conftest import ROOT
 

@@ -27,15 +27,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from foldsoup import pipeline  # noqa: E402
+from foldsoup import steps  # noqa: E402
 
 try:
     from tiny_runs import train_tiny_run  # noqa: E402
 except ImportError:  # tests/ imported as a package
     from tests.tiny_runs import train_tiny_run  # noqa: E402
-from foldsoup.config import grid_points, validate  # noqa: E402
-from foldsoup.data import load_prepared, save_prepared  # noqa: E402
-from foldsoup.weights import load_weights, save_weights  # noqa: E402
+from foldsoup.config.schema import grid_points, validate  # noqa: E402
+from foldsoup.data.prepared import load_prepared, save_prepared  # noqa: E402
+from foldsoup.storage.weights import load_weights, save_weights  # noqa: E402
 
 GOOD_LRS = [0.003, 0.001, 0.0003]
 DIVERGING_LR = 1e30
@@ -73,7 +73,7 @@ class Run:
     def finetune(self, hp: str, fold: int, data: str | None = None, models: Path | None = None) -> Path:
         out = self.model_dir(hp, fold, models)
         resume = out.parent.parent.parent / ".resume" / hp / f"fold{fold}"
-        pipeline.finetune(self.cfg, data or self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
+        steps.finetune(self.cfg, data or self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
                           str(resume))
         return out
 
@@ -93,19 +93,19 @@ def run_selection(r: Run, data: str, models: Path, hps: list[str], out: Path) ->
     """Every soup step of the workflow, in DAG order, on the given data and models."""
     cfg, soups, tables = r.cfg, out / "soups", out / "tables"
     all_models, all_metrics = _model_lists(r, models, hps)
-    pipeline.models_table(all_metrics, str(tables / "models.csv"))
+    steps.models_table(all_metrics, str(tables / "models.csv"))
     for hp in hps:
         m, mt = _model_lists(r, models, [hp])
-        pipeline.uniform_subsets(cfg, data, r.folds, hp, m, mt, str(out / "analysis" / f"{hp}.csv"))
+        steps.uniform_subsets(cfg, data, r.folds, hp, m, mt, str(out / "analysis" / f"{hp}.csv"))
     for fold in range(K):
         m, mt = _model_lists(r, models, hps, [fold])
-        pipeline.greedy_per_fold(cfg, data, r.folds, fold, m, mt, str(soups / f"greedy_fold{fold}.safetensors"),
+        steps.greedy_per_fold(cfg, data, r.folds, fold, m, mt, str(soups / f"greedy_fold{fold}.safetensors"),
                                  str(soups / f"uniform_fold{fold}.safetensors"))
-    pipeline.uniform_all(cfg, data, r.folds, all_models, all_metrics, str(soups / "uniform_soup.safetensors"))
-    pipeline.greedy_all(cfg, data, r.folds, all_models, all_metrics, str(soups / "greedy_soup.safetensors"))
-    pipeline.gsgs(cfg, data, r.folds, [str(soups / f"greedy_fold{i}.safetensors") for i in range(K)],
+    steps.uniform_all(cfg, data, r.folds, all_models, all_metrics, str(soups / "uniform_soup.safetensors"))
+    steps.greedy_all(cfg, data, r.folds, all_models, all_metrics, str(soups / "greedy_soup.safetensors"))
+    steps.gsgs(cfg, data, r.folds, [str(soups / f"greedy_fold{i}.safetensors") for i in range(K)],
                   str(soups / "gsgs.safetensors"))
-    pipeline.methods(cfg, data, r.folds, str(tables / "models.csv"), str(models), str(soups), str(tables / "methods.csv"))
+    steps.methods(cfg, data, r.folds, str(tables / "models.csv"), str(models), str(soups), str(tables / "methods.csv"))
     records = {p.stem: json.loads(p.read_text()) for p in sorted(soups.glob("*.json"))}
     subsets = pd.concat([_read_subsets(out / "analysis" / f"{hp}.csv") for hp in hps], ignore_index=True)
     return {"records": records, "methods": pd.read_csv(tables / "methods.csv", dtype={"folds": str}),
@@ -220,7 +220,7 @@ def test_finetuning_does_not_read_test_labels(run, both, tmp_path):
 
 
 def test_divergence_stops_the_job_naming_grid_point_fold_and_step(run, tmp_path):
-    from foldsoup.train import Diverged
+    from foldsoup.errors import Diverged
 
     with pytest.raises(Diverged) as info:
         run.finetune(run.diverging, 1, models=tmp_path / "models")
@@ -301,7 +301,7 @@ def test_uniform_all_with_mismatched_ingredient_names_the_tensor(run, tmp_path):
     models[-1] = _reshaped_copy(run, Path(models[-1]).parent, tmp_path / "odd")
     metrics[-1] = str(tmp_path / "odd" / "metrics.json")
     with pytest.raises(ValueError, match=r"tensor 'head\.(weight|bias)' has shape [\[(]6\b"):
-        pipeline.uniform_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
+        steps.uniform_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
     assert not (tmp_path / "soup.safetensors").exists()
 
 
@@ -310,7 +310,7 @@ def test_uniform_all_with_mismatched_ingredient_names_the_file(run, tmp_path):
     models[-1] = _reshaped_copy(run, Path(models[-1]).parent, tmp_path / "odd")
     metrics[-1] = str(tmp_path / "odd" / "metrics.json")
     with pytest.raises(ValueError) as info:
-        pipeline.uniform_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
+        steps.uniform_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
     assert models[-1] in str(info.value) and "head.weight" in str(info.value)
 
 
@@ -327,7 +327,7 @@ def test_greedy_all_with_mismatched_ingredient_names_model_and_tensor(run, tmp_p
     # The odd model sorts last: it is checked against the soup of the models before it.
     models, metrics = _odd_model_lists(run, tmp_path, val_acc=0.0)
     with pytest.raises(ValueError) as info:
-        pipeline.greedy_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
+        steps.greedy_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
     message = str(info.value)
     assert re.search(r"tensor 'head\.(weight|bias)' has shape [\[(]6\b", message), message
     # The model: its name <hp>/fold<i> (models/<hp>/fold<i>/model.safetensors) or its path.
@@ -338,7 +338,7 @@ def test_greedy_all_with_mismatched_ingredient_names_model_and_tensor(run, tmp_p
 def test_greedy_all_with_mismatched_first_candidate_names_the_model(run, tmp_path):
     models, metrics = _odd_model_lists(run, tmp_path, val_acc=1.0)
     with pytest.raises(ValueError) as info:
-        pipeline.greedy_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
+        steps.greedy_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
     assert "head.weight" in str(info.value)
     assert f"{run.good[0]}/fold0" in str(info.value) or models[0] in str(info.value)
 
@@ -350,8 +350,8 @@ def test_reliability_runs_with_a_fully_diverged_grid_point(diverged, tmp_path):
     for hp in hps:
         m, mt = _model_lists(r, models, [hp])
         paths.append(str(tmp_path / f"{hp}.csv"))
-        pipeline.uniform_subsets(r.cfg, r.data, r.folds, hp, m, mt, paths[-1])
+        steps.uniform_subsets(r.cfg, r.data, r.folds, hp, m, mt, paths[-1])
     all_metrics = _model_lists(r, models, hps)[1]
-    pipeline.models_table(all_metrics, str(tmp_path / "models.csv"))
-    pipeline.reliability(paths, str(tmp_path / "models.csv"), str(tmp_path / "subsets.csv"), str(tmp_path / "rel.csv"))
+    steps.models_table(all_metrics, str(tmp_path / "models.csv"))
+    steps.reliability(paths, str(tmp_path / "models.csv"), str(tmp_path / "subsets.csv"), str(tmp_path / "rel.csv"))
     assert r.diverging not in pd.read_csv(tmp_path / "subsets.csv").hp.tolist()

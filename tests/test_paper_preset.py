@@ -21,8 +21,8 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.cifar_miniature import CLASSES, FOLDER, py2_pickle, write_cifar10_miniature
 
-from foldsoup.cifar10 import read_cifar10
-from foldsoup.data import DataError
+from foldsoup.data.cifar10 import read_cifar10
+from foldsoup.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -95,7 +95,7 @@ def test_python3_pickles_read_too(tmp_path, cifar):
 
 
 def test_prepare_cifar10(cifar):
-    from foldsoup.data import prepare
+    from foldsoup.data.prepared import prepare
 
     root, w = cifar
     cfg = {"name": "cifar10", "root": str(root), "download": False, "max_pool": None, "max_test": None}
@@ -285,7 +285,7 @@ def vit_checkpoints(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from foldsoup.clip import open_clip_visual
+    from foldsoup.models.clip import open_clip_visual
 
     folder = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(123)
@@ -311,7 +311,9 @@ def test_open_clip_visual_builds_the_image_tower():
     import open_clip
     from open_clip.transformer import QuickGELU
 
-    from foldsoup.clip import ClipError, open_clip_visual
+    from foldsoup.errors import ClipError
+
+    from foldsoup.models.clip import open_clip_visual
 
     visual, dim = open_clip_visual("ViT-B-32")
     reference = open_clip.create_model("ViT-B-32", pretrained=None).visual
@@ -335,7 +337,7 @@ def test_open_clip_visual_builds_the_image_tower():
 def test_export_pretrained_visual_from_file(vit_checkpoints, fmt):
     import torch
 
-    from foldsoup.clip import export_pretrained_visual
+    from foldsoup.models.clip import export_pretrained_visual
 
     state = export_pretrained_visual(_model_cfg(vit_checkpoints[fmt], quick_gelu=True))
     ref = vit_checkpoints["state"]
@@ -352,7 +354,9 @@ def test_export_pretrained_visual_bad_checkpoints(tmp_path, vit_checkpoints):
     import torch
     from safetensors.torch import save_file
 
-    from foldsoup.clip import ClipError, export_pretrained_visual
+    from foldsoup.errors import ClipError
+
+    from foldsoup.models.clip import export_pretrained_visual
 
     ref = vit_checkpoints["state"]
     first = next(iter(ref))  # class_embedding
@@ -389,7 +393,7 @@ def test_export_pretrained_visual_bad_checkpoints(tmp_path, vit_checkpoints):
         export_pretrained_visual(_model_cfg(tmp_path / "nothere.safetensors", quick_gelu=True))
     with pytest.raises(ClipError, match=r"tags for 'ViT-B-32': openai"):
         export_pretrained_visual(_model_cfg("laion9000"))
-    # A file does not say its activation: refused before it is read, as foldsoup.config does.
+    # A file does not say its activation: refused before it is read, as foldsoup.config.schema does.
     with pytest.raises(ClipError, match=rf"^model\.quick_gelu: null, but model\.pretrained '{vit_checkpoints['pt']}' is "
                                         r"a checkpoint file, .*true for OpenAI's CLIP weights \(or model\.arch: "
                                         r"ViT-B-32-quickgelu\), false for weights trained with GELU"):
@@ -404,8 +408,9 @@ def test_export_pretrained_tag_route(monkeypatch):
     import open_clip
     import torch
 
-    import foldsoup.models
-    from foldsoup.clip import ClipError, export_pretrained_visual, open_clip_visual
+    import foldsoup.models.classifier
+    from foldsoup.errors import ClipError
+    from foldsoup.models.clip import export_pretrained_visual, open_clip_visual
 
     torch.manual_seed(7)
     source = open_clip_visual("ViT-B-32-quickgelu")[0]
@@ -423,13 +428,13 @@ def test_export_pretrained_tag_route(monkeypatch):
     assert calls == [("ViT-B-32-quickgelu", "openai", {"force_quick_gelu": True})]
     assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())
     # A fine-tuning backbone built with GELU for QuickGELU weights is refused before any download.
-    monkeypatch.setattr(foldsoup.models, "build_backbone", lambda cfg: open_clip_visual(cfg["arch"]))
+    monkeypatch.setattr(foldsoup.models.classifier, "build_backbone", lambda cfg: open_clip_visual(cfg["arch"]))
     with pytest.raises(ClipError, match=r"^model\.quick_gelu: the 'openai' weights of 'ViT-B-32' were trained with "
                                         r"QuickGELU, but the backbone built for fine-tuning uses GELU; set "
                                         r"model\.quick_gelu: true \(or null: the tag's own\)$"):
         export_pretrained_visual(_model_cfg("openai"))
     assert len(calls) == 1
-    # The real builder with a contradicting model.quick_gelu (foldsoup.config refuses it first).
+    # The real builder with a contradicting model.quick_gelu (foldsoup.config.schema refuses it first).
     monkeypatch.undo()
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     with pytest.raises(ClipError, match=r"trained with QuickGELU, but the backbone built for fine-tuning uses GELU"):
@@ -452,9 +457,9 @@ def test_local_openai_checkpoint_builds_the_tag_routes_network(tmp_path, vit_che
     from open_clip.transformer import QuickGELU
     from safetensors.torch import save_file
 
-    from foldsoup.clip import export_pretrained_visual
-    from foldsoup.config import deep_update, load_yaml_files, validate
-    from foldsoup.models import build_backbone
+    from foldsoup.models.clip import export_pretrained_visual
+    from foldsoup.config.schema import deep_update, load_yaml_files, validate
+    from foldsoup.models.build import build_backbone
 
     # OpenAI's layout: the image tower under visual.*, the text tower's keys unprefixed beside it,
     # fp16; as .safetensors, the conversion README's "Offline cluster" gives.
@@ -492,9 +497,9 @@ def test_weights_metadata_rebuilds_the_same_activation(tmp_path):
     import torch
     from open_clip.transformer import QuickGELU
 
-    from foldsoup.models import build_classifier
+    from foldsoup.models.build import build_classifier
     from foldsoup.usage import load_model
-    from foldsoup.weights import save_weights
+    from foldsoup.storage.weights import save_weights
 
     image = {"size": 224, "mean": CLIP_MEAN, "std": CLIP_STD, "hflip": False}
     old = {"name": "open_clip", "arch": "ViT-S-32", "pretrained": "/cluster/vit_s32.safetensors", "normalize_features": True}
@@ -516,14 +521,14 @@ def test_tag_offline_fails_at_once_naming_the_way_out(tmp_path, cifar):
     import subprocess
     import sys
 
-    from foldsoup import pipeline
-    from foldsoup.config import deep_update, load_yaml_files, validate
+    from foldsoup import steps
+    from foldsoup.config.schema import deep_update, load_yaml_files, validate
 
     paper = load_yaml_files(REPO / "config.yaml", REPO / "presets" / "paper-cifar10.yaml")
     cfg = validate(deep_update(paper, {"results": str(tmp_path / "results"), "device": "cpu",
                                        "data": {"root": str(cifar[0]), "download": False}}), check_paths=False)
     data = tmp_path / "dataset.safetensors"
-    pipeline.prepare(cfg, str(data))
+    steps.prepare(cfg, str(data))
     hf_home = tmp_path / "hf"
     hf_home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FOLDSOUP_", "HF_"))}
@@ -550,9 +555,9 @@ def test_paper_pipeline_vit_b32(tmp_path, cifar, vit_checkpoints, two_threads):
     fine-tune per fold -> uniform soup, with the paper's model and preprocessing on a miniature."""
     import torch
 
-    from foldsoup import pipeline
-    from foldsoup.config import grid_points, validate
-    from foldsoup.weights import load_weights
+    from foldsoup import steps
+    from foldsoup.config.schema import grid_points, validate
+    from foldsoup.storage.weights import load_weights
 
     root, _ = cifar
     results = tmp_path / "results"
@@ -573,9 +578,9 @@ def test_paper_pipeline_vit_b32(tmp_path, cifar, vit_checkpoints, two_threads):
     )
     data_path, folds_path = str(results / "prepared" / "dataset.safetensors"), str(results / "folds.csv")
     backbone = str(results / "pretrained" / "backbone.safetensors")
-    pipeline.prepare(cfg, data_path)
-    pipeline.folds(cfg, data_path, folds_path)
-    pipeline.pretrain(cfg, data_path, backbone)
+    steps.prepare(cfg, data_path)
+    steps.folds(cfg, data_path, folds_path)
+    steps.pretrain(cfg, data_path, backbone)
     exported, _ = load_weights(backbone)
     assert all(torch.equal(exported[k], v.half().float()) for k, v in vit_checkpoints["state"].items())
 
@@ -583,11 +588,11 @@ def test_paper_pipeline_vit_b32(tmp_path, cifar, vit_checkpoints, two_threads):
     model_paths, metrics_paths = [], []
     for fold in range(2):
         head = str(results / "lp" / f"fold{fold}" / "head.safetensors")
-        pipeline.linear_probe(cfg, data_path, folds_path, backbone, fold, head)
+        steps.linear_probe(cfg, data_path, folds_path, backbone, fold, head)
         head_state, head_meta = load_weights(head)
         assert head_state["weight"].shape == (10, 512) and 0 <= head_meta["val_acc"] <= 1
         out_dir = results / "models" / hp / f"fold{fold}"
-        pipeline.finetune(cfg, data_path, folds_path, backbone, head, hp, fold, str(out_dir), str(tmp_path / "resume" / hp / f"fold{fold}"))
+        steps.finetune(cfg, data_path, folds_path, backbone, head, hp, fold, str(out_dir), str(tmp_path / "resume" / hp / f"fold{fold}"))
         metrics = json.loads((out_dir / "metrics.json").read_text())
         assert metrics["fold"] == fold and not metrics["diverged"] and metrics["steps"] == 2  # 10 images // batch 4
         assert all(0 <= metrics[k] <= 1 for k in ("val_acc", "test_acc"))
@@ -600,7 +605,7 @@ def test_paper_pipeline_vit_b32(tmp_path, cifar, vit_checkpoints, two_threads):
         metrics_paths.append(str(out_dir / "metrics.json"))
 
     soup = results / "soups" / "uniform_soup.safetensors"
-    pipeline.uniform_all(cfg, data_path, folds_path, model_paths, metrics_paths, str(soup))
+    steps.uniform_all(cfg, data_path, folds_path, model_paths, metrics_paths, str(soup))
     record = json.loads(soup.with_suffix(".json").read_text())
     assert record["n_ingredients"] == 2 and record["folds"] == [0, 1]
     assert 0 <= record["val_acc"] <= 1 and 0 <= record["test_acc"] <= 1

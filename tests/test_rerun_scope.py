@@ -99,7 +99,7 @@ def test_soup_settings_rerun_soups_and_not_models(smoke_run, tmp_path):
 
 def test_a_checkpoint_file_is_an_input_of_pretrain(tmp_path):
     """model.pretrained as a file: replacing the checkpoint reruns `pretrain` (and all after it)."""
-    from foldsoup.config import load_yaml_files, validate
+    from foldsoup.config.schema import load_yaml_files, validate
 
     checkpoint = tmp_path / "clip.safetensors"
     checkpoint.write_bytes(b"not read by a dry run")

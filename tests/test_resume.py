@@ -59,7 +59,7 @@ def _wait_for_epoch(proc: subprocess.Popen, log: Path, epoch: int, timeout: floa
 
 
 def _weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    from foldsoup.weights import load_weights
+    from foldsoup.storage.weights import load_weights
 
     return load_weights(out_dir / "model.safetensors")[0]
 
@@ -129,8 +129,8 @@ AUG = {"scale": [0.35, 1.0], "rotate": 20, "translate": 0.15, "jitter": 0.4, "er
 
 
 def _loop(resume_dir=None, lr=1e-3, init_seed=0, log=None, every_s=0, **kw):
-    from foldsoup.models import build_classifier
-    from foldsoup.train import ImageSpec, LoopConfig, ResumeStore, train
+    from foldsoup.models.build import build_classifier
+    from foldsoup.training.loop import ImageSpec, LoopConfig, ResumeStore, train
 
     torch.manual_seed(init_seed)
     model = build_classifier({"name": "digits_cnn", "width": 8, "normalize_features": False}, 3)
@@ -144,8 +144,8 @@ def _loop(resume_dir=None, lr=1e-3, init_seed=0, log=None, every_s=0, **kw):
 
 
 def test_sigterm_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, monkeypatch):
-    import foldsoup.train as train_mod
-    from foldsoup.train import Interrupted
+    import foldsoup.training.loop as train_mod
+    from foldsoup.errors import Interrupted
 
     straight = _loop()
     real_transform, calls = train_mod.train_transform, []
@@ -203,9 +203,9 @@ def test_sigterm_during_the_final_evaluation_keeps_the_trained_weights(smoke_run
                                                                         one_thread):
     """SLURM's time limit can fall after training, while the job evaluates: the trained weights
     are saved, the job fails, and its rerun only evaluates, to the same outputs."""
-    import foldsoup.train as train_mod
+    import foldsoup.training.loop as train_mod
     from foldsoup.cli import main
-    from foldsoup.weights import load_weights
+    from foldsoup.storage.weights import load_weights
 
     out, resume = tmp_path / "out", tmp_path / "resume"
     argv = _command(smoke_run, out, resume)[3:]

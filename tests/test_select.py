@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 try:
-    import foldsoup.select  # noqa: F401
+    import foldsoup.soups.select  # noqa: F401
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from foldsoup.select import (
+from foldsoup.soups.select import (
     Candidate,
     GreedyResult,
     avg_acc,
@@ -74,7 +74,7 @@ def test_select_does_not_import_torch():
     # Selection runs in light jobs (tables, methods) where a 2+ s torch import matters.
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, foldsoup.select; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, foldsoup.soups.select; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
@@ -334,7 +334,7 @@ def _tiny_problem():
 
 def test_greedy_with_running_sum_scorer_matches_brute_force():
     torch, states, accuracy = _tiny_problem()
-    from foldsoup.soup import RunningSoupScorer
+    from foldsoup.soups.average import RunningSoupScorer
 
     fold_of = {name: int(name[-1]) for name in states}
     candidates = [Candidate(n, frozenset({fold_of[n]}), accuracy(s, fold_of[n])) for n, s in states.items()]
@@ -374,7 +374,7 @@ def test_greedy_with_running_sum_scorer_matches_brute_force():
 
 def test_gsgs_weighs_each_per_fold_soup_equally():
     torch, states, accuracy = _tiny_problem()
-    from foldsoup.soup import RunningSoupScorer, average
+    from foldsoup.soups.average import RunningSoupScorer, average
 
     # Per-fold soups with different numbers of models: fold 0 of two, fold 1 of one.
     members = {0: ["h0/fold0", "h1/fold0"], 1: ["h0/fold1"]}

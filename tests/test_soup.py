@@ -14,12 +14,14 @@ import pytest
 import torch
 
 try:
-    import foldsoup.soup  # noqa: F401
+    import foldsoup.soups.average  # noqa: F401
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from foldsoup.soup import RunningSum, SoupError, average, average_files, check_compatible
-from foldsoup.weights import (
+from foldsoup.errors import SoupError
+
+from foldsoup.soups.average import RunningSum, average, average_files, check_compatible
+from foldsoup.storage.weights import (
     WeightsError,
     atomic_write_json,
     atomic_write_text,
@@ -349,10 +351,10 @@ def test_accumulates_on_the_tensors_device():
 
 
 def test_weights_module_imports_without_torch():
-    # CSV/JSON writers use foldsoup.weights; importing it must not pull in torch.
+    # CSV/JSON writers use foldsoup.storage.weights; importing it must not pull in torch.
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    code = "import sys, foldsoup.weights; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, foldsoup.storage.weights; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 

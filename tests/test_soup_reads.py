@@ -1,4 +1,4 @@
-"""Every soup job reads each weight file at most once (foldsoup.ingredients), counted at the real
+"""Every soup job reads each weight file at most once (foldsoup.soups.ingredients), counted at the real
 loader: safetensors' `safe_open`, which `weights.load_weights` opens each file with.
 
 A tiny real run (digits, k = 2, 2 grid points, an outer holdout, 4 images per evaluation batch
@@ -17,14 +17,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from foldsoup import pipeline  # noqa: E402
+from foldsoup import steps  # noqa: E402
 
 try:
     from tiny_runs import TinyRun, train_tiny_run  # noqa: E402
 except ImportError:  # tests/ imported as a package
     from tests.tiny_runs import TinyRun, train_tiny_run  # noqa: E402
-from foldsoup.budget import budget  # noqa: E402
-from foldsoup.ingredients import ACTIVATIONS, MODEL_BUFFERS, MemoryShort, format_bytes, residence  # noqa: E402
+from foldsoup.steps import budget  # noqa: E402
+from foldsoup.errors import MemoryShort
+from foldsoup.soups.ingredients import ACTIVATIONS, MODEL_BUFFERS, format_bytes, residence  # noqa: E402
 
 K = 2
 
@@ -56,9 +57,9 @@ def run(tmp_path_factory):
     torch.set_num_threads(1)  # as a workflow job: tiny batches on a busy machine
     r = Run(tmp_path_factory.mktemp("reads") / "results")
     train_tiny_run(r, r.hps, K)
-    pipeline.models_table(r.lists()[1], str(r.root / "tables" / "models.csv"))
+    steps.models_table(r.lists()[1], str(r.root / "tables" / "models.csv"))
     for fold in range(K):  # gsgs's inputs
-        pipeline.greedy_per_fold(r.cfg, r.data, r.folds, fold, *r.lists(folds=[fold]), str(r.soups / f"greedy_fold{fold}.safetensors"),
+        steps.greedy_per_fold(r.cfg, r.data, r.folds, fold, *r.lists(folds=[fold]), str(r.soups / f"greedy_fold{fold}.safetensors"),
                                  str(r.soups / f"uniform_fold{fold}.safetensors"))
     yield r
     torch.set_num_threads(before)
@@ -84,15 +85,15 @@ def _jobs(r: Run, out: Path) -> dict:
     models, metrics = r.lists()
     per_fold = [str(r.soups / f"greedy_fold{i}.safetensors") for i in range(K)]
     return {
-        "uniform_subsets": (lambda: pipeline.uniform_subsets(r.cfg, r.data, r.folds, r.hps[0], *r.lists([r.hps[0]]),
+        "uniform_subsets": (lambda: steps.uniform_subsets(r.cfg, r.data, r.folds, r.hps[0], *r.lists([r.hps[0]]),
                                                              str(out / "subsets.csv")), r.lists([r.hps[0]])[0]),
-        "greedy_fold": (lambda: pipeline.greedy_per_fold(r.cfg, r.data, r.folds, 1, *r.lists(folds=[1]), str(out / "g.safetensors"),
+        "greedy_fold": (lambda: steps.greedy_per_fold(r.cfg, r.data, r.folds, 1, *r.lists(folds=[1]), str(out / "g.safetensors"),
                                                          str(out / "u.safetensors")), r.lists(folds=[1])[0]),
-        "uniform_soup": (lambda: pipeline.uniform_all(r.cfg, r.data, r.folds, models, metrics, str(out / "u.safetensors")), models),
-        "greedy_soup": (lambda: pipeline.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(out / "g.safetensors")), models),
-        "greedy_soup_holdout": (lambda: pipeline.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(out / "h.safetensors"),
+        "uniform_soup": (lambda: steps.uniform_all(r.cfg, r.data, r.folds, models, metrics, str(out / "u.safetensors")), models),
+        "greedy_soup": (lambda: steps.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(out / "g.safetensors")), models),
+        "greedy_soup_holdout": (lambda: steps.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(out / "h.safetensors"),
                                                             on_holdout=True), models),
-        "gsgs": (lambda: pipeline.gsgs(r.cfg, r.data, r.folds, per_fold, str(out / "gsgs.safetensors")), per_fold),
+        "gsgs": (lambda: steps.gsgs(r.cfg, r.data, r.folds, per_fold, str(out / "gsgs.safetensors")), per_fold),
         "budget": (lambda: budget(r.cfg, r.data, r.folds, str(r.root / "tables" / "models.csv"), str(r.root / "models"), 1,
                                   str(out / "f1.csv")), models),
     }
@@ -165,10 +166,10 @@ def test_short_memory_stops_with_the_sizes_and_what_to_change():
 def test_a_soup_job_short_of_memory_fails_before_evaluating(run, monkeypatch, tmp_path, capsys):
     """Host memory made short (the job's probe of it answers 1 kB): the CPU job stops with one
     line from the command line, and writes nothing."""
-    import foldsoup.ingredients
+    import foldsoup.soups.ingredients
     from foldsoup.cli import main
 
-    monkeypatch.setattr(foldsoup.ingredients, "host_memory_available", lambda: 1000)
+    monkeypatch.setattr(foldsoup.soups.ingredients, "host_memory_available", lambda: 1000)
     models, metrics = run.lists()
     out = tmp_path / "greedy_soup.safetensors"
     status = main(["greedy-all", "--config-json", json.dumps(run.cfg), "--data", run.data, "--folds", run.folds,

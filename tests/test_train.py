@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from foldsoup.augment import eval_transform, mixup, train_transform
-from foldsoup.models import build_classifier
-from foldsoup.optim import AdamW
-from foldsoup.train import ImageSpec, LoopConfig, ResumeStore, lr_factor, train
+from foldsoup.training.augment import eval_transform, mixup, train_transform
+from foldsoup.models.build import build_classifier
+from foldsoup.training.optim import AdamW
+from foldsoup.training.loop import ImageSpec, LoopConfig, ResumeStore, lr_factor, train
 
 AUG = {"scale": [0.35, 1.0], "rotate": 20, "translate": 0.15, "jitter": 0.4, "erase": 0.25}
 
@@ -96,7 +96,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path):
 
 
 def test_divergence_names_the_run_and_step():
-    from foldsoup.train import Diverged
+    from foldsoup.errors import Diverged
 
     torch.manual_seed(0)
     model = build_classifier({"name": "digits_cnn", "width": 8, "normalize_features": False}, 3)

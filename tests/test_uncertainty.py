@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from foldsoup.uncertainty import ensemble_logits, fold_accuracies, paired_bootstrap
+from foldsoup.analysis.uncertainty import ensemble_logits, fold_accuracies, paired_bootstrap
 
 
 def test_ensemble_is_the_mean_of_logits_and_can_beat_its_members():

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from foldsoup import cli, pipeline
-from foldsoup.config import validate
-from foldsoup.data import load_prepared
-from foldsoup.folds import HOLDOUT, read_folds
-from foldsoup.models import build_classifier
-from foldsoup.train import ImageSpec, predict_logits
+from foldsoup import cli, steps
+from foldsoup.config.schema import validate
+from foldsoup.data.prepared import load_prepared
+from foldsoup.data.folds import HOLDOUT, read_folds
+from foldsoup.models.build import build_classifier
+from foldsoup.training.loop import ImageSpec, predict_logits
 from foldsoup.usage import evaluate, predict, read_images
-from foldsoup.weights import save_weights
+from foldsoup.storage.weights import save_weights
 
 SPEC = ImageSpec(8, [0.5], [0.5], False)
 
@@ -31,8 +31,8 @@ def saved(tmp_path_factory):
                     "data": {"name": "digits", "classes": [1, 2, 3], "pretrain_classes": [0, 4], "test_fraction": 0.5},
                     "model": {"name": "digits_cnn", "width": 8}, "folds": {"k": 2, "holdout_fraction": 0.2}})
     data, folds = str(root / "dataset.safetensors"), str(root / "folds.csv")
-    pipeline.prepare(cfg, data)
-    pipeline.folds(cfg, data, folds)
+    steps.prepare(cfg, data)
+    steps.folds(cfg, data, folds)
     torch.manual_seed(0)
     model = build_classifier(cfg["model"], 3)
     weights = str(root / "model.safetensors")
@@ -82,7 +82,7 @@ def test_predict_errors_name_the_file(saved, tmp_path, capsys):
 def test_imagefolder_models_read_new_images_as_prepare_did(tmp_path):
     """An imagefolder model's images were decoded by Pillow and resized (here: centre crop) in
     `prepare`; predict must do the same, not stretch the raw file on the device."""
-    from foldsoup.imagefolder import read_image as read_as_prepared
+    from foldsoup.data.imagefolder import read_image as read_as_prepared
 
     rng = np.random.default_rng(0)
     path = tmp_path / "wide.png"
@@ -96,13 +96,13 @@ def test_imagefolder_models_read_new_images_as_prepare_did(tmp_path):
 
 
 def test_workflow_weights_record_their_source(saved):
-    from foldsoup.weights import load_weights
+    from foldsoup.storage.weights import load_weights
 
     _, weights, *_ = saved
     assert load_weights(weights)[1]["source"] == {"dataset": "digits", "resize": "stretch"}
     cfg = validate({"data": {"name": "digits", "classes": [1, 2], "pretrain_classes": [0, 4]}, "model": {"name": "digits_cnn"},
                     "folds": {"k": 2}})
-    ctx = pipeline.Context.__new__(pipeline.Context)  # metadata() needs only cfg, data and spec
+    ctx = steps.Context.__new__(steps.Context)  # metadata() needs only cfg, data and spec
     ctx.cfg, ctx.spec = cfg, SPEC
     ctx.data = type("D", (), {"classes": ["1", "2"]})()
     assert ctx.metadata()["source"] == {"dataset": "digits", "resize": "stretch"}

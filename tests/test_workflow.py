@@ -95,7 +95,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert [m for m in methods.method if m in METHODS] == METHODS  # other rows (e.g. ensembles) may follow
     assert {"val_acc", "test_acc", "n_ingredients"} <= set(methods.columns)
 
-    from foldsoup.weights import load_weights
+    from foldsoup.storage.weights import load_weights
 
     reference, _ = load_weights(r / "models" / HPS[0] / "fold0" / "model.safetensors")
     for method in METHODS:
@@ -134,7 +134,7 @@ def test_the_pretrained_backbone_is_the_same_in_every_run(smoke_run, tmp_path):
 
     import torch
 
-    from foldsoup.weights import load_weights
+    from foldsoup.storage.weights import load_weights
 
     argv = shell_argv(next(j for j in smoke_run.jobs if j.rule == "pretrain"))
     out = tmp_path / "backbone.safetensors"

@@ -73,7 +73,7 @@ def trained(server, tmp_path_factory):
     cfg = {**CFG, "device": "cpu", "model": {"name": "digits_cnn", "width": 8}, "pretrain": {"epochs": 1},
            "lp": {"epochs": 2}, "finetune": {"epochs": 100000, "batch_size": 8}, "grid": {"lr": [0.001], "aug": ["minimal"],
            "mixup": [False]}}
-    from foldsoup.config import validate
+    from foldsoup.config.schema import validate
 
     cfg = json.dumps(validate(cfg, check_paths=False))
     steps = [["prepare", "--out", "d.st"], ["folds", "--data", "d.st", "--out", "f.csv"],
@@ -228,7 +228,7 @@ def test_a_client_of_another_interpreter_runs_the_step_itself(server, trained, t
         job_pid = int(re.search(r"acquired .* \(pid (\d+)\)", log.read_text()).group(1))
         pids[name] = job_pid == client.pid
     assert pids == {"venv": True, "same": False}  # ran itself / ran in the server
-    from foldsoup.weights import load_weights
+    from foldsoup.storage.weights import load_weights
 
     (venv_state, venv_meta), (same_state, same_meta) = (load_weights(tmp_path / f"{n}.st") for n in ("venv", "same"))
     assert venv_meta == same_meta and venv_state.keys() == same_state.keys()

@@ -5,15 +5,15 @@ backbone, head(fold) and finetune(hp, fold)."""
 
 from __future__ import annotations
 
-from foldsoup import pipeline
+from foldsoup import steps
 
 
 def train_tiny_run(r, hps: list[str], k: int):
-    pipeline.prepare(r.cfg, r.data)
-    pipeline.folds(r.cfg, r.data, r.folds)
-    pipeline.pretrain(r.cfg, r.data, r.backbone)
+    steps.prepare(r.cfg, r.data)
+    steps.folds(r.cfg, r.data, r.folds)
+    steps.pretrain(r.cfg, r.data, r.backbone)
     for fold in range(k):
-        pipeline.linear_probe(r.cfg, r.data, r.folds, r.backbone, fold, r.head(fold))
+        steps.linear_probe(r.cfg, r.data, r.folds, r.backbone, fold, r.head(fold))
     for hp in hps:
         for fold in range(k):
             r.finetune(hp, fold)
@@ -27,7 +27,7 @@ class TinyRun:
     def __init__(self, root, cfg: dict):
         from pathlib import Path
 
-        from foldsoup.config import grid_points, validate
+        from foldsoup.config.schema import grid_points, validate
 
         self.root = Path(root)
         self.cfg = validate({"results": str(root), **cfg})
@@ -41,6 +41,6 @@ class TinyRun:
 
     def finetune(self, hp: str, fold: int):
         out = self.root / "models" / hp / f"fold{fold}"
-        pipeline.finetune(self.cfg, self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
+        steps.finetune(self.cfg, self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
                           str(self.root / ".resume" / hp / f"fold{fold}"))
         return out

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     def step(name: str, help: str, *args: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
         s.add_argument("--config-json", type=_cfg, required="config" in args,
-                       help="the configuration keys this step's result depends on, as JSON (foldsoup.job_config)")
+                       help="the configuration keys this step's result depends on, as JSON (foldsoup.config.job)")
         s.add_argument("--runtime-json", type=_cfg, default=None,
                        help="settings that never change the result (device, eval batch size, ...), merged into --config-json")
         for a in args:
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import pipeline as pl
-    from .job_config import merge
+    from foldsoup import steps as pl
+    from foldsoup.config.job import merge
 
     c = args.command
     cfg = merge(getattr(args, "config_json", None), getattr(args, "runtime_json", None))
@@ -113,19 +113,19 @@ def main(argv: list[str] | None = None) -> int:
             pl.summary(cfg, args.models_csv, args.subsets, args.reliability, args.methods, args.out,
                        budget_csv=args.budget[0] if args.budget else None)
         elif c == "budget":
-            from .budget import budget
+            from foldsoup.steps import budget
 
             budget(cfg, args.data, args.folds, args.models_csv, args.model_dir, int(args.n_folds), args.out)
         elif c == "budget-table":
-            from .budget import budget_table
+            from foldsoup.steps import budget_table
 
             budget_table(args.parts, args.out_table, args.out_figure)
         elif c == "evaluate":
-            from .usage import evaluate
+            from foldsoup.usage import evaluate
 
             print(json.dumps(evaluate(args.model, args.data, args.folds, args.device), indent=2))
         elif c == "predict":
-            from .usage import predict
+            from foldsoup.usage import predict
 
             for path, label, prob in predict(args.model, args.images, args.device):
                 print(f"{path}\t{label}\t{prob:.4f}")

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .devices import place
-from .models import build_classifier, load_full
-from .train import ImageSpec, accuracy, predict_logits
-from .weights import WeightsError, load_weights
+from foldsoup.devices import place
+from foldsoup.models.build import build_classifier
+from foldsoup.models.classifier import load_full
+from foldsoup.training.loop import ImageSpec, accuracy, predict_logits
+from foldsoup.errors import WeightsError
+from foldsoup.storage.weights import load_weights
 
 
 def load_model(path: str, device: str = "auto"):
@@ -24,7 +26,7 @@ MODEL_FILES = "a model or soup, e.g. results/soups/gsgs.safetensors or results/m
 
 
 def _load(path: str, device: str):
-    from .files import safetensors_contents
+    from foldsoup.storage.files import safetensors_contents
 
     state, meta = load_weights(path)
     lacking = [key for key in ("model", "classes", "image") if key not in meta]
@@ -50,8 +52,9 @@ def _load(path: str, device: str):
 
 
 def evaluate(model_path: str, data_path: str, folds_path: str | None = None, device: str = "auto") -> dict:
-    from .data import DataError, load_prepared
-    from .folds import HOLDOUT, read_folds
+    from foldsoup.errors import DataError
+    from foldsoup.data.prepared import load_prepared
+    from foldsoup.data.folds import HOLDOUT, read_folds
 
     model, classes, spec = load_model(model_path, device)
     data = load_prepared(data_path)
@@ -83,9 +86,9 @@ def read_images(paths: list[str], channels: int, source: dict | None = None, siz
     else decoded at their own size in the model's channel count (the eval transform resizes)."""
     from PIL import Image
 
-    from .data import DataError
-    from .files import in_folder, missing
-    from .imagefolder import IMAGE_EXTENSIONS, read_image as read_as_prepared
+    from foldsoup.errors import DataError
+    from foldsoup.storage.files import in_folder, missing
+    from foldsoup.data.imagefolder import IMAGE_EXTENSIONS, read_image as read_as_prepared
 
     for path in paths:
         p = Path(path)
@@ -116,7 +119,7 @@ def read_images(paths: list[str], channels: int, source: dict | None = None, siz
 
 
 def _not_an_image(path: str, exc: BaseException) -> str:
-    from .files import sniff
+    from foldsoup.storage.files import sniff
 
     what = sniff(Path(path))
     if what and not what.endswith("image"):

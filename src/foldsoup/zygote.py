@@ -176,7 +176,7 @@ def _child(request: dict, fds: list[int], default_threads: int | None) -> None:
     status = 1
     try:
         adopt_environment(request["env"], default_threads)
-        from .cli import main
+        from foldsoup.cli import main
 
         status = main(request["argv"])
     except SystemExit as exc:
@@ -192,7 +192,7 @@ def _child(request: dict, fds: list[int], default_threads: int | None) -> None:
         traceback.print_exc()
     finally:
         # os._exit skips atexit handlers: give back a held GPU slot (and log it) first.
-        from .devices import release_slots
+        from foldsoup.devices import release_slots
 
         release_slots()
         sys.stdout.flush()
@@ -215,7 +215,9 @@ def serve(path: str, idle_timeout_s: float = 600.0, parent: int | None = None, r
     try:
         import torch
 
-        from . import cli, pipeline, train  # noqa: F401  (the point of the server)
+        from foldsoup import cli  # noqa: F401
+        from foldsoup import steps  # noqa: F401
+        from foldsoup.training import loop as train  # noqa: F401  (the point of the server)
 
         # What a job without OMP_NUM_THREADS/MKL_NUM_THREADS would get; unknown if this
         # process had them.

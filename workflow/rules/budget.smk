@@ -1,6 +1,6 @@
 # Budget: more grid points or more folds? Methods on subsets of the models already trained (no
-# retraining), one job per fold count f; see foldsoup.budget and the `budget` config section.
-from foldsoup.budget import fold_counts
+# retraining), one job per fold count f; see foldsoup.analysis.budget and the `budget` config section.
+from foldsoup.analysis.budget import fold_counts
 
 
 localrules:

@@ -1,9 +1,9 @@
 import os
 import re
 
-from foldsoup.config import dumps, grid_points
-from foldsoup.data import source_paths
-from foldsoup.job_config import job_config, runtime_config
+from foldsoup.config.schema import dumps, grid_points
+from foldsoup.data.prepared import source_paths
+from foldsoup.config.job import job_config, runtime_config
 
 R = config["results"]
 K = config["folds"]["k"]
@@ -26,7 +26,7 @@ wildcard_constraints:
 
 
 def job_params(step):
-    """A job's config param: exactly the keys its result depends on (foldsoup.job_config), as
+    """A job's config param: exactly the keys its result depends on (foldsoup.config.job), as
     canonical JSON, so Snakemake reruns it only when one of them changes. Per grid point for
     fine-tunes: adding a learning rate trains only the new points."""
     if step == "finetune":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError
+from foldsoup.errors import DataError
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]

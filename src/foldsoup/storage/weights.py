@@ -11,6 +11,7 @@ this module too and must stay cheap to import.
 
 from __future__ import annotations
 
+from foldsoup.errors import WeightsError
 import contextlib
 import errno
 import json
@@ -32,9 +33,6 @@ PathLike = str | os.PathLike
 # only holds strings). A dotted name keeps it apart from ordinary user keys.
 JSON_KEYS_MARKER = "foldsoup.json_keys"
 
-
-class WeightsError(ValueError):
-    """A weight file that is missing, truncated, corrupt or otherwise unreadable."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +281,7 @@ def load_weights(
     """
     from safetensors import safe_open
 
-    from .files import folder_given, missing, unreadable_safetensors
+    from foldsoup.storage.files import folder_given, missing, unreadable_safetensors
 
     p = Path(path)
     if p.is_dir():

@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .analysis import format_folds as join  # (0, 3, 7) -> "0-3-7", as fold subsets are written elsewhere
+from foldsoup.analysis.reliability import format_folds as join  # (0, 3, 7) -> "0-3-7", as fold subsets are written elsewhere
 
 METHODS: tuple[str, ...] = ("best_on_val", "uniform_soup", "greedy_soup", "bgss", "gsgs", "ensemble_all")
 COLUMNS: tuple[str, ...] = ("method", "grid_points", "n_folds", "budget", "draw", "grid", "folds", "subsets",
@@ -124,7 +121,7 @@ class Model:
 class BudgetRun:
     """Every model of a run, loaded once, and the methods of `pipeline` on any subset of them.
 
-    Every model file is read once and kept resident (`foldsoup.ingredients`). Greedy and uniform
+    Every model file is read once and kept resident (`foldsoup.soups.ingredients`). Greedy and uniform
     soups are memoised by their candidate list, so a soup two cells share (every per-fold greedy
     soup of the full grid, or greedy_soup at f = 1, which is a per-fold greedy soup) is computed
     once per job; the weights of the last few greedy soups (a cell's per-fold soups, its greedy
@@ -155,7 +152,7 @@ class BudgetRun:
         return self.store.get(self.by_name[name].weights)
 
     def _score(self, accs: dict[int, float]) -> float:
-        from .select import cross_fold_score
+        from foldsoup.soups.select import cross_fold_score
 
         return cross_fold_score(accs, self.cross_fold)
 
@@ -163,8 +160,8 @@ class BudgetRun:
         """Alg. 1 (`select.greedy_soup` with a `soup.RunningSoupScorer`) as
         `pipeline._greedy_and_save` runs it; the GreedyResult, memoised by `key` (default: the
         candidates' names; single models name themselves uniquely)."""
-        from .pipeline import greedy_scorer
-        from .select import greedy_soup
+        from foldsoup.soups.evaluation import greedy_scorer
+        from foldsoup.soups.select import greedy_soup
 
         key = key or tuple(c.name for c in cands)
         if key not in self._greedy:
@@ -184,7 +181,7 @@ class BudgetRun:
         """The weights of a memoised greedy soup: cached, or the mean of its ingredients in
         acceptance order (resident: nothing is read), which is what RunningSoupScorer.mean()
         returned, bit for bit."""
-        from .soup import average
+        from foldsoup.soups.average import average
 
         if key not in self._soups:
             result, _, load = self._greedy[key]
@@ -201,7 +198,7 @@ class BudgetRun:
 
     def uniform(self, names: list[str], folds: Sequence[int]) -> tuple[float, float]:
         """(val accuracy over `folds`, test accuracy) of the uniform soup of `names`, in order."""
-        from .soup import average
+        from foldsoup.soups.average import average
 
         key = (tuple(names), tuple(folds))
         if key not in self._uniform:
@@ -212,8 +209,8 @@ class BudgetRun:
 
     def methods(self, sub: Subset) -> list[dict]:
         """One row per method on the models of `sub` (diverged ones left out); [] when none is left."""
-        from .select import Candidate
-        from .uncertainty import ensemble_logits, fold_accuracies
+        from foldsoup.soups.select import Candidate
+        from foldsoup.analysis.uncertainty import ensemble_logits, fold_accuracies
 
         members = [m for m in self.models if m.grid_index in sub.grid and m.fold in sub.folds and not m.diverged]
         if not members:
@@ -268,70 +265,6 @@ class BudgetRun:
         common = {"grid": join(sub.grid), "folds": join(sub.folds), "n_models": len(members),
                   "n_test": len(self.ctx.data.test_labels)}
         return [{**common, **r} for r in rows]
-
-
-# --------------------------------------------------------------------------- workflow steps
-
-
-def load_models(cfg: dict, model_dir: str | os.PathLike) -> list[Model]:
-    """Every (grid point, fold) model of the run, in grid order then fold (the workflow's order)."""
-    import json
-
-    from .config import grid_points
-
-    root, out = Path(model_dir), []
-    for index, point in enumerate(grid_points(cfg)):
-        for fold in range(cfg["folds"]["k"]):
-            folder = root / point.name / f"fold{fold}"
-            with open(folder / "metrics.json") as f:
-                m = json.load(f)
-            out.append(Model(point.name, index, fold, float(m["val_acc"]), bool(m["diverged"]),
-                             str(folder / "model.safetensors"), str(folder / "predictions.safetensors")))
-    return out
-
-
-def budget(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, n_folds: int, out: str,
-           early_exit: bool = True) -> dict:
-    """The budget cells of one fold count f: every grid-subset size, `budget.draws` draws each.
-    Returns the job's cost (pipeline.log_cost); `early_exit` False: full evaluation (benchmarks)."""
-    from .pipeline import Context, log, log_cost
-    from .weights import atomic_write_text
-
-    t0 = time.monotonic()
-    ctx = Context(cfg, data_path, folds_path)
-    models = load_models(cfg, model_dir)
-    n_grid, k, b = len({m.hp for m in models}), ctx.k, cfg["budget"]
-    run = BudgetRun(ctx, models, pd.read_csv(models_csv), ctx.data.pool_labels, ctx.fold_of, early_exit)
-    rows = []
-    for g in grid_ladder(n_grid, b["grid_points"]):
-        subsets = draw_subsets(n_grid, k, g, n_folds, b["draws"], cfg["seed"])
-        for draw, sub in enumerate(subsets):
-            cell = run.methods(sub)
-            rows += [{"grid_points": g, "n_folds": n_folds, "budget": g * n_folds, "draw": draw,
-                      "subsets": n_subsets(n_grid, k, g, n_folds), **r} for r in cell]
-            log(f"g={g} f={n_folds} draw {draw}: grid {join(sub.grid)}, folds {join(sub.folds)}: "
-                + ", ".join(f"{r['method']} {r['test_acc']:.4f}" for r in cell))
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
-    log(f"f={n_folds}: {len(table)} rows, {run.ev.evaluations} soup evaluations, {time.monotonic() - t0:.1f} s")
-    return log_cost(run.store, run.ev)
-
-
-def budget_table(parts: list[str], out_table: str, out_figure: str) -> None:
-    """tables/budget.csv (every method, cell and draw) and figures/budget.png."""
-    from .pipeline import log
-    from .plots import plot_budget
-    from .weights import atomic_write_text
-
-    table = pd.concat([pd.read_csv(p, dtype={"grid": str, "folds": str}) for p in parts], ignore_index=True)
-    order = {m: i for i, m in enumerate(METHODS)}
-    table = table.sort_values(["method", "grid_points", "n_folds", "draw"], key=lambda s: s.map(order) if s.name == "method" else s,
-                              kind="stable").reset_index(drop=True)
-    atomic_write_text(out_table, table.to_csv(index=False, float_format="%.6g"))
-    plot_budget(table, out_figure)
-    means = mean_table(table)
-    log(f"{len(table)} rows\n" + means.pivot_table(index=["method", "grid_points"], columns="n_folds", values="test_acc",
-                                                   sort=False).to_string(float_format=lambda x: f"{100 * x:.2f}"))
 
 
 # --------------------------------------------------------------------------- summaries (pandas only)

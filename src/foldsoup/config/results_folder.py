@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import ConfigError
+from foldsoup.errors import ConfigError
 
 RECORD = "run.json"
 

@@ -7,15 +7,13 @@ numpy and safetensors only, so jobs stay cheap to start; torch tensors are made 
 
 from __future__ import annotations
 
+from foldsoup.errors import DataError
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A dataset problem, naming the file or class concerned."""
 
 
 @dataclass
@@ -76,7 +74,7 @@ def validate_prepared(data: Prepared, source: str) -> None:
 def save_prepared(path: str | Path, data: Prepared) -> None:
     from safetensors.numpy import save_file
 
-    from .weights import atomic_path
+    from foldsoup.storage.weights import atomic_path
 
     tensors = {
         "pool_images": data.pool_images,
@@ -95,7 +93,7 @@ def save_prepared(path: str | Path, data: Prepared) -> None:
 def load_prepared(path: str | Path) -> Prepared:
     from safetensors import safe_open
 
-    from .files import folder_given, safetensors_contents, unreadable_safetensors
+    from foldsoup.storage.files import folder_given, safetensors_contents, unreadable_safetensors
 
     path = Path(path)
     instead = "give the prepared dataset, <results>/prepared/dataset.safetensors"
@@ -189,7 +187,7 @@ def load_digits_prepared(data_cfg: dict, seed: int) -> Prepared:
 
 
 def load_cifar10_prepared(data_cfg: dict, seed: int) -> Prepared:
-    from .cifar10 import read_cifar10
+    from foldsoup.data.cifar10 import read_cifar10
 
     train_x, train_y, test_x, test_y, classes = read_cifar10(data_cfg["root"], download=data_cfg["download"])
     return Prepared("cifar10", classes, train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64))
@@ -198,7 +196,7 @@ def load_cifar10_prepared(data_cfg: dict, seed: int) -> Prepared:
 def load_imagefolder_prepared(data_cfg: dict, seed: int) -> Prepared:
     """A folder per class (train/ and test/ folders, or split by data.test_fraction); images
     stored as RGB at data.image_size."""
-    from .imagefolder import read_imagefolder
+    from foldsoup.data.imagefolder import read_imagefolder
 
     pool_x, pool_y, test_x, test_y, classes = read_imagefolder(
         data_cfg["root"], data_cfg["image_size"], data_cfg["resize"], data_cfg["test_fraction"], seed)
@@ -207,7 +205,7 @@ def load_imagefolder_prepared(data_cfg: dict, seed: int) -> Prepared:
 
 def load_medmnist_prepared(data_cfg: dict, seed: int) -> Prepared:
     """A MedMNIST .npz: pool = train + val, test = test, images as RGB at their own size."""
-    from .medmnist import read_medmnist
+    from foldsoup.data.medmnist import read_medmnist
 
     pool_x, pool_y, test_x, test_y, classes = read_medmnist(data_cfg["root"], data_cfg.get("class_names"))
     return Prepared("medmnist", classes, pool_x, pool_y, test_x, test_y)

@@ -54,25 +54,6 @@ def digits_cnn(width: int, norm: str = "group") -> tuple[nn.Module, int]:
     return net, w2
 
 
-def build_backbone(model_cfg: dict) -> tuple[nn.Module, int]:
-    """Architecture only (random weights); pretrained weights come from pretrained/backbone.safetensors."""
-    name = model_cfg["name"]
-    if name == "digits_cnn":
-        # .get: the model config in the metadata of weights saved before model.norm existed.
-        return digits_cnn(model_cfg["width"], model_cfg.get("norm", "group"))
-    if name == "open_clip":
-        from .clip import open_clip_visual
-
-        # .get: weights saved before model.quick_gelu existed rebuild as they were built then.
-        return open_clip_visual(model_cfg["arch"], model_cfg.get("pretrained"), model_cfg.get("quick_gelu"))
-    raise ValueError(f"model.name {name!r} is unknown")
-
-
-def build_classifier(model_cfg: dict, num_classes: int) -> Classifier:
-    backbone, dim = build_backbone(model_cfg)
-    return Classifier(backbone, dim, num_classes, model_cfg.get("normalize_features", False))
-
-
 def backbone_state(model: Classifier) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.backbone.state_dict().items()}
 

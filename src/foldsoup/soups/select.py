@@ -2,7 +2,7 @@
 best on val and best uniform soup per split.
 
 Pure Python on purpose (no torch): the selection logic only sees accuracies, through a
-`SoupScorer` that owns the weights (see `foldsoup.soup.RunningSoupScorer`), so it is cheap to
+`SoupScorer` that owns the weights (see `foldsoup.soups.average.RunningSoupScorer`), so it is cheap to
 import and can be tested against hand-computed tables.
 
 Exact early exit: a scorer that counts correct answers batch by batch (`CountingSoupScorer`)

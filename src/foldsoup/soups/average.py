@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+from foldsoup.errors import SoupError
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -27,10 +28,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from foldsoup.weights import load_weights
+from foldsoup.storage.weights import load_weights
 
 if TYPE_CHECKING:
-    from foldsoup.select import Candidate, FoldCount
+    from foldsoup.soups.select import Candidate, FoldCount
 
 State = dict[str, torch.Tensor]
 AccumDtype = torch.dtype | str
@@ -38,9 +39,6 @@ AccumDtype = torch.dtype | str
 _ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _MAX_LISTED = 5  # keys listed in a key-mismatch message before "..."
 
-
-class SoupError(ValueError):
-    """Ingredients that cannot be averaged: different keys, shapes, dtypes or integer buffers."""
 
 
 def resolve_accum_dtype(accum_dtype: AccumDtype) -> torch.dtype:
@@ -337,7 +335,7 @@ def average_files(
 
 
 class RunningSoupScorer:
-    """`foldsoup.select.SoupScorer` built on a RunningSum of the accepted ingredients.
+    """`foldsoup.soups.select.SoupScorer` built on a RunningSum of the accepted ingredients.
 
     `load(candidate)` returns the candidate's state dict (a model, or a whole soup in the second
     GSGS stage: each candidate weighs the same). `evaluate(state, folds)` returns the val

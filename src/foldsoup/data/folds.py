@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError
+from foldsoup.errors import DataError
 
 FOLDS_HEADER = "index,label,fold"
 HOLDOUT = -1  # the fold number of outer-holdout images in folds.csv and in fold_of arrays
@@ -67,7 +67,7 @@ def _kfold(labels: np.ndarray, k: int, seed: int, classes: list[str] | None, num
 
 
 def write_folds(path: str | Path, labels: np.ndarray, fold_of: np.ndarray) -> None:
-    from .weights import atomic_write_text
+    from foldsoup.storage.weights import atomic_write_text
 
     rows = "".join(f"{i},{int(y)},{int(f)}\n" for i, (y, f) in enumerate(zip(labels, fold_of)))
     atomic_write_text(path, FOLDS_HEADER + "\n" + rows)
@@ -94,7 +94,7 @@ def read_folds(path: str | Path, pool_labels: np.ndarray | None = None) -> np.nd
 
 def _check_fold_table_file(path: Path) -> None:
     """A folder, a missing file or another kind of file than a fold table, named before parsing."""
-    from .files import folder_given, head_bytes, missing, sniff
+    from foldsoup.storage.files import folder_given, head_bytes, missing, sniff
 
     if path.is_dir():
         raise DataError(f"fold table {path} {folder_given(path, ('folds.csv',), 'the fold table folds.csv')}")

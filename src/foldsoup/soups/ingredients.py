@@ -16,6 +16,7 @@ Reads are counted (files and bytes, per path) and `summary()` gives the job log'
 
 from __future__ import annotations
 
+from foldsoup.errors import MemoryShort
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
 MODEL_BUFFERS = 4
 ACTIVATIONS = 2 << 30
 
-
-class MemoryShort(RuntimeError):
-    """A soup job's ingredients fit neither on its device nor in host memory."""
 
 
 def format_bytes(n: float) -> str:

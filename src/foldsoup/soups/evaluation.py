@@ -15,10 +15,11 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .folds import HOLDOUT
-from .models import Classifier, load_full
-from .select import FoldCount
-from .train import ImageSpec, predict_logits
+from foldsoup.data.folds import HOLDOUT
+from foldsoup.models.classifier import Classifier, load_full
+from foldsoup.soups.average import RunningSoupScorer
+from foldsoup.soups.select import FoldCount
+from foldsoup.training.loop import ImageSpec, predict_logits
 
 
 class Evaluator:
@@ -99,3 +100,8 @@ class Evaluator:
 
     def test_acc(self, state: Mapping[str, torch.Tensor] | None = None) -> float:
         return (self.test_logits(state).argmax(1) == self.test_labels).float().mean().item()
+
+
+def greedy_scorer(ev, load):
+    """A RunningSoupScorer that counts on `ev` (an Evaluator): greedy_soup's early exit."""
+    return RunningSoupScorer(load, ev.fold_accs, count=ev.count, fold_size=ev.fold_size)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError
+from foldsoup.errors import DataError
 
 SPLITS = ("train", "val", "test")
 KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))

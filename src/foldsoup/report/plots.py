@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from foldsoup.analysis import diverged_mask, order_methods, pearson
+from foldsoup.analysis.reliability import diverged_mask, order_methods, pearson
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -208,7 +208,7 @@ def plot_validation_signals(subsets_df: pd.DataFrame, path: str | os.PathLike) -
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from foldsoup.analysis import rmse
+    from foldsoup.analysis.reliability import rmse
 
     signals = [c for c in VALIDATION_SIGNALS
                if c in subsets_df.columns and np.isfinite(subsets_df[c].astype(float)).any()]
@@ -304,7 +304,7 @@ def plot_budget(budget_df: pd.DataFrame, path: str | os.PathLike) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from foldsoup.budget import mean_table
+    from foldsoup.analysis.budget import mean_table
 
     means = mean_table(budget_df)
     names = list(dict.fromkeys(means["method"]))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable
 
-from .config import deep_update, grid_point
+from foldsoup.config.schema import deep_update, grid_point
 
 # Never change a job's result: where it runs, whether a missing CIFAR-10 may be downloaded,
 # how many images per forward pass when evaluating, whether the training forward is compiled,
@@ -125,7 +125,7 @@ def runtime_config(cfg: dict) -> dict:
 
 def default_runtime() -> dict:
     """The schema's defaults of the runtime keys (a step run by hand without --runtime-json)."""
-    from .config import fill_defaults, load_schema
+    from foldsoup.config.schema import fill_defaults, load_schema
 
     return runtime_config(fill_defaults({"data": {}, "model": {}}, load_schema()))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError
+from foldsoup.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm")
 IGNORED_FILES = {"thumbs.db", "desktop.ini"}  # written by file browsers; compared in lower case

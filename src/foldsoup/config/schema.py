@@ -6,6 +6,7 @@ This module is imported by the Snakefile at parse time, so it must stay cheap: n
 
 from __future__ import annotations
 
+from foldsoup.errors import ConfigError
 import copy
 import difflib
 import functools
@@ -20,11 +21,8 @@ from typing import Any
 
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the key and what is allowed."""
 
 
 def load_schema(path: str | os.PathLike | None = None) -> dict:

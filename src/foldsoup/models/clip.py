@@ -23,13 +23,14 @@ config uses nn.GELU; `create_model("ViT-B-32", pretrained="openai")` only warns 
 mismatch. The activation has no parameters, so the state dict loads silently into the wrong
 network, and a checkpoint file does not say which one its weights need. Here the activation is
 a config key, `model.quick_gelu`, the same for every job that builds the tower (export,
-fine-tune, soups, `foldsoup evaluate/predict` from the weights' metadata): foldsoup.config
+fine-tune, soups, `foldsoup evaluate/predict` from the weights' metadata): foldsoup.config.schema
 fills it from the tag's pretrained config and refuses a file without it (or a contradicting
 value) before any job runs; `export_pretrained_visual` checks it again against the weights.
 """
 
 from __future__ import annotations
 
+from foldsoup.errors import ClipError
 import difflib
 import logging
 import os
@@ -40,9 +41,6 @@ from torch import nn
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
-
-class ClipError(ValueError):
-    """An open_clip configuration or checkpoint problem, naming the arch, tag or file."""
 
 
 def _open_clip():
@@ -206,10 +204,9 @@ def export_pretrained_visual(model_cfg: dict) -> dict[str, torch.Tensor]:
     """State dict of the image tower with the pretrained weights named by model_cfg["pretrained"]:
     a local checkpoint file (loaded here, never unpickling objects) or an open_clip tag (open_clip
     downloads it; see the module docstring). The weights are loaded into exactly the backbone that
-    every fine-tune builds (foldsoup.models.build_backbone, with model_cfg["quick_gelu"]), so keys,
+    every fine-tune builds (foldsoup.models.classifier.build_backbone, with model_cfg["quick_gelu"]), so keys,
     shapes and the activation are checked against the real consumer."""
-    from .config import activation_matters, file_activation_problem
-    from .models import build_backbone
+    from foldsoup.config.schema import activation_matters, file_activation_problem
 
     arch = model_cfg["arch"]
     pretrained = str(model_cfg.get("pretrained") or "")
@@ -218,15 +215,15 @@ def export_pretrained_visual(model_cfg: dict) -> dict[str, torch.Tensor]:
         raise ClipError("model.pretrained is empty: give an open_clip pretrained tag (e.g. openai) or a checkpoint file")
     if is_checkpoint_path(pretrained):
         if model_cfg.get("quick_gelu") is None and activation_matters(cfg) and not cfg.get("quick_gelu"):
-            # As foldsoup.config refuses it: exporting would fix an unknown activation for every job.
+            # As foldsoup.config.schema refuses it: exporting would fix an unknown activation for every job.
             raise ClipError(file_activation_problem(arch, pretrained, f"{arch}-quickgelu" in _open_clip().list_models()))
-        visual, _ = build_backbone(model_cfg)
+        visual, _ = open_clip_visual(arch, pretrained, model_cfg.get("quick_gelu"))
         load_visual_state(visual, visual_state_from_checkpoint(pretrained), pretrained)
         return {k: v.detach() for k, v in visual.state_dict().items()}
     tag_cfg = pretrained_tag_cfg(arch, pretrained)  # clear error for unknown tags, before any download
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     with torch.device("meta"):  # the activation only: no memory, no init, before any download
-        probe, _ = build_backbone(model_cfg)
+        probe, _ = open_clip_visual(arch, pretrained, model_cfg.get("quick_gelu"))
     if (_uses(probe, "gelu") or _uses(probe, "quick_gelu")) and quick_gelu != _uses(probe, "quick_gelu"):
         want, have = ("QuickGELU", "GELU") if quick_gelu else ("GELU", "QuickGELU")
         raise ClipError(f"model.quick_gelu: the {pretrained!r} weights of {arch!r} were trained with {want}, but "
@@ -242,7 +239,7 @@ def export_pretrained_visual(model_cfg: dict) -> dict[str, torch.Tensor]:
         raise ClipError(_fetch_failure(arch, pretrained, tag_cfg, exc)) from exc
     finally:
         logging.getLogger().removeFilter(drop)
-    visual, _ = build_backbone(model_cfg)
+    visual, _ = open_clip_visual(arch, pretrained, model_cfg.get("quick_gelu"))
     load_visual_state(visual, model.visual.state_dict(), f"open_clip {arch} pretrained={pretrained}")
     del model
     return {k: v.detach() for k, v in visual.state_dict().items()}

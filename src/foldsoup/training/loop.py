@@ -8,6 +8,7 @@ where it stopped and ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+from foldsoup.errors import Diverged, Interrupted
 import json
 import math
 import signal
@@ -21,19 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import eval_transform, mixup, train_transform
-from .models import Classifier
-from .optim import AdamW
+from foldsoup.training.augment import eval_transform, mixup, train_transform
+from foldsoup.models.classifier import Classifier
+from foldsoup.training.optim import AdamW
 
 Log = Callable[[str], None]
 
 
-class Diverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-class Interrupted(RuntimeError):
-    """SIGTERM arrived; resume state was saved."""
 
 
 def stable_seed(*parts) -> int:
@@ -188,7 +183,7 @@ class ResumeStore:
         self._write({f"model.{k}": v for k, v in model.state_dict().items()}, {"done": True, "stats": stats}, self.fingerprint)
 
     def _write(self, tensors: dict, progress: dict, fingerprint: str) -> None:
-        from .weights import save_weights
+        from foldsoup.storage.weights import save_weights
 
         self.folder.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
@@ -199,7 +194,8 @@ class ResumeStore:
     def load(self, model: torch.nn.Module, opt: AdamW, gen: torch.Generator, fingerprint: str | None = None) -> dict | None:
         """Restore model, optimizer and generator; the saved progress, or None (nothing
         changed) when the state is unreadable or was saved by a run from other inputs."""
-        from .weights import WeightsError, load_weights
+        from foldsoup.errors import WeightsError
+        from foldsoup.storage.weights import load_weights
 
         try:
             tensors, meta = load_weights(self.path)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from foldsoup.analysis import (CHANCE_ALPHA, at_chance_mask, diverged_mask, model_name, order_methods, threshold_model,
+from foldsoup.analysis.reliability import (CHANCE_ALPHA, at_chance_mask, diverged_mask, model_name, order_methods, threshold_model,
                                val_threshold)
 
 # The paper's published numbers, copied as printed (Suzuki & Matsuzawa, AI 2022, 3, 796-808).
@@ -350,7 +350,7 @@ def figures_section(run_info: dict) -> str:
 def budget_section(budget_df: pd.DataFrame | None) -> str:
     """Budget: mean test accuracy per method over (grid points g x folds f), and the equal-budget
     comparison (same number of fine-tunes g·f) computed from it."""
-    from foldsoup.budget import compare_equal_budget, equal_budgets, mean_table
+    from foldsoup.analysis.budget import compare_equal_budget, equal_budgets, mean_table
 
     if budget_df is None or not len(budget_df):
         return ""

@@ -1,0 +1,1 @@
+"""Models: a backbone (digits CNN, open_clip tower, timm model) plus a linear head."""

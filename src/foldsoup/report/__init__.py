@@ -1,0 +1,1 @@
+"""Tables and figures for people: summary.md and the PNG figures."""

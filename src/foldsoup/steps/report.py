@@ -1,0 +1,58 @@
+"""Steps `reliability`, `figures` and `summary`: the paper's tables, figures and summary.md from
+the gathered CSV files (no torch)."""
+
+from __future__ import annotations
+
+
+
+from foldsoup.steps.context import log
+
+def reliability(subset_paths: list[str], models_csv: str, out_subsets: str, out: str) -> None:
+    import pandas as pd
+
+    from foldsoup.analysis.reliability import reliability_table
+    from foldsoup.storage.weights import atomic_write_text
+
+    subsets = pd.concat([pd.read_csv(p, dtype={"folds": str}) for p in subset_paths], ignore_index=True)
+    models = pd.read_csv(models_csv)
+    table = reliability_table(subsets, models)
+    atomic_write_text(out_subsets, subsets.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    log(f"{len(subsets)} uniform soups\n" + table.to_string(index=False))
+
+
+def figures(models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, outs: list[str]) -> None:
+    import pandas as pd
+
+    from foldsoup.report.plots import plot_methods, plot_models_val_test, plot_subsets_val_test, plot_validation_signals
+
+    models, subsets = pd.read_csv(models_csv), pd.read_csv(subsets_csv, dtype={"folds": str})
+    threshold = float(pd.read_csv(reliability_csv).threshold.iloc[0])
+    fig2, fig3, fig4, fig_methods, fig_signals = outs
+    plot_models_val_test(models, fig2)
+    plot_subsets_val_test(subsets, fig3)
+    plot_subsets_val_test(subsets, fig4, threshold=threshold)
+    plot_methods(pd.read_csv(methods_csv), models, fig_methods)
+    plot_validation_signals(subsets, fig_signals)
+
+
+def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, out: str,
+            budget_csv: str | None = None) -> None:
+    import pandas as pd
+
+    from foldsoup.analysis.reliability import subsets_sampled
+    from foldsoup.report.summary import write_summary
+
+    models = pd.read_csv(models_csv)
+    run_info = {
+        "dataset": cfg["data"]["name"],
+        "model": cfg["model"]["name"] if cfg["model"]["name"] != "open_clip" else f"open_clip {cfg['model']['arch']} ({cfg['model']['pretrained']})",
+        "k": cfg["folds"]["k"],
+        "grid_points": models.hp.nunique(),
+        "models": len(models),
+        "sampled": subsets_sampled(cfg["folds"]["k"], cfg["analysis"]["max_subsets_per_n"]),
+        "diverged": models.loc[models.diverged.astype(bool), "hp"].tolist() if "diverged" in models else [],
+    }
+    write_summary(out, pd.read_csv(reliability_csv), pd.read_csv(methods_csv), models,
+                  pd.read_csv(subsets_csv, dtype={"folds": str}), run_info,
+                  budget=pd.read_csv(budget_csv, dtype={"grid": str, "folds": str}) if budget_csv else None)

@@ -1,0 +1,221 @@
+"""Gathering the fine-tunes (`models-table`) and the soup steps: uniform soups over fold subsets
+(Section 3.1), per-fold greedy and uniform soups, the soups over all models, GSGS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+from foldsoup.data.folds import HOLDOUT
+from foldsoup.storage.weights import atomic_write_json, save_weights
+from foldsoup.soups.evaluation import greedy_scorer
+from foldsoup.steps.context import Context, log
+
+def models_table(metrics_paths: list[str], out: str) -> None:
+    import json
+
+    import pandas as pd
+
+    from foldsoup.storage.weights import atomic_write_text
+
+    rows = []
+    for path in metrics_paths:
+        with open(path) as f:
+            m = json.load(f)
+        row = {key: m[key] for key in ("hp", "lr", "aug", "mixup", "fold", "val_acc", "test_acc", "diverged")}
+        # Empty for metrics written before the chance test existed.
+        row.update(at_chance=m.get("at_chance"), chance_ceiling=m.get("chance_ceiling"))
+        row.update({f"acc_fold{i}": a for i, a in m["fold_accs"].items()})
+        if m.get("holdout_acc") is not None:
+            row["holdout_acc"] = m["holdout_acc"]
+        row["images_per_s"] = m.get("images_per_s")
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values(["hp", "fold"], kind="stable")
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    log(f"{len(table)} models, val acc {table.val_acc.min():.4f}..{table.val_acc.max():.4f}")
+    from foldsoup.analysis.reliability import at_chance_mask, diverged_mask, model_name
+
+    chance = [model_name(r) for _, r in table[at_chance_mask(table) & ~diverged_mask(table)].iterrows()]
+    if chance:
+        log(f"WARNING {len(chance)} model(s) at chance (val acc not above their fold's largest class, binomial test): "
+            f"{', '.join(chance)}; see their fine-tune logs")
+
+
+# ---------------------------------------------------------------- soups
+
+
+def _model_metrics(paths: list[str]) -> list[dict]:
+    import json
+
+    out = []
+    for path in paths:
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def _soup_record(method: str, ingredients: list[str], fold_accs: dict[int, float], cross_fold: str, **extra) -> dict:
+    from foldsoup.soups.select import avg_acc, min_acc
+
+    val = min_acc(fold_accs) if cross_fold == "min" else avg_acc(fold_accs)
+    metric = "holdout" if set(fold_accs) == {HOLDOUT} else cross_fold if len(fold_accs) > 1 else "own"
+    return {"method": method, "ingredients": ingredients, "n_ingredients": len(ingredients),
+            "folds": sorted(int(i) for i in fold_accs), "fold_accs": {str(i): a for i, a in fold_accs.items()},
+            "val_metric": metric, "val_acc": val, **extra}
+
+
+def predictions_path(weights_path: str | Path) -> Path:
+    """soups/gsgs.safetensors -> soups/gsgs.predictions.safetensors (test logits, for bootstraps)."""
+    return Path(weights_path).with_suffix(".predictions.safetensors")
+
+
+def _save_soup(ctx: Context, ev, out_weights: str, state, record: dict) -> None:
+    """Weights, test logits and the record; test (and holdout) accuracy is measured here, after
+    every decision."""
+    test_logits = ev.test_logits(state)
+    record["test_acc"] = (test_logits.argmax(1) == ev.test_labels).float().mean().item()
+    record["holdout_acc"] = ev.holdout_acc()  # the weights test_logits loaded
+    save_weights(out_weights, state, ctx.metadata(kind="soup", method=record["method"], ingredients=record["ingredients"]))
+    save_weights(predictions_path(out_weights), {"test_logits": test_logits}, {"method": record["method"]})
+    atomic_write_json(Path(out_weights).with_suffix(".json"), record)
+    log(f"{record['method']}: {record['n_ingredients']} ingredient(s), val ({record['val_metric']}) "
+        f"{record['val_acc']:.4f}, test {record['test_acc']:.4f}")
+
+
+def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_paths: list[str], metrics_paths: list[str],
+                    out: str) -> dict:
+    """Section 3.1: uniform soups of one grid point's models over every (sampled) fold subset."""
+    import pandas as pd
+
+    from foldsoup.analysis.reliability import fold_subsets, format_folds, subsets_sampled
+    from foldsoup.soups.select import avg_acc, min_acc
+    from foldsoup.soups.average import average
+    from foldsoup.storage.weights import atomic_write_text
+
+    ctx = Context(cfg, data_path, folds_path)
+    ev = ctx.evaluator()
+    metrics = _model_metrics(metrics_paths)
+    usable = {m["fold"]: p for m, p in zip(metrics, model_paths) if not m["diverged"]}
+    store = ctx.ingredients(usable.values())
+    states = {fold: store.get(p) for fold, p in usable.items()}
+    k, cap = ctx.k, cfg["analysis"]["max_subsets_per_n"]
+    rows = []
+    for subset in fold_subsets(k, cap, cfg["seed"]):
+        if not set(subset) <= set(states):
+            continue  # a diverged model is never averaged in
+        soup = average(states[i] for i in subset)
+        accs = ev.fold_accs(soup, subset)
+        holdout_acc = ev.holdout_acc()  # None (an empty cell) without an outer holdout
+        rows.append({"hp": hp, "folds": format_folds(subset), "n": len(subset), "avg_acc": avg_acc(accs),
+                     "min_acc": min_acc(accs), "holdout_acc": holdout_acc, "test_acc": ev.test_acc(), "sampled": subsets_sampled(k, cap),
+                     **{f"acc_fold{i}": a for i, a in accs.items()}})
+    columns = ["hp", "folds", "n", "avg_acc", "min_acc", "holdout_acc", "test_acc", "sampled", *(f"acc_fold{i}" for i in range(k))]
+    table = pd.DataFrame(rows, columns=columns)  # the header even when every model diverged
+    atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
+    log(f"{hp}: {len(rows)} uniform soups evaluated")
+    return log_cost(store, ev)
+
+
+def _candidates(metrics: list[dict], paths: list[str], on_holdout: bool = False):
+    """Single models as greedy candidates (diverged ones left out), with a loader by name.
+    `on_holdout`: each is validated on the outer holdout instead of its own fold."""
+    from foldsoup.soups.select import Candidate
+
+    by_name = {}
+    cands = []
+    for m, p in zip(metrics, paths):
+        if m["diverged"]:
+            continue
+        folds, val_acc = ({HOLDOUT}, m["holdout_acc"]) if on_holdout else ({m["fold"]}, m["val_acc"])
+        c = Candidate(name=f"{m['hp']}/fold{m['fold']}", folds=frozenset(folds), val_acc=val_acc)
+        cands.append(c)
+        by_name[c.name] = p
+    return cands, by_name
+
+
+def log_cost(store, ev) -> dict:
+    """The soup job's last line, files read and images evaluated (each file read once), and the
+    same as a dict, which the soup steps return (scripts/bench.py adds them up)."""
+    n = ev.images_evaluated
+    log(f"{store.summary()}; {n['val']} val and {n['test']} test images evaluated")
+    return {"files": len(store.reads), "reads": sum(store.reads.values()), "bytes_read": store.bytes_read,
+            "val_images": n["val"], "test_images": n["test"]}
+
+
+def _greedy_and_save(ctx: Context, ev, method: str, cands: list, paths: dict[str, str], out: str, store) -> None:
+    """Alg. 1 over `cands` (each read once, from `store`, by `paths`), then save the soup as `method`."""
+    from foldsoup.soups.select import greedy_soup, step_record
+
+    soups = ctx.cfg["soups"]
+    scorer = greedy_scorer(ev, lambda c: store.get(paths[c.name]))
+    result = greedy_soup(cands, scorer, accept=soups["greedy_accept"], cross_fold=soups["cross_fold_val"],
+                         early_exit=soups["early_exit"])
+    rejected = sum(1 for s in result.steps if s.score is None)
+    log(f"{method}: {len(result.steps)} candidates, {result.images} val images evaluated, {rejected} rejected early")
+    _save_soup(ctx, ev, out, scorer.mean(), _soup_record(method, [c.name for c in result.ingredients], dict(result.fold_accs),
+                                                         soups["cross_fold_val"], steps=[step_record(s) for s in result.steps]))
+
+
+def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model_paths: list[str], metrics_paths: list[str],
+                    out_greedy: str, out_uniform: str) -> dict:
+    """Alg. 1 over the grid's models of one fold (plain val acc on that fold), and their uniform soup."""
+    from foldsoup.soups.average import average
+
+    ctx = Context(cfg, data_path, folds_path)
+    ev = ctx.evaluator()
+    cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
+    store = ctx.ingredients(paths.values())
+    _greedy_and_save(ctx, ev, f"greedy_fold{fold}", cands, paths, out_greedy, store)
+    uniform = average(store.get(paths[c.name]) for c in cands)  # resident: not read again
+    accs = ev.fold_accs(uniform, {fold})
+    _save_soup(ctx, ev, out_uniform, uniform, _soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
+                                                            cfg["soups"]["cross_fold_val"]))
+    return log_cost(store, ev)
+
+
+def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str) -> dict:
+    """Uniform soup of every model of the grid and every fold (streamed from disk)."""
+    from foldsoup.soups.average import average
+
+    ctx = Context(cfg, data_path, folds_path)
+    ev = ctx.evaluator()
+    cands, paths = _candidates(_model_metrics(metrics_paths), model_paths)
+    store = ctx.ingredients(paths.values(), keep=False)
+    state = average(store.stream(paths[c.name]) for c in cands)  # each used once: none kept
+    accs = ev.fold_accs(state, range(ctx.k))
+    _save_soup(ctx, ev, out, state, _soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"]))
+    return log_cost(store, ev)
+
+
+def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str], metrics_paths: list[str], out: str,
+               on_holdout: bool = False) -> dict:
+    """Greedy soup over all models of all folds, scored by MinAcc (or AvgAcc) over the included
+    folds, or (`on_holdout`, method greedy_soup_holdout) by accuracy on the outer holdout."""
+    ctx = Context(cfg, data_path, folds_path)
+    ev = ctx.evaluator()
+    if on_holdout and not ev.has_holdout:
+        raise ValueError(f"{folds_path}: has no outer holdout (set folds.holdout_fraction > 0 and rerun `folds`)")
+    cands, paths = _candidates(_model_metrics(metrics_paths), model_paths, on_holdout)
+    store = ctx.ingredients(paths.values())
+    _greedy_and_save(ctx, ev, "greedy_soup_holdout" if on_holdout else "greedy_soup", cands, paths, out, store)
+    return log_cost(store, ev)
+
+
+def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str], out: str) -> dict:
+    """GSGS: Alg. 1 over the per-fold greedy soups (each soup weighs the same), scored across folds."""
+    import json
+
+    from foldsoup.soups.select import Candidate
+
+    ctx = Context(cfg, data_path, folds_path)
+    cands, paths = [], {}
+    for path in fold_soup_paths:
+        with open(Path(path).with_suffix(".json")) as f:
+            rec = json.load(f)
+        c = Candidate(name=rec["method"], folds=frozenset(rec["folds"]), val_acc=rec["val_acc"])
+        cands.append(c)
+        paths[c.name] = path
+    ev = ctx.evaluator()
+    store = ctx.ingredients(paths.values())
+    _greedy_and_save(ctx, ev, "gsgs", cands, paths, out, store)
+    return log_cost(store, ev)

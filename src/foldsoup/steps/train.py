@@ -1,0 +1,140 @@
+"""Steps `pretrain`, `lp` and `finetune`: the shared backbone, one linear-probe head per fold, one
+fine-tuned model per (grid point, fold)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from foldsoup.config.schema import GridPoint, grid_point
+from foldsoup.data.folds import holdout_indices, train_indices
+from foldsoup.storage.weights import atomic_write_json, load_weights, save_weights
+from foldsoup.steps.context import Context, log
+
+def pretrain(cfg: dict, data_path: str, out: str) -> None:
+    """The shared pretrained backbone: trained here for digits_cnn, exported for open_clip."""
+    from foldsoup.models.classifier import backbone_state
+
+    if cfg["model"]["name"] == "open_clip":
+        from foldsoup.models.clip import export_pretrained_visual
+
+        state = export_pretrained_visual(cfg["model"])  # on the CPU: no device, no data needed
+    else:
+        from foldsoup.training.loop import LoopConfig, train
+
+        ctx = Context(cfg, data_path)
+        d = ctx.data
+        if d.pretrain_images is None:
+            raise ValueError(f"{data_path}: has no pretraining images for model {cfg['model']['name']!r}")
+        model = ctx.model(len(d.pretrain_classes))
+        p = cfg["pretrain"]
+        loop = LoopConfig(p["epochs"], p["batch_size"], p["lr"], p["weight_decay"], warmup_steps=0, grad_clip=1.0,
+                          label_smoothing=0.0, precision="fp32", aug=cfg["augment"]["medium"], mixup_alpha=None,
+                          seed=cfg["seed"], tag="pretrain")
+        train(model, ctx.tensor(d.pretrain_images), ctx.tensor(d.pretrain_labels), ctx.spec, loop, log)
+        state = backbone_state(model)
+    save_weights(out, state, {"model": cfg["model"], "kind": "backbone"})
+    log(f"saved backbone ({sum(v.numel() for v in state.values()) / 1e6:.2f} M values) to {out}")
+
+
+def linear_probe(cfg: dict, data_path: str, folds_path: str, backbone_path: str, fold: int, out: str) -> None:
+    from foldsoup.models.classifier import load_backbone
+    from foldsoup.training.loop import accuracy, linear_probe as fit_head, predict_logits
+
+    ctx = Context(cfg, data_path, folds_path)
+    model = ctx.model()
+    load_backbone(model, load_weights(backbone_path)[0], backbone_path)
+    train_idx = train_indices(ctx.fold_of, fold)
+    val_idx = np.flatnonzero(ctx.fold_of == fold)
+    d = ctx.data
+    head = fit_head(model, ctx.tensor(d.pool_images[train_idx]), ctx.tensor(d.pool_labels[train_idx]), ctx.spec,
+                    cfg["lp"], cfg["finetune"]["precision"], cfg["seed"], log)
+    val_logits = predict_logits(model, ctx.tensor(d.pool_images[val_idx]), ctx.spec, cfg["finetune"]["eval_batch_size"])
+    val_acc = accuracy(val_logits, ctx.tensor(d.pool_labels[val_idx]))
+    log(f"fold {fold}: linear probe val acc {val_acc:.4f}")
+    save_weights(out, head, {"kind": "head", "fold": fold, "val_acc": val_acc})
+
+
+def _injected_failure(tag: str) -> int | None:
+    """FOLDSOUP_FAIL='<hp>/fold<i>[:step]' makes that fine-tune fail (tests of --keep-going and reruns)."""
+    spec = os.environ.get("FOLDSOUP_FAIL", "")
+    target, _, step = spec.partition(":")
+    return int(step or 0) if target and target == tag else None
+
+
+def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, head_path: str, hp: str, fold: int,
+             out_dir: str, resume_dir: str) -> None:
+    import torch
+
+    from foldsoup.models.classifier import load_backbone
+    from foldsoup.errors import Diverged, Interrupted
+    from foldsoup.training.loop import LoopConfig, ResumeStore, SigtermTrap, fold_accuracies, predict_logits, train
+
+    point: GridPoint = grid_point(cfg, hp)
+    tag = f"{hp}/fold{fold}"
+    ctx = Context(cfg, data_path, folds_path)
+    model = ctx.model()
+    load_backbone(model, load_weights(backbone_path)[0], backbone_path)
+    model.head.load_state_dict(load_weights(head_path)[0])
+    d, ft = ctx.data, cfg["finetune"]
+    train_idx = train_indices(ctx.fold_of, fold)
+    loop = LoopConfig(ft["epochs"], ft["batch_size"], point.lr, ft["weight_decay"], ft["warmup_steps"], ft["grad_clip"],
+                      ft["label_smoothing"], ft["precision"], cfg["augment"][point.aug],
+                      ft["mixup_alpha"] if point.mixup else None, cfg["seed"], tag, compile=ft["compile"])
+    resume = ResumeStore(resume_dir, ft["resume_every_s"])
+    log(f"{tag}: fine-tuning on {len(train_idx)} images, {ft['epochs']} epochs, lr {point.lr:g}, aug {point.aug}, mixup {point.mixup}")
+    diverged = False
+    try:
+        stats = train(model, ctx.tensor(d.pool_images[train_idx]), ctx.tensor(d.pool_labels[train_idx]), ctx.spec, loop,
+                      log, resume, fail_at_step=_injected_failure(tag))
+    except Diverged as exc:
+        if ft["on_divergence"] != "exclude":
+            raise
+        log(f"{exc}; marked diverged (finetune.on_divergence: exclude), excluded from every soup")
+        diverged, stats = True, {"steps": None, "final_loss": float("nan"), "images_per_s": None, "train_seconds": None}
+    # A SIGTERM from here on (a time limit during the final evaluation) keeps the trained
+    # weights as resume state: the rerun skips training and only evaluates.
+    try:
+        with SigtermTrap(raising=True):
+            batch = ft["eval_batch_size"]
+            pool_logits = predict_logits(model, ctx.tensor(d.pool_images), ctx.spec, batch, ft["precision"])
+            test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
+            labels = ctx.tensor(d.pool_labels)
+            accs = fold_accuracies(pool_logits, labels, ctx.tensor(ctx.fold_of), ctx.k)
+            holdout = ctx.tensor(holdout_indices(ctx.fold_of))
+            holdout_acc = (pool_logits[holdout].argmax(1) == labels[holdout]).float().mean().item() if len(holdout) else None
+            test_acc = (test_logits.argmax(1) == ctx.tensor(d.test_labels)).float().mean().item()
+            out = Path(out_dir)
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ft["save_dtype"]]
+            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+            meta = ctx.metadata(kind="finetune", **point.as_dict(), fold=fold)
+            save_weights(out / "model.safetensors", state, meta)
+            save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits},
+                         {"hp": hp, "fold": fold})
+            # At chance: own-fold val accuracy no better than always predicting that fold's largest class
+            # (exact binomial test, analysis.chance_ceiling): a loss that exploded without turning NaN.
+            from foldsoup.analysis.reliability import CHANCE_ALPHA, at_chance, chance_ceiling, majority_rate
+
+            val_labels = d.pool_labels[ctx.fold_of == fold]
+            majority, n_val = majority_rate(val_labels), len(val_labels)
+            chance, ceiling = at_chance(accs[fold], n_val, majority), chance_ceiling(n_val, majority)
+            metrics = {**point.as_dict(), "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
+                       "fold_accs": {str(i): a for i, a in accs.items()}, "holdout_acc": holdout_acc, "diverged": diverged,
+                       "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val, **stats}
+            atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished
+    except Interrupted:
+        if diverged:
+            raise
+        resume.save_trained(model, stats)
+        raise Interrupted(f"{tag}: SIGTERM after training; the trained weights are saved to {resume.path}, "
+                          f"a rerun only evaluates them") from None
+    resume.clear()
+    log(f"{tag}: val acc (fold {fold}) {accs[fold]:.4f}" + (f", holdout acc {holdout_acc:.4f}" if holdout_acc is not None else "")
+        + f", test acc {test_acc:.4f}")
+    if chance and not diverged:
+        log(f"WARNING {tag}: at chance: val acc {accs[fold]:.4f} is not above {ceiling:.4f}, the most a model blind to its "
+            f"input plausibly reaches on fold {fold}'s {n_val} val images (largest class {majority:.4f}; binomial test at "
+            f"p = {CHANCE_ALPHA}); final train loss {stats['final_loss']:.4g}. It learned nothing: lower lr {point.lr:g} in "
+            f"grid.lr or check the data. It is not diverged, so it still enters the soups and Table 2's threshold")

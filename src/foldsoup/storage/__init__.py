@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, weight files with metadata, recognising bad files."""

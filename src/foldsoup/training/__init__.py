@@ -1,0 +1,1 @@
+"""Training: the fine-tuning loop, linear probe, resume state, AdamW, augmentation."""
