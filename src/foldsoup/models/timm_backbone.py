@@ -1,0 +1,309 @@
+"""timm backbones (`model.name: timm`): any `timm.list_models()` architecture as a feature
+extractor, with the project's own linear head on top.
+
+The backbone is `timm.create_model(arch, num_classes=0)`: timm's pooled features (after global
+pooling and, for models with a hidden head such as MobileNetV3's `conv_head`, after it), no
+classifier. Its output width is `head_hidden_size` where the model has one, else `num_features`.
+
+`model.pretrained` is one of
+* a local weights file in timm's own key layout (what `torch.save(model.state_dict())` or
+  `safetensors.torch.save_file(model.state_dict())` write for a timm model, and what timm's hub
+  repositories hold): `.safetensors`, or a torch file read with `weights_only=True` (no pickled
+  objects are ever run). The classifier's keys (`model.pretrained_cfg["classifier"]`, e.g.
+  `fc.*`, `head.*`, `head.fc.*`, `classifier.*`) are dropped; every other tensor must fit the
+  backbone exactly (missing, unexpected or mis-shaped tensors are refused naming the file and
+  the tensor). Files in a family's original layout, or a ViT's position embedding at another
+  image size, go through the family's own `checkpoint_filter_fn`, as timm does when it loads;
+* a timm pretrained tag of `arch` (`timm.list_pretrained(arch + ".*")`, e.g. `a1_in1k` for
+  `resnet18`), fetched on first use through timm from the Hugging Face hub (cached under
+  HF_HOME; HF_HUB_OFFLINE=1 uses the cache only);
+* null: random weights (seeded), for tests.
+
+`import timm` costs ~1 s, so it is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from foldsoup.errors import ModelError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _timm():
+    import timm
+
+    return timm
+
+
+# ---------------------------------------------------------------- names, tags, pretrained config
+
+
+def check_arch(arch: str) -> None:
+    """Refuse a name that is not in timm.list_models(), with close names (did you mean)."""
+    timm = _timm()
+    names = timm.list_models()
+    if arch in names:
+        return
+    if "." in arch:
+        base, tag = arch.split(".", 1)
+        if base in names:
+            raise ModelError(f"model.arch {arch!r} includes a pretrained tag; set model.arch: {base} and "
+                            f"model.pretrained: {tag}")
+    close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
+    mean = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ModelError(f"model.arch {arch!r} is not a timm model{mean} (allowed: one of the {len(names)} names of "
+                    f"timm.list_models(), e.g. 'resnet18', 'mobilenetv3_small_100', 'vit_small_patch16_224')")
+
+
+def is_checkpoint_path(pretrained: str | None) -> bool:
+    """A local file (existing, or spelled like a path) rather than a pretrained tag."""
+    return bool(pretrained) and (os.path.isfile(pretrained) or os.sep in pretrained
+                                 or str(pretrained).endswith(CHECKPOINT_SUFFIXES))
+
+
+def pretrained_tags(arch: str) -> list[str]:
+    """The pretrained tags timm knows for `arch` (a table in timm's code, no network)."""
+    return [name.split(".", 1)[1] for name in _timm().list_pretrained(f"{arch}.*") if name.split(".", 1)[0] == arch]
+
+
+def check_tag(arch: str, tag: str) -> None:
+    """Refuse a tag timm does not know for `arch`, listing the arch's tags."""
+    tags = pretrained_tags(arch)
+    if tag in tags:
+        return
+    close = difflib.get_close_matches(tag, tags, n=1, cutoff=0.6)
+    mean = f"; did you mean {close[0]!r}?" if close else ""
+    hint = f"tags of {arch!r}: {', '.join(tags)}" if tags else f"{arch!r} has no pretrained tags in timm"
+    raise ModelError(f"model.pretrained {tag!r} is neither a weights file nor a timm pretrained tag of {arch!r} "
+                    f"({hint}){mean}")
+
+
+def pretrained_cfg(arch: str, pretrained: str | None = None) -> dict:
+    """Input image size, mean, std and interpolation the weights were trained with: the tag's
+    pretrained config, else (a file, or null) the arch's default tag's (timm's own defaults
+    where the arch has none). No network: these are tables in timm's code."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    check_arch(arch)
+    name = arch
+    if pretrained and not is_checkpoint_path(pretrained):
+        check_tag(arch, pretrained)
+        name = f"{arch}.{pretrained}"
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    resolved = resolve_data_config({}, pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+    return {
+        "image_size": int(resolved["input_size"][-1]),
+        "mean": [float(v) for v in resolved["mean"]],
+        "std": [float(v) for v in resolved["std"]],
+        "interpolation": str(resolved.get("interpolation") or "bicubic"),
+    }
+
+
+# ---------------------------------------------------------------- the backbone
+
+
+def timm_backbone(arch: str, image_size: int | None = None) -> tuple[nn.Module, int]:
+    """(timm `arch` with random weights and no classifier, the width of its pooled features).
+
+    `image_size` matters for models whose weights depend on it (a ViT's position embedding):
+    they are built for that size; size-agnostic models (CNNs) ignore it."""
+    timm = _timm()
+    check_arch(arch)
+    model = None
+    if image_size:
+        default = pretrained_cfg(arch)["image_size"]
+        if int(image_size) != default:
+            try:
+                model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=int(image_size))
+            except TypeError:  # the constructor has no img_size: the weights do not depend on it
+                model = None
+    if model is None:
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return model, dim
+
+
+def classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """Module names of the classifier in timm's layout (pretrained_cfg["classifier"])."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+# ---------------------------------------------------------------- weights files
+
+
+def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """name -> tensor of a .safetensors file or a torch file (weights_only=True), unwrapped from
+    "state_dict"/"model"/"state_dict_ema" and a DataParallel "module." prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model.pretrained: weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise ModelError(f"{path}: unreadable safetensors file ({type(exc).__name__}: {exc})") from exc
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError (not weights-only), RuntimeError (TorchScript, truncated)
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise ModelError(f"{path}: cannot load as a plain weights file with torch.load(weights_only=True) "
+                            f"({type(exc).__name__}: {first}); save the model's state_dict() (or use safetensors)") from exc
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(obj.get(wrapper), dict) and not isinstance(obj.get(wrapper), torch.Tensor):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ModelError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise ModelError(f"{path}: state dict key {key!r} is not a string")
+        if not isinstance(value, torch.Tensor):
+            raise ModelError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        state[key[len("module."):] if key.startswith("module.") else key] = value
+    return state
+
+
+def _family_filter(model: nn.Module):
+    """The checkpoint_filter_fn of the model's timm family module (resamples a ViT's position
+    embedding to the model's image size, converts original layouts), or None."""
+    module = sys.modules.get(type(model).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    return fn if callable(fn) else None
+
+
+def _fits(state: dict, own: dict) -> bool:
+    return set(state) == set(own) and all(tuple(state[k].shape) == tuple(own[k].shape) for k in own)
+
+
+def _drop_classifier(state: dict, own: dict, names: tuple[str, ...]) -> dict:
+    """Without the classifier's tensors (keys under a classifier name that the backbone lacks)."""
+    def is_classifier(key: str) -> bool:
+        return key not in own and any(key == n or key.startswith(n + ".") for n in names)
+
+    return {k: v for k, v in state.items() if not is_classifier(k)}
+
+
+def check_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`state` fitted to `backbone` (classifier dropped, family filter where the layout differs);
+    error naming `source` and the first tensor that does not fit."""
+    own = backbone.state_dict()
+    names = classifier_names(backbone)
+    fitted = _drop_classifier(state, own, names)
+    if not _fits(fitted, own):
+        fn = _family_filter(backbone)
+        if fn is not None:
+            try:
+                filtered = _drop_classifier(dict(fn(dict(state), backbone)), own, names)
+            except Exception:  # the filter could not make sense of it: report the tensors as they are
+                filtered = None
+            if filtered is not None and _fits(filtered, own):
+                fitted = filtered
+    missing = [k for k in own if k not in fitted]
+    if missing:
+        raise ModelError(f"{source}: backbone tensor {missing[0]!r} is missing ({len(missing)} of {len(own)} missing; "
+                        f"is this a weights file of this model.arch, in timm's key layout?)")
+    extra = [k for k in fitted if k not in own]
+    if extra:
+        raise ModelError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} not in the backbone of this model.arch, "
+                        f"e.g. {extra[:3]})")
+    for key, ref in own.items():
+        value = fitted[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ModelError(f"{source}: tensor {key!r} has shape {list(value.shape)}, the backbone of this model.arch "
+                            f"expects {list(ref.shape)}")
+        if ref.is_floating_point() != value.is_floating_point():
+            raise ModelError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected {ref.dtype}")
+    return {k: fitted[k].to(own[k].dtype) for k in own}
+
+
+def state_from_file(path: str | os.PathLike, backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's tensors from a weights file in timm's layout (see check_state)."""
+    return check_state(backbone, read_state(path), str(path))
+
+
+def load_into(backbone: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        own = backbone.state_dict()
+        for key, value in own.items():
+            value.copy_(state[key])
+
+
+# ---------------------------------------------------------------- export (the pretrain job)
+
+
+def export_pretrained(model_cfg: dict, image_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """State dict of the backbone every fine-tune builds (timm_backbone(arch, image_size)) with
+    the weights named by model_cfg["pretrained"]: a local file, a timm tag (downloaded through
+    timm on first use) or null (random weights drawn with `seed`)."""
+    arch = model_cfg["arch"]
+    pretrained = model_cfg.get("pretrained")
+    check_arch(arch)
+    if not pretrained:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone, _ = timm_backbone(arch, image_size)
+        return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    backbone, _ = timm_backbone(arch, image_size)
+    if is_checkpoint_path(str(pretrained)):
+        state = state_from_file(pretrained, backbone)
+    else:
+        check_tag(arch, pretrained)  # clear error for unknown tags, before any download
+        kwargs = {}
+        if image_size and int(image_size) != pretrained_cfg(arch, pretrained)["image_size"]:
+            kwargs["img_size"] = int(image_size)
+        try:
+            try:
+                source = _timm().create_model(f"{arch}.{pretrained}", pretrained=True, num_classes=0, **kwargs)
+            except TypeError:
+                if not kwargs:
+                    raise
+                source = _timm().create_model(f"{arch}.{pretrained}", pretrained=True, num_classes=0)
+        except Exception as exc:
+            raise ModelError(_fetch_failure(arch, pretrained, exc)) from exc
+        state = check_state(backbone, source.state_dict(), f"timm {arch}.{pretrained}")
+        del source
+    load_into(backbone, state)
+    return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+
+
+def _fetch_failure(arch: str, tag: str, exc: Exception) -> str:
+    """One line for a tag's weights that timm could not get: without network, the ways out."""
+    chain = [exc]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
+        chain.append(nxt)
+    root = chain[-1]
+    cause = f"{type(root).__name__}: {(str(root).splitlines() or [''])[0][:160]}"
+    if not any(isinstance(e, OSError) for e in chain):  # not a download: a damaged cache file, ...
+        return f"model.pretrained: timm could not load the {tag!r} weights of {arch!r} ({cause})"
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(f"{arch}.{tag}")
+    repo = getattr(cfg, "hf_hub_id", None)
+    source = f"the Hugging Face hub ({repo})" if repo else (getattr(cfg, "url", None) or "its URL")
+    local = (f"set model.pretrained to a local weights file of {arch!r} in timm's layout (README, \"timm backbones\"; "
+             f"e.g. saved with safetensors.torch.save_file(timm.create_model('{arch}.{tag}', pretrained=True)"
+             f".state_dict(), '{arch}.safetensors') on a machine with network)")
+    if constants.HF_HUB_OFFLINE:
+        return (f"model.pretrained: the {tag!r} weights of {arch!r} are not in the Hugging Face cache "
+                f"{constants.HF_HUB_CACHE} and HF_HUB_OFFLINE=1 forbids downloading them from {source}; {local}, or "
+                f"fill that cache (HF_HOME) on a machine with network and copy it here")
+    return (f"model.pretrained: timm could not download the {tag!r} weights of {arch!r} from {source} ({cause}); "
+            f"without network, {local}, or copy a Hugging Face cache filled on a machine with network to HF_HOME "
+            f"(now {constants.HF_HOME}) and set HF_HUB_OFFLINE=1, which also fails at once instead of retrying")
