@@ -125,7 +125,7 @@ CASES = [
     # unknown dataset or model names
     ({"data": {"name": "mnist"}}, "data.name: 'mnist' is not allowed; did you mean 'medmnist'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')"),
     ({"data": {"name": "cifar"}}, "data.name: 'cifar' is not allowed; did you mean 'cifar10'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')"),
-    ({"model": {"name": "resnet50"}}, "model.name: 'resnet50' is not allowed (allowed: one of 'digits_cnn', 'open_clip')"),
+    ({"model": {"name": "resnet50"}}, "model.name: 'resnet50' is not allowed (allowed: one of 'digits_cnn', 'open_clip', 'timm')"),
     ({"model": {"norm": "layer"}}, "model.norm: 'layer' is not allowed (allowed: one of 'group', 'batch')"),
     ({"data": {"name": "cifar10", "download": True}, "model": {"name": "open_clip", "arch": "ViT-B/32"}},
      "model.arch: 'ViT-B/32' is not an open_clip model; did you mean 'ViT-B-32'"),
@@ -168,7 +168,7 @@ def test_missing_required_keys(base):
     message = error_of({}, {})
     assert message.splitlines()[1:] == [
         "  - data: missing; it is required (allowed: a mapping (key: value) with keys name, root, download, image_size, "
-        "mean, std, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test, class_names, resize)",
+        "mean, std, interpolation, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test, class_names, resize)",
         "  - model: missing; it is required (allowed: a mapping (key: value) with keys name, width, norm, arch, pretrained, "
         "quick_gelu, normalize_features)",
     ]

@@ -443,9 +443,9 @@ def test_new_keys_are_validated(base, tmp_path, own_data, monkeypatch):
     validate(medmnist)
     validate(imagefolder)
     assert problems_of(deep_update(medmnist, {"model": {"name": "digits_cnn"}})) == [
-        "model.name: 'digits_cnn' is pretrained on digits classes; with data.name 'medmnist' allowed: 'open_clip'"]
+        "model.name: 'digits_cnn' is pretrained on digits classes; with data.name 'medmnist' allowed: 'open_clip' or 'timm'"]
     assert problems_of(deep_update(imagefolder, {"model": {"name": "digits_cnn"}})) == [
-        "model.name: 'digits_cnn' is pretrained on digits classes; with data.name 'imagefolder' allowed: 'open_clip'"]
+        "model.name: 'digits_cnn' is pretrained on digits classes; with data.name 'imagefolder' allowed: 'open_clip' or 'timm'"]
     assert problems_of(deep_update(medmnist, {"data": {"download": True}})) == [
         "data.download: true only fetches CIFAR-10; for data.name 'medmnist' put the .npz file at data.root yourself, "
         "allowed: false"]

@@ -214,3 +214,63 @@ def test_tag_without_network_says_how_to_fill_the_cache(tmp_path):
                           "Hugging Face hub (timm/test_vit.r160_in1k)"), out
     assert "local weights file" in out and "fill that cache (HF_HOME)" in out
     assert out.count("\n") == 1
+
+
+# ---------------------------------------------------------------- the configuration (parse time)
+
+
+def _validate(over: dict) -> dict:
+    from foldsoup.config.schema import deep_update, load_yaml_files, validate
+
+    return validate(deep_update(load_yaml_files(ROOT / "config.yaml"), over), check_paths=False)
+
+
+def _problems(over: dict) -> list[str]:
+    from foldsoup.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _validate(over)
+    return [line.removeprefix("  - ") for line in str(info.value).splitlines()[1:]]
+
+
+OWN = {"data": {"name": "imagefolder", "root": "images"}}
+
+
+def test_config_checks_arch_and_tag_before_any_job():
+    assert _problems({**OWN, "model": {"name": "timm", "arch": "mobilenetv3_smal_100", "pretrained": None}})[0].startswith(
+        "model.arch: 'mobilenetv3_smal_100' is not a timm model; did you mean 'mobilenetv3_small_100'")
+    assert _problems({**OWN, "model": {"name": "timm", "arch": "resnet18", "pretrained": "a1"}})[0].startswith(
+        "model.pretrained: 'a1' is neither a weights file nor a timm pretrained tag of 'resnet18' (tags of 'resnet18': ")
+    # open_clip's defaults (ViT-B-32, openai) are no timm model's: both keys must be set.
+    assert _problems({**OWN, "model": {"name": "timm"}}) == [
+        "model.arch: missing; with model.name 'timm' it is required (allowed: any name of timm.list_models(), e.g. "
+        "'resnet18', 'mobilenetv3_small_100')",
+        "model.pretrained: missing; with model.name 'timm' it is required (allowed: a weights file in timm's key "
+        "layout, a timm pretrained tag of model.arch, or null (random weights, for tests))"]
+    assert _problems({"model": {"name": "timm", "arch": "resnet18", "pretrained": None}}) == [
+        "model.name: 'timm' does not fit data.name 'digits' (8x8 grey images); allowed: 'digits_cnn'"]
+
+
+def test_config_takes_image_settings_from_the_weights_unless_set():
+    cfg = _validate({**OWN, "model": {"name": "timm", "arch": "test_vit", "pretrained": "r160_in1k"}})
+    assert {k: cfg["data"][k] for k in ("image_size", "mean", "std", "interpolation")} == {
+        "image_size": 160, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
+    cfg = _validate({"data": {**OWN["data"], "image_size": 64, "mean": [0.4], "std": [0.2], "interpolation": "bilinear"},
+                     "model": {"name": "timm", "arch": "resnet18", "pretrained": "weights/resnet18.safetensors"}})
+    assert {k: cfg["data"][k] for k in ("image_size", "mean", "std", "interpolation")} == {
+        "image_size": 64, "mean": [0.4], "std": [0.2], "interpolation": "bilinear"}
+
+
+def test_job_configs_of_a_timm_run():
+    from foldsoup.config.job import job_config
+
+    cfg = _validate({**OWN, "model": {"name": "timm", "arch": "resnet18", "pretrained": None}})
+    model = {"name": "timm", "arch": "resnet18", "pretrained": None, "normalize_features": False}
+    assert job_config(cfg, "pretrain") == {"model": model, "data": {"image_size": 224}, "seed": 0}
+    ft = job_config(cfg, "finetune", "lr0.002_minimal_nomix")
+    assert ft["model"] == model and ft["data"]["interpolation"] == "bicubic" and ft["data"]["mean"] == [0.485, 0.456, 0.406]
+    # A file or tag: the seed draws nothing in pretrain.
+    tagged = _validate({**OWN, "model": {"name": "timm", "arch": "resnet18", "pretrained": "a1_in1k"}})
+    assert "seed" not in job_config(tagged, "pretrain")
+    # Runs of the other models keep their job configs (no data.interpolation: nothing reruns).
+    assert "interpolation" not in job_config(_validate({}), "finetune", "lr0.002_minimal_nomix")["data"]

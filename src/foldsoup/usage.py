@@ -41,7 +41,7 @@ def _load(path: str, device: str):
             raise WeightsError(f"weight file {path} holds {held}, not a model or soup; give {MODEL_FILES}")
         raise WeightsError(f"weight file {path} was not written by foldsoup (no {', '.join(map(repr, lacking))} in its "
                            f"metadata; {len(state)} tensors, the first {next(iter(state), '')!r}); give {MODEL_FILES}")
-    model = build_classifier(meta["model"], len(meta["classes"]))
+    model = build_classifier(meta["model"], len(meta["classes"]), meta["image"].get("size"))
     try:
         load_full(model, state, path)
     except ValueError as exc:  # only a file whose tensors were replaced after foldsoup wrote it

@@ -46,10 +46,10 @@ def runtime_params(wildcards, input):
 
 def pretrained_checkpoint():
     """model.pretrained as an input of `pretrain` when it is a local file: replacing the
-    checkpoint reruns it (a tag is fetched by open_clip and stays a param). A path that does
-    not exist was refused by the config check already."""
+    checkpoint reruns it (a tag is fetched by open_clip or timm and stays a param). A path that
+    does not exist was refused by the config check already."""
     pretrained = config["model"].get("pretrained") or ""
-    if config["model"]["name"] == "open_clip" and os.path.isfile(pretrained):
+    if config["model"]["name"] in ("open_clip", "timm") and os.path.isfile(pretrained):
         return [pretrained]
     return []
 

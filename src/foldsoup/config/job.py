@@ -43,6 +43,7 @@ PREPARE_KEYS = {
 MODEL_KEYS = {
     "digits_cnn": ("model.name", "model.width", "model.norm", "model.normalize_features"),
     "open_clip": ("model.name", "model.arch", "model.pretrained", "model.quick_gelu", "model.normalize_features"),
+    "timm": ("model.name", "model.arch", "model.pretrained", "model.normalize_features"),
 }
 
 # The fine-tune recipe: everything of `finetune` except the runtime keys and mixup_alpha, which
@@ -90,7 +91,12 @@ def select(cfg: dict, paths: Iterable[str]) -> dict:
 def step_keys(cfg: dict, step: str, hp: str | None = None) -> tuple[str, ...]:
     """The dotted keys the result of `step` depends on (of grid point `hp`, for finetune)."""
     model = MODEL_KEYS[cfg["model"]["name"]]
-    return tuple(key for entry in _step_keys(cfg, step, hp) for key in (model if entry == "model" else (entry,)))
+    keys = tuple(key for entry in _step_keys(cfg, step, hp) for key in (model if entry == "model" else (entry,)))
+    if "data.image_size" in keys and "data.hflip" in keys and cfg["data"].get("interpolation", "bilinear") != "bilinear":
+        # Every job with the image spec; only when not the default, so the jobs of runs made
+        # before data.interpolation existed keep their configuration (and are not rerun).
+        keys += ("data.interpolation",)
+    return keys
 
 
 def _step_keys(cfg: dict, step: str, hp: str | None) -> tuple[str, ...]:
@@ -99,6 +105,10 @@ def _step_keys(cfg: dict, step: str, hp: str | None) -> tuple[str, ...]:
     if step == "pretrain":
         if cfg["model"]["name"] == "open_clip":
             return ("model",)  # exported, not trained
+        if cfg["model"]["name"] == "timm":
+            # Exported, not trained: the image size shapes a ViT's position embedding; the seed
+            # draws the weights of model.pretrained: null.
+            return ("model", "data.image_size", *(("seed",) if cfg["model"]["pretrained"] is None else ()))
         return ("seed", *DATA_SPEC, "model", "pretrain", "augment.medium")
     if step == "finetune":
         point = grid_point(cfg, hp)

@@ -27,7 +27,7 @@ def run_identity(cfg: dict) -> dict:
     identity = {"data": data["name"], "model": model["name"]}
     if data["name"] != "digits":  # digits ships with scikit-learn: no root
         identity["data_root"] = os.path.abspath(data["root"])
-    if model["name"] == "open_clip":
+    if model["name"] in ("open_clip", "timm"):
         identity["arch"] = model["arch"]
     return identity
 

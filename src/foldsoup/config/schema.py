@@ -6,7 +6,7 @@ This module is imported by the Snakefile at parse time, so it must stay cheap: n
 
 from __future__ import annotations
 
-from foldsoup.errors import ConfigError
+from foldsoup.errors import ConfigError, ModelError
 import copy
 import difflib
 import functools
@@ -260,7 +260,9 @@ def validate(config: dict, schema: dict | None = None, check_paths: bool = True)
         lines = list(dict.fromkeys(line for e in errors for line in _describe_error(e, schema)))
         raise ConfigError(f"invalid configuration ({len(lines)} problem(s)):\n" + "\n".join(f"  - {x}" for x in lines))
     filled = _coerce_integers(filled, schema, schema)
-    _check_semantics(filled, check_paths)
+    if filled["model"]["name"] == "timm":
+        _fill_timm_image(filled, config)
+    _check_semantics(filled, check_paths, config)
     if filled["model"]["name"] == "open_clip":
         # Explicit in every job's config and in the weights' metadata: the activation the tower
         # is built with (null stays null only where open_clip's tables could not be read).
@@ -439,7 +441,8 @@ def _budget_problems(cfg: dict) -> list[str]:
     return problems
 
 
-def _check_semantics(cfg: dict, check_paths: bool) -> None:
+def _check_semantics(cfg: dict, check_paths: bool, raw: dict | None = None) -> None:
+    """`raw`: the configuration as given, before defaults (what a timm model must set itself)."""
     problems = []
     data, model = cfg["data"], cfg["model"]
     if len(data["mean"]) != len(data["std"]):
@@ -451,7 +454,13 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
         if model["name"] != "digits_cnn":
             problems.append(f"model.name: {model['name']!r} does not fit data.name 'digits' (8x8 grey images); allowed: 'digits_cnn'")
     if data["name"] != "digits" and model["name"] == "digits_cnn":
-        problems.append(f"model.name: 'digits_cnn' is pretrained on digits classes; with data.name {data['name']!r} allowed: 'open_clip'")
+        problems.append(f"model.name: 'digits_cnn' is pretrained on digits classes; with data.name {data['name']!r} "
+                        f"allowed: 'open_clip' or 'timm'")
+    if model["name"] == "open_clip" and model["pretrained"] is None:
+        problems.append("model.pretrained: null (random weights) is for model.name 'timm'; with 'open_clip' allowed: a "
+                        "pretrained tag of model.arch (e.g. 'openai') or the path of a local .safetensors/.pt checkpoint")
+    if model["name"] == "timm":
+        problems += _timm_problems(model, _timm_missing(raw or {}))
     problems += _own_data_problems(data)
     channels = 1 if data["name"] == "digits" else 3  # imagefolder and medmnist are stored as RGB
     for key in ("mean", "std"):
@@ -489,7 +498,7 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
             mean = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             problems.append(f"model.arch: {model['arch']!r} is not an open_clip model{mean} "
                             f"(allowed: one of the {len(archs)} names of open_clip.list_models(), e.g. 'ViT-B-32')")
-        else:
+        elif model["pretrained"] is not None:
             for problem in (_pretrained_tag_problem(model["arch"], model["pretrained"]), quick_gelu_of(model)[1]):
                 if problem:
                     problems.append(problem)
@@ -521,10 +530,15 @@ def _check_semantics(cfg: dict, check_paths: bool) -> None:
             what = "is a folder" if root.exists() else "does not exist"
             problems.append(f"data.root: {str(root)!r} {what}; with data.name 'medmnist' allowed: an existing MedMNIST "
                             f".npz file ({MEDMNIST_SOURCE})")
-        pretrained = model.get("pretrained", "")
+        pretrained = model.get("pretrained") or ""
         if model["name"] == "open_clip" and _looks_like_path(pretrained) and not Path(pretrained).is_file():
             problems.append(f"model.pretrained: checkpoint file {pretrained!r} does not exist; allowed: an open_clip "
                             f"pretrained tag (e.g. 'openai') or an existing .safetensors/.pt file")
+        if model["name"] == "timm" and (_looks_like_path(pretrained) or os.path.exists(pretrained)) \
+                and not Path(pretrained).is_file():
+            what = "is a folder" if Path(pretrained).exists() else "does not exist"
+            problems.append(f"model.pretrained: weights file {pretrained!r} {what}; allowed: an existing .safetensors or "
+                            f"torch file in timm's key layout, a timm pretrained tag of {model['arch']!r}, or null")
     if problems:
         raise ConfigError(f"invalid configuration ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -547,6 +561,58 @@ def _own_data_problems(data: dict) -> list[str]:
         problems.append(f"data.root: {data['root']!r} is not an .npz file; with data.name 'medmnist' allowed: the path of "
                         f"a MedMNIST .npz file, e.g. data/medmnist/pneumoniamnist_224.npz ({MEDMNIST_SOURCE})")
     return problems
+
+
+# The image settings a timm model's pretrained configuration gives unless the config sets them.
+TIMM_IMAGE_KEYS = ("image_size", "mean", "std", "interpolation")
+
+
+def _timm_missing(raw: dict) -> list[str]:
+    """model.arch and model.pretrained when the configuration files do not set them: their
+    schema defaults are open_clip's (ViT-B-32, openai), no timm model's."""
+    raw_model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    return [key for key in ("arch", "pretrained") if key not in raw_model]
+
+
+def _timm_problems(model: dict, missing: list[str]) -> list[str]:
+    """model.arch (did you mean) and model.pretrained (a tag of it) of a timm model; imports
+    timm, so only for model.name timm."""
+    if missing:
+        allowed = {"arch": "any name of timm.list_models(), e.g. 'resnet18', 'mobilenetv3_small_100'",
+                   "pretrained": "a weights file in timm's key layout, a timm pretrained tag of model.arch, or null "
+                                 "(random weights, for tests)"}
+        return [f"model.{key}: missing; with model.name 'timm' it is required (allowed: {allowed[key]})" for key in missing]
+    from foldsoup.config.timm_names import check_arch, check_tag, is_checkpoint_path
+
+    try:
+        check_arch(model["arch"])
+        if model["pretrained"] is not None and not is_checkpoint_path(model["pretrained"]):
+            check_tag(model["arch"], model["pretrained"])
+    except ModelError as err:
+        message = str(err)
+        for key in ("model.arch", "model.pretrained"):  # "model.arch 'x' is ..." -> "model.arch: 'x' is ..."
+            if message.startswith(key + " "):
+                message = f"{key}: {message[len(key) + 1:]}"
+        return [message]
+    return []
+
+
+def _fill_timm_image(filled: dict, raw: dict) -> None:
+    """data.image_size, mean, std and interpolation from the timm weights' pretrained
+    configuration, where the configuration files do not set them (schema defaults do not count).
+    Missing or unknown archs and tags are left for _check_semantics to report."""
+    from foldsoup.config.timm_names import pretrained_cfg
+
+    if _timm_missing(raw) or filled["data"]["name"] == "digits":  # digits + timm is refused as it is
+        return
+    raw_data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    try:
+        image = pretrained_cfg(filled["model"]["arch"], filled["model"]["pretrained"])
+    except ModelError:
+        return
+    for key in TIMM_IMAGE_KEYS:
+        if key not in raw_data:
+            filled["data"][key] = image[key]
 
 
 def _pretrained_tag_problem(arch: str, pretrained: str) -> str | None:

@@ -46,7 +46,7 @@ class Context:
     def model(self, num_classes: int | None = None):
         from foldsoup.models.build import build_classifier
 
-        return build_classifier(self.cfg["model"], num_classes or self.data.num_classes).to(self.device)
+        return build_classifier(self.cfg["model"], num_classes or self.data.num_classes, self.spec.size).to(self.device)
 
     def tensor(self, array: np.ndarray):
         import torch
@@ -62,7 +62,7 @@ class Context:
             from foldsoup.models.build import build_classifier
 
             with torch.device("meta"):  # shapes only: no memory, no init
-                model = build_classifier(self.cfg["model"], self.data.num_classes)
+                model = build_classifier(self.cfg["model"], self.data.num_classes, self.spec.size)
             self._shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         return load_weights(path, device=device or str(self.device), expect=self._shapes)[0]
 

@@ -46,7 +46,8 @@ def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, 
     models = pd.read_csv(models_csv)
     run_info = {
         "dataset": cfg["data"]["name"],
-        "model": cfg["model"]["name"] if cfg["model"]["name"] != "open_clip" else f"open_clip {cfg['model']['arch']} ({cfg['model']['pretrained']})",
+        "model": cfg["model"]["name"] if cfg["model"]["name"] not in ("open_clip", "timm")
+        else f"{cfg['model']['name']} {cfg['model']['arch']} ({cfg['model']['pretrained'] or 'random weights'})",
         "k": cfg["folds"]["k"],
         "grid_points": models.hp.nunique(),
         "models": len(models),

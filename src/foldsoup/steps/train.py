@@ -14,13 +14,18 @@ from foldsoup.storage.weights import atomic_write_json, load_weights, save_weigh
 from foldsoup.steps.context import Context, log
 
 def pretrain(cfg: dict, data_path: str, out: str) -> None:
-    """The shared pretrained backbone: trained here for digits_cnn, exported for open_clip."""
+    """The shared pretrained backbone: trained here for digits_cnn, exported for open_clip and timm."""
     from foldsoup.models.classifier import backbone_state
 
     if cfg["model"]["name"] == "open_clip":
         from foldsoup.models.clip import export_pretrained_visual
 
         state = export_pretrained_visual(cfg["model"])  # on the CPU: no device, no data needed
+    elif cfg["model"]["name"] == "timm":
+        from foldsoup.models.timm_backbone import export_pretrained
+
+        # On the CPU, no data needed; random weights (model.pretrained: null) drawn with `seed`.
+        state = export_pretrained(cfg["model"], cfg["data"]["image_size"], cfg.get("seed", 0))
     else:
         from foldsoup.training.loop import LoopConfig, train
 

@@ -23,11 +23,17 @@ def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
     return (x - m) / s
 
 
-def eval_transform(images: torch.Tensor, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 [B,C,H,W] -> normalised float [B,C,size,size] (bilinear resize, no randomness)."""
+def eval_transform(images: torch.Tensor, size: int, mean: list[float], std: list[float],
+                   interpolation: str = "bilinear") -> torch.Tensor:
+    """uint8 [B,C,H,W] -> normalised float [B,C,size,size] (resize by `interpolation`, data.interpolation:
+    bilinear or bicubic, antialiased when shrinking; no randomness)."""
     x = images.float().div_(255.0)
     if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        if interpolation == "bilinear":
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        else:
+            x = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=False,
+                              antialias=x.shape[-1] > size or x.shape[-2] > size).clamp_(0, 1)
     return normalise(x, mean, std)
 
 

@@ -42,6 +42,8 @@ class ImageSpec:
     mean: list[float]
     std: list[float]
     hflip: bool
+    # The resize to `size` on the device (data.interpolation); random crops sample bilinearly.
+    interpolation: str = "bilinear"
 
     @classmethod
     def from_config(cls, data_cfg: dict, channels: int) -> "ImageSpec":
@@ -49,7 +51,8 @@ class ImageSpec:
         def per_channel(v):
             return list(v) * channels if len(v) == 1 else list(v)
 
-        return cls(data_cfg["image_size"], per_channel(data_cfg["mean"]), per_channel(data_cfg["std"]), data_cfg["hflip"])
+        return cls(data_cfg["image_size"], per_channel(data_cfg["mean"]), per_channel(data_cfg["std"]), data_cfg["hflip"],
+                   data_cfg.get("interpolation", "bilinear"))
 
 
 def autocast(device: torch.device, precision: str):
@@ -67,7 +70,7 @@ def predict_logits(
     out = []
     with autocast(device, precision):
         for start in range(0, images.shape[0], batch_size):
-            x = eval_transform(images[start : start + batch_size], spec.size, spec.mean, spec.std)
+            x = eval_transform(images[start : start + batch_size], spec.size, spec.mean, spec.std, spec.interpolation)
             out.append(model(x).float())
     return torch.cat(out) if out else torch.zeros(0, model.head.out_features, device=device)
 
@@ -78,7 +81,7 @@ def extract_features(model: Classifier, images: torch.Tensor, spec: ImageSpec, b
     out = []
     with autocast(images.device, precision):
         for start in range(0, images.shape[0], batch_size):
-            x = eval_transform(images[start : start + batch_size], spec.size, spec.mean, spec.std)
+            x = eval_transform(images[start : start + batch_size], spec.size, spec.mean, spec.std, spec.interpolation)
             out.append(model.features(x).float())
     return torch.cat(out)
 
