@@ -257,7 +257,7 @@ def soup_jobs(cfg: dict, results: str, out: Path, early_exit: bool | None) -> li
                                                                    on_holdout=True)))
     jobs.append(("gsgs", lambda: pl.gsgs(cfg, data, folds, [soup(f"greedy_fold{i}") for i in range(k)], soup("gsgs"))))
     if cfg["budget"]["enabled"]:
-        jobs += [(f"budget/f{f}", lambda f=f: budget(cfg, data, folds, str(r / "tables" / "models.csv"), str(r / "models"), f,
+        jobs += [(f"budget/f{f}", lambda f=f: budget(cfg, data, folds, str(r / "models"), f,
                                                       str(out / f"budget_f{f}.csv"), **exit_kw))
                  for f in fold_counts(k, cfg["budget"]["fold_counts"])]
     return jobs

@@ -148,7 +148,7 @@ def measure(cfg: dict, p: Paths) -> list[dict]:
             accs = ev.fold_accs(state, folds)
             rows.append({"soup": name, "stats": source, "folds": folds, "n_ingredients": rec["n_ingredients"],
                          "images": 0 if source == "averaged" else len(images), "leaks": leaks(source, folds),
-                         "val_min_acc": min(accs.values()), "holdout_acc": ev.holdout_acc(), "test_acc": ev.test_acc()})
+                         "val_min_acc": min(accs.values()), "holdout_acc": ev.holdout_acc(state), "test_acc": ev.test_acc(state)})
     return rows
 
 

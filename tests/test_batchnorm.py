@@ -147,7 +147,7 @@ def test_budget_soups_span_folds(run):
     from foldsoup.steps import budget
 
     out = run.root / "analysis" / "budget" / "f2.csv"
-    budget(run.cfg, run.data, run.folds, str(run.root / "tables" / "models.csv"), str(run.root / "models"), K, str(out))
+    budget(run.cfg, run.data, run.folds, str(run.root / "models"), K, str(out))
     table = pd.read_csv(out, dtype={"grid": str, "folds": str})
     assert {"uniform_soup", "greedy_soup", "gsgs"} <= set(table.method)
     assert (table.loc[table.method == "uniform_soup", "folds"] == "0-1").all()

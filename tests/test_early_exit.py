@@ -298,6 +298,7 @@ def test_smoke_run_steps_are_those_of_full_evaluation(smoke_run):
     from conftest import ROOT, SMOKE
 
     from foldsoup import steps as pl
+    from foldsoup.soups.evaluation import greedy_scorer
     from foldsoup.config.schema import deep_update, load_yaml_files, validate
     from foldsoup.data.folds import HOLDOUT
     from foldsoup.soups.select import Candidate as C
@@ -332,7 +333,7 @@ def test_smoke_run_steps_are_those_of_full_evaluation(smoke_run):
         cands.sort(key=lambda c: order[c.name])
         store = ctx.ingredients(paths.values())
         modes = {"early": (ev, True), "full": (ev, False), "early_batch4": (small, True)}
-        run = {mode: greedy_soup(cands, pl.greedy_scorer(e, lambda c: store.get(paths[c.name])), soups["greedy_accept"],
+        run = {mode: greedy_soup(cands, greedy_scorer(e, lambda c: store.get(paths[c.name])), soups["greedy_accept"],
                                  soups["cross_fold_val"], early_exit=early) for mode, (e, early) in modes.items()}
         assert_same_decisions(run["early"], run["full"])
         assert_same_decisions(run["early_batch4"], run["full"])

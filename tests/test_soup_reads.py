@@ -94,7 +94,7 @@ def _jobs(r: Run, out: Path) -> dict:
         "greedy_soup_holdout": (lambda: steps.greedy_all(r.cfg, r.data, r.folds, models, metrics, str(out / "h.safetensors"),
                                                             on_holdout=True), models),
         "gsgs": (lambda: steps.gsgs(r.cfg, r.data, r.folds, per_fold, str(out / "gsgs.safetensors")), per_fold),
-        "budget": (lambda: budget(r.cfg, r.data, r.folds, str(r.root / "tables" / "models.csv"), str(r.root / "models"), 1,
+        "budget": (lambda: budget(r.cfg, r.data, r.folds, str(r.root / "models"), 1,
                                   str(out / "f1.csv")), models),
     }
 
@@ -118,7 +118,7 @@ def test_each_weight_file_is_read_at_most_once_per_job(run, job, opens, capsys, 
 def test_budget_reads_each_model_once_over_all_its_cells(run, opens, tmp_path):
     """The f = 2 job uses every model in several cells and draws, and each fold's greedy soup
     again in BGSS and GSGS: still one read per model file."""
-    cost = budget(run.cfg, run.data, run.folds, str(run.root / "tables" / "models.csv"), str(run.root / "models"), 2,
+    cost = budget(run.cfg, run.data, run.folds, str(run.root / "models"), 2,
                   str(tmp_path / "f2.csv"))
     assert cost["reads"] == cost["files"] == 2 * K and max(opens.values()) == 1
 

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     step("summary", "summary.md: tables 1-4 beside the paper", "config", "models_csv", "subsets", "reliability", "methods",
          "out").add_argument("--budget", nargs="*", default=[], help="tables/budget.csv, for the summary's Budget section")
     step("budget", "budget cells of one fold count: methods on subsets of grid points and folds", "config", "data", "folds",
-         "models_csv", "model_dir", "n_folds", "out")
+         "model_dir", "n_folds", "out")
     step("budget-table", "tables/budget.csv and figures/budget.png", "parts*", "out_table", "out_figure")
 
     ev = sub.add_parser("evaluate", help="accuracy of a saved model or soup on a prepared dataset")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         elif c == "budget":
             from foldsoup.steps import budget
 
-            budget(cfg, args.data, args.folds, args.models_csv, args.model_dir, int(args.n_folds), args.out)
+            budget(cfg, args.data, args.folds, args.model_dir, int(args.n_folds), args.out)
         elif c == "budget-table":
             from foldsoup.steps import budget_table
 

@@ -13,7 +13,6 @@ BUDGET_FOLDS = fold_counts(K, config["budget"]["fold_counts"])
 rule budget:
     input:
         **SOUP_INPUTS,
-        models_csv=rules.models_table.output,
         models=model_paths(),
         metrics=model_paths(name="metrics.json"),
         predictions=model_paths(name="predictions.safetensors"),
@@ -37,7 +36,7 @@ rule budget:
         ENV
     shell:
         "python -m foldsoup budget --config-json {params.cfg:q} --runtime-json {params.runtime:q} --data {input.data} --folds {input.folds}"
-        " --models-csv {input.models_csv} --model-dir {params.model_dir} --n-folds {wildcards.n_folds}"
+        " --model-dir {params.model_dir} --n-folds {wildcards.n_folds}"
         " --out {output} 2> {log}"
 
 

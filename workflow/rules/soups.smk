@@ -143,9 +143,16 @@ rule methods:
         data=rules.prepare.output,
         folds=rules.folds.output,
         models=rules.models_table.output,
+        # What the job reads or links to: the models' weights and logits (best_on_val and
+        # best_on_holdout are links to a model), every soup's record and test logits, and the
+        # per-fold soups' weights (bgss and best_uniform_per_split are links to one of them).
+        weights=model_paths(),
         predictions=model_paths(name="predictions.safetensors"),
         soups=expand(f"{R}/soups/{{method}}.json", method=[*SOUPS_ALL, "gsgs"]),
+        soup_predictions=expand(f"{R}/soups/{{method}}.predictions.safetensors", method=[*SOUPS_ALL, "gsgs"]),
         per_fold=expand(f"{R}/soups/{{kind}}_fold{{fold}}.json", kind=["greedy", "uniform"], fold=FOLDS),
+        per_fold_weights=expand(f"{R}/soups/{{kind}}_fold{{fold}}{{ext}}", kind=["greedy", "uniform"], fold=FOLDS,
+                                ext=[".safetensors", ".predictions.safetensors"]),
     output:
         table=report(f"{R}/tables/methods.csv", caption="../report/methods.rst", category="Tables"),
         selected=expand(

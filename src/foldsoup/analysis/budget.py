@@ -4,15 +4,15 @@ From the models a run already has, no retraining: for g grid points and f folds,
 of g grid points and f folds (seeded), and compute the methods on the g·f models of each
 subset exactly as the workflow computes them on all T·k models:
 
-* best_on_val: the model with the highest own-fold val accuracy (first of ties in
-  tables/models.csv order, like `pipeline.methods`);
+* best_on_val: the model with the highest own-fold val accuracy (soups.methods.best_on_val);
 * uniform_soup: the uniform soup of the subset's models;
 * greedy_soup: Alg. 1 over the subset's models, MinAcc (or AvgAcc) over the subset's folds;
 * bgss / gsgs: per fold of the subset, Alg. 1 over its g models; then the best of those soups
   on its own val, or Alg. 1 over them (each soup one ingredient);
 * ensemble_all: the logit ensemble of the subset's models (from predictions.safetensors).
 
-Candidates are built and ordered as in `pipeline` (grid order, then fold), so the full cell
+Every method is the function the workflow's steps call (foldsoup.soups.methods and select, one
+tie rule: grid order, then fold), on candidates in the same order, so the full cell
 (g = T, f = k) reproduces tables/methods.csv. Test accuracy is measured after every decision,
 for reporting only. Folds and grid points are numbered from 0; a subset's `grid` column lists
 indices into the grid in config order (`config.grid_points`).
@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,6 +109,7 @@ class Model:
     grid_index: int
     fold: int
     val_acc: float  # metrics.json's (full precision), as the greedy soups sort by it
+    test_acc: float
     diverged: bool
     weights: str
     predictions: str
@@ -128,17 +129,15 @@ class BudgetRun:
     soup and GSGS) are cached, older ones averaged again from the resident models when needed.
     """
 
-    def __init__(self, ctx, models: list[Model], table: pd.DataFrame, pool_labels: np.ndarray, fold_of: np.ndarray,
-                 early_exit: bool = True):
+    def __init__(self, ctx, models: list[Model], pool_labels: np.ndarray, fold_of: np.ndarray, early_exit: bool = True):
         from safetensors.numpy import load_file
 
         self.ctx, self.ev = ctx, ctx.evaluator()
         self.models = models  # grid order, then fold: the order of the workflow's model_paths()
         self.by_name = {m.name: m for m in models}
-        self.table = table  # tables/models.csv, in its own order (best_on_val's tie order)
         self.pool_labels, self.fold_of = pool_labels, fold_of
-        soups = ctx.cfg["soups"]
-        self.accept, self.cross_fold = soups["greedy_accept"], soups["cross_fold_val"]
+        self.soups_cfg = ctx.cfg["soups"]
+        self.cross_fold = self.soups_cfg["cross_fold_val"]
         self.early_exit = early_exit  # the same decisions either way (False: benchmarks of full evaluation)
         usable = [m for m in models if not m.diverged]
         self.soups_kept = ctx.k + 2  # one cell's per-fold soups, greedy soup and GSGS
@@ -161,12 +160,12 @@ class BudgetRun:
         `pipeline._greedy_and_save` runs it; the GreedyResult, memoised by `key` (default: the
         candidates' names; single models name themselves uniquely)."""
         from foldsoup.soups.evaluation import greedy_scorer
-        from foldsoup.soups.select import greedy_soup
+        from foldsoup.soups.methods import greedy_soup
 
         key = key or tuple(c.name for c in cands)
         if key not in self._greedy:
             scorer = greedy_scorer(self.ev, load)
-            result = greedy_soup(cands, scorer, accept=self.accept, cross_fold=self.cross_fold, early_exit=self.early_exit)
+            result = greedy_soup(cands, scorer, self.soups_cfg, early_exit=self.early_exit)
             self._greedy[key] = [result, None, load]
             self._keep_soup(key, scorer.mean())
         return self._greedy[key][0]
@@ -204,13 +203,13 @@ class BudgetRun:
         if key not in self._uniform:
             state = average(self.state(n) for n in names)
             val = self._score(self.ev.fold_accs(state, folds))
-            self._uniform[key] = (val, self.ev.test_acc())  # the weights fold_accs loaded; reporting only
+            self._uniform[key] = (val, self.ev.test_acc(state))  # reporting only
         return self._uniform[key]
 
     def methods(self, sub: Subset) -> list[dict]:
         """One row per method on the models of `sub` (diverged ones left out); [] when none is left."""
-        from foldsoup.soups.select import Candidate
         from foldsoup.analysis.uncertainty import ensemble_logits, fold_accuracies
+        from foldsoup.soups import methods, select
 
         members = [m for m in self.models if m.grid_index in sub.grid and m.fold in sub.folds and not m.diverged]
         if not members:
@@ -223,44 +222,38 @@ class BudgetRun:
             rows.append({"method": method, "n_ingredients": n_ingredients, "val_acc": float(val_acc),
                          "test_acc": float(test_acc)})
 
-        # Best on val: tables/models.csv order, first of ties (pandas idxmax), as `pipeline.methods`.
-        t = self.table
-        pick = t[t.hp.isin({m.hp for m in members}) & t.fold.isin(folds) & ~t.diverged.astype(bool)]
-        best = pick.loc[pick.val_acc.idxmax()]
+        best = methods.best_on_val(members)
         row("best_on_val", 1, best.val_acc, best.test_acc)
 
         val, test = self.uniform(names, folds)
         row("uniform_soup", len(names), val, test)
 
-        def cands(keys: Iterable[str]) -> list:
-            return [Candidate(name=n, folds=frozenset({self.by_name[n].fold}), val_acc=self.by_name[n].val_acc) for n in keys]
-
         load = lambda c: self.state(c.name)
-        result = self.greedy(cands(names), load)
+        result = self.greedy(methods.candidates(members), load)
         row("greedy_soup", len(result.ingredients), result.score, self.greedy_test(tuple(names)))
 
         # Per-fold greedy soups (at f = 1 the greedy soup above is one of them: memoised).
-        fold_keys = {i: tuple(m.name for m in members if m.fold == i) for i in folds}
-        per_fold = {i: self.greedy(cands(fold_keys[i]), load) for i in folds}
-        best_fold = max(folds, key=lambda i: per_fold[i].score)  # max(): first of ties, in fold order
+        fold_members = {i: [m for m in members if m.fold == i] for i in folds}
+        fold_keys = {i: tuple(m.name for m in fold_members[i]) for i in folds}
+        per_fold = {i: self.greedy(methods.candidates(fold_members[i]), load) for i in folds}
+        best_fold = select.bgss({i: per_fold[i].score for i in folds})
         row("bgss", len(per_fold[best_fold].ingredients), per_fold[best_fold].score, self.greedy_test(fold_keys[best_fold]))
 
-        # GSGS: the per-fold soups in fold order, each one ingredient (as `pipeline.gsgs`). The
-        # memo key names them by their models: "greedy_fold0" of another grid subset is another soup.
+        # GSGS: the per-fold soups in fold order, each one ingredient (as steps.gsgs). The memo
+        # key names them by their models: "greedy_fold0" of another grid subset is another soup.
         by_soup = {f"greedy_fold{i}": fold_keys[i] for i in folds}
-        stage2 = [Candidate(name=name, folds=frozenset({i}), val_acc=per_fold[i].score) for i, name in zip(folds, by_soup)]
+        stage2 = select.gsgs_candidates({i: per_fold[i].score for i in folds})
         key = ("gsgs", *fold_keys.values())
         result = self.greedy(stage2, lambda c: self.greedy_state(by_soup[c.name]), key)
         # One accepted soup: GSGS's weights are that soup's (a mean of one ingredient is exact).
         only = by_soup[result.ingredients[0].name] if len(result.ingredients) == 1 else key
         row("gsgs", len(result.ingredients), result.score, self.greedy_test(only))
 
-        # Logit ensemble of the same models, in tables/models.csv order (as `pipeline.methods`).
-        order = [f"{r.hp}/fold{r.fold}" for r in pick.itertuples()]
-        pool = ensemble_logits([self.logits[n]["pool_logits"] for n in order])
+        # Logit ensemble of the same models, in grid order then fold (as steps.methods).
+        pool = ensemble_logits([self.logits[n]["pool_logits"] for n in names])
         val = self._score(fold_accuracies(pool, self.pool_labels, self.fold_of, folds))
-        test_logits = ensemble_logits([self.logits[n]["test_logits"] for n in order])
-        row("ensemble_all", len(order), val, float((test_logits.argmax(1) == self.ctx.data.test_labels).mean()))
+        test_logits = ensemble_logits([self.logits[n]["test_logits"] for n in names])
+        row("ensemble_all", len(names), val, float((test_logits.argmax(1) == self.ctx.data.test_labels).mean()))
 
         common = {"grid": join(sub.grid), "folds": join(sub.folds), "n_models": len(members),
                   "n_test": len(self.ctx.data.test_labels)}

@@ -52,21 +52,28 @@ class Evaluator:
             self.fold_labels[i] = torch.from_numpy(pool_labels[idx]).to(device)
         self.test_images = torch.from_numpy(test_images).to(device)
         self.test_labels = torch.from_numpy(test_labels).to(device)
+        self._loaded: Mapping[str, torch.Tensor] | None = None  # the state dict in the model now
         self.evaluations = 0  # fold_accs calls
         self.images_evaluated = {"val": 0, "test": 0}  # forward passes: val folds and holdout; test set
 
     def load(self, state: Mapping[str, torch.Tensor], source: str = "soup") -> None:
+        """Put `state` into the model, unless it is the state dict already there (the same object:
+        every call below names its weights, and scoring one soup on several folds loads it once).
+        A state dict must not be changed in place after it was passed here."""
+        if state is self._loaded:
+            return
+        self._loaded = None  # a failed load leaves no claim about the model's weights
         load_full(self.model, state, source)
+        self._loaded = state  # kept referenced, so its identity cannot be reused by another dict
 
     def fold_size(self, fold: int) -> int:
         return len(self.fold_labels[fold])
 
-    def count(self, state: Mapping[str, torch.Tensor] | None, fold: int, need: int = 0) -> FoldCount:
-        """Correct answers of `state` (None: the weights already loaded) on `fold`, batch by
-        batch; stops after the first batch past which fewer than `need` correct answers remain
-        possible (more wrong answers than total - need)."""
-        if state is not None:
-            self.load(state)
+    def count(self, state: Mapping[str, torch.Tensor], fold: int, need: int = 0) -> FoldCount:
+        """Correct answers of `state` on `fold`, batch by batch; stops after the first batch past
+        which fewer than `need` correct answers remain possible (more wrong answers than
+        total - need)."""
+        self.load(state)
         images, labels = self.fold_images[fold], self.fold_labels[fold]
         total, correct, seen = len(labels), 0, 0
         for start in range(0, total, self.batch_size):
@@ -79,26 +86,22 @@ class Evaluator:
         self.images_evaluated["val"] += seen
         return FoldCount(correct, seen, total)
 
-    def fold_accs(self, state: Mapping[str, torch.Tensor] | None, folds) -> dict[int, float]:
-        """Acc(state, D_val,i) for i in folds (state None: the weights already loaded); fold
-        HOLDOUT is the outer holdout."""
-        if state is not None:
-            self.load(state)
+    def fold_accs(self, state: Mapping[str, torch.Tensor], folds) -> dict[int, float]:
+        """Acc(state, D_val,i) for i in folds; fold HOLDOUT is the outer holdout."""
         self.evaluations += 1
-        return {i: self.count(None, i).acc for i in sorted(folds)}
+        return {i: self.count(state, i).acc for i in sorted(folds)}
 
-    def holdout_acc(self, state: Mapping[str, torch.Tensor] | None = None) -> float | None:
+    def holdout_acc(self, state: Mapping[str, torch.Tensor]) -> float | None:
         """Accuracy on the outer holdout; None when the split has none."""
         return self.fold_accs(state, [HOLDOUT])[HOLDOUT] if self.has_holdout else None
 
-    def test_logits(self, state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def test_logits(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Reporting only: no selection decision ever calls this (or test_acc)."""
-        if state is not None:
-            self.load(state)
+        self.load(state)
         self.images_evaluated["test"] += len(self.test_labels)
         return predict_logits(self.model, self.test_images, self.spec, self.batch_size, self.precision)
 
-    def test_acc(self, state: Mapping[str, torch.Tensor] | None = None) -> float:
+    def test_acc(self, state: Mapping[str, torch.Tensor]) -> float:
         return (self.test_logits(state).argmax(1) == self.test_labels).float().mean().item()
 
 

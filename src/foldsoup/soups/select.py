@@ -331,21 +331,15 @@ def _argmax_first(scores: Mapping[int, float], what: str) -> int:
     return best_key
 
 
-def bgss(per_fold: Mapping[int, GreedyResult]) -> tuple[int, GreedyResult]:
-    """Best Greedy Soup per Split: the per-fold greedy soup with the highest score (ties: first
-    fold in mapping order)."""
-    fold = _argmax_first({f: r.score for f, r in per_fold.items()}, "bgss")
-    return fold, per_fold[fold]
+def bgss(per_fold: Mapping[int, float]) -> int:
+    """Best Greedy Soup per Split: the fold whose greedy soup has the highest score (its val
+    accuracy on that fold; ties: first fold in mapping order)."""
+    return _argmax_first(per_fold, "bgss")
 
 
-def gsgs_candidates(per_fold: Mapping[int, GreedyResult]) -> list[Candidate]:
-    """The per-fold soups as second-stage candidates, named `greedy_fold{i}`."""
-    out = []
-    for fold, result in per_fold.items():
-        if result.folds and result.folds != {fold}:
-            raise ValueError(f"per-fold soup of fold {fold} spans folds {sorted(result.folds)}")
-        out.append(Candidate(name=f"greedy_fold{fold}", folds=frozenset({fold}), val_acc=result.score))
-    return out
+def gsgs_candidates(per_fold: Mapping[int, float]) -> list[Candidate]:
+    """The per-fold soups (fold -> score) as second-stage candidates, named `greedy_fold{i}`."""
+    return [Candidate(name=f"greedy_fold{fold}", folds=frozenset({fold}), val_acc=score) for fold, score in per_fold.items()]
 
 
 def gsgs(
@@ -359,7 +353,10 @@ def gsgs(
     The scorer must treat each candidate as one ingredient (the soup's averaged weights), so every
     per-fold soup weighs the same whatever its number of models.
     """
-    return greedy_soup(gsgs_candidates(per_fold), scorer, accept=accept, cross_fold=cross_fold)
+    for fold, result in per_fold.items():
+        if result.folds and result.folds != {fold}:
+            raise ValueError(f"per-fold soup of fold {fold} spans folds {sorted(result.folds)}")
+    return greedy_soup(gsgs_candidates({f: r.score for f, r in per_fold.items()}), scorer, accept=accept, cross_fold=cross_fold)
 
 
 def best_uniform_per_split(per_fold_uniform: Mapping[int, float]) -> int:

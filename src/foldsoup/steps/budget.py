@@ -25,12 +25,12 @@ def load_models(cfg: dict, model_dir: str | os.PathLike) -> list[Model]:
             folder = root / point.name / f"fold{fold}"
             with open(folder / "metrics.json") as f:
                 m = json.load(f)
-            out.append(Model(point.name, index, fold, float(m["val_acc"]), bool(m["diverged"]),
+            out.append(Model(point.name, index, fold, float(m["val_acc"]), float(m["test_acc"]), bool(m["diverged"]),
                              str(folder / "model.safetensors"), str(folder / "predictions.safetensors")))
     return out
 
 
-def budget(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, n_folds: int, out: str,
+def budget(cfg: dict, data_path: str, folds_path: str, model_dir: str, n_folds: int, out: str,
            early_exit: bool = True) -> dict:
     """The budget cells of one fold count f: every grid-subset size, `budget.draws` draws each.
     Returns the job's cost (steps.soups.log_cost); `early_exit` False: full evaluation (benchmarks)."""
@@ -40,7 +40,7 @@ def budget(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_di
     ctx = Context(cfg, data_path, folds_path)
     models = load_models(cfg, model_dir)
     n_grid, k, b = len({m.hp for m in models}), ctx.k, cfg["budget"]
-    run = BudgetRun(ctx, models, pd.read_csv(models_csv), ctx.data.pool_labels, ctx.fold_of, early_exit)
+    run = BudgetRun(ctx, models, ctx.data.pool_labels, ctx.fold_of, early_exit)
     rows = []
     for g in grid_ladder(n_grid, b["grid_points"]):
         subsets = draw_subsets(n_grid, k, g, n_folds, b["draws"], cfg["seed"])

@@ -4,20 +4,33 @@ paired bootstrap intervals. No torch: ensembles and intervals come from saved lo
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-
 from foldsoup.data.folds import HOLDOUT, num_folds, read_folds
-from foldsoup.storage.weights import atomic_write_json
+from foldsoup.soups import methods as pick
+from foldsoup.soups import select
 from foldsoup.steps.context import log
 from foldsoup.steps.soups import _soup_record, predictions_path
+from foldsoup.storage.weights import atomic_write_json
+
+
+def link_selection(target: Path, link: Path) -> None:
+    """`link` -> `target` as a relative symbolic link, replaced atomically. A selection is a
+    pointer to weights that already exist (350 MB saved per selection for ViT-B/32); a hard link
+    would share the source's modification time, which Snakemake reads as the output's, while a
+    symbolic link has its own (Snakemake reads links with lstat)."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+
 
 def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, soups_dir: str, out: str) -> None:
     """Tables 3/4 rows, logit ensembles of the same ingredients, and paired bootstrap intervals.
 
-    Selections (best on val, BGSS, best uniform per split) copy an existing soup or model. No
-    torch: ensembles and intervals come from saved logits.
+    Selections (best on val, best on holdout, BGSS, best uniform per split) are chosen by
+    foldsoup.soups.methods / select (one tie rule: grid order, then fold) and written as links to
+    the chosen model or soup. No torch: ensembles and intervals come from saved logits.
     """
     import json
 
@@ -43,48 +56,40 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
         return models_root / hp / fold / file
 
     def adopt(src: Path, method: str, rec: dict) -> dict:
-        """A selection: the chosen weights and test logits under the method's own name."""
-        for src_file, dst in ((src, soups / f"{method}.safetensors"),
-                              (predictions_path(src) if src.parent == soups else src.with_name("predictions.safetensors"),
-                               predictions_path(soups / f"{method}.safetensors"))):
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(src_file, tmp)
-            os.replace(tmp, dst)
+        """A selection: links to the chosen weights and test logits under the method's own name."""
+        src_predictions = predictions_path(src) if src.parent == soups else src.with_name("predictions.safetensors")
+        link_selection(src, soups / f"{method}.safetensors")
+        link_selection(src_predictions, predictions_path(soups / f"{method}.safetensors"))
         rec = {**rec, "method": method, "selected": rec.get("method", rec["ingredients"][0])}
         atomic_write_json(soups / f"{method}.json", rec)
         return rec
 
-    models = pd.read_csv(models_csv)
-    usable = models[~models.diverged.astype(bool)]
-    best = usable.loc[usable.val_acc.idxmax()]  # idxmax: first of ties, in table order
-    best_name = f"{best.hp}/fold{best.fold}"
-    has_holdout = "holdout_acc" in usable.columns
+    table_rows = pd.read_csv(models_csv).to_dict("records")  # grid order, then fold: the tie order
+    models = [pick.ModelResult.from_record(r) for r in table_rows]
+    has_holdout = "holdout_acc" in table_rows[0] if table_rows else False
 
-    def model_holdout_acc(m) -> dict:
-        return {"holdout_acc": float(m.holdout_acc)} if has_holdout else {}
+    def single(m: pick.ModelResult, method: str, folds: list[int], metric: str, val_acc: float) -> dict:
+        rec = {"ingredients": [m.name], "n_ingredients": 1, "folds": folds, "val_metric": metric, "val_acc": val_acc,
+               "test_acc": m.test_acc, **({"holdout_acc": m.holdout_acc} if has_holdout else {})}
+        return adopt(model_file(m.name, "model.safetensors"), method, rec)
 
-    rows = [adopt(model_file(best_name, "model.safetensors"), "best_on_val",
-                  {"ingredients": [best_name], "n_ingredients": 1, "folds": [int(best.fold)], "val_metric": "own",
-                   "val_acc": float(best.val_acc), "test_acc": float(best.test_acc), **model_holdout_acc(best)})]
+    best = pick.best_on_val(models)
+    rows = [single(best, "best_on_val", [best.fold], "own", best.val_acc)]
     if has_holdout:
-        top = usable.loc[usable.holdout_acc.idxmax()]
-        top_name = f"{top.hp}/fold{top.fold}"
-        rows.append(adopt(model_file(top_name, "model.safetensors"), "best_on_holdout",
-                          {"ingredients": [top_name], "n_ingredients": 1, "folds": [HOLDOUT], "val_metric": "holdout",
-                           "val_acc": float(top.holdout_acc), "test_acc": float(top.test_acc), **model_holdout_acc(top)}))
+        top = pick.best_on_holdout(models)
+        rows.append(single(top, "best_on_holdout", [HOLDOUT], "holdout", top.holdout_acc))
     rows += [record("uniform_soup"), record("greedy_soup")] + ([record("greedy_soup_holdout")] if has_holdout else [])
-    per_fold = [record(f"greedy_fold{i}") for i in range(k)]
-    rows.append(adopt(soups / f"{max(per_fold, key=lambda r: r['val_acc'])['method']}.safetensors", "bgss",
-                      max(per_fold, key=lambda r: r["val_acc"])))  # max(): first of ties, in fold order
+    per_fold = {i: record(f"greedy_fold{i}") for i in range(k)}
+    chosen = per_fold[select.bgss({i: r["val_acc"] for i, r in per_fold.items()})]
+    rows.append(adopt(soups / f"{chosen['method']}.safetensors", "bgss", chosen))
     rows.append(record("gsgs"))
-    uniform = [record(f"uniform_fold{i}") for i in range(k)]
-    pick = max(uniform, key=lambda r: r["val_acc"])
-    rows.append(adopt(soups / f"{pick['method']}.safetensors", "best_uniform_per_split", pick))
+    uniform = {i: record(f"uniform_fold{i}") for i in range(k)}
+    chosen = uniform[select.best_uniform_per_split({i: r["val_acc"] for i, r in uniform.items()})]
+    rows.append(adopt(soups / f"{chosen['method']}.safetensors", "best_uniform_per_split", chosen))
     test_logits = {r["method"]: load_file(predictions_path(soups / f"{r['method']}.safetensors"))["test_logits"] for r in rows}
 
     # Logit ensembles of the same ingredients: what choosing a single model costs.
-    logits = {name: load_file(model_file(name, "predictions.safetensors")) for name in
-              (f"{m.hp}/fold{m.fold}" for m in usable.itertuples())}
+    logits = {m.name: load_file(model_file(m.name, "predictions.safetensors")) for m in models if not m.diverged}
 
     def ensemble(method: str, members: list[str], folds) -> dict:
         pool = ensemble_logits([logits[m]["pool_logits"] for m in members])
@@ -100,7 +105,7 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
         return {int(name.rsplit("/fold", 1)[1]) for name in members}
 
     fold_ensembles = [ensemble(f"ensemble_fold{i}", [n for n in logits if folds_of([n]) == {i}], [i]) for i in range(k)]
-    best_fold = max(fold_ensembles, key=lambda r: r["val_acc"])  # an ensemble's BGSS: best fold on its own val
+    best_fold = fold_ensembles[select.bgss({i: r["val_acc"] for i, r in enumerate(fold_ensembles)})]  # an ensemble's BGSS
     test_logits["ensemble_best_fold"] = test_logits[best_fold["method"]]
     greedy_members = record("greedy_soup")["ingredients"]
     gsgs_members = [m for soup in record("gsgs")["ingredients"] for m in record(soup)["ingredients"]]

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from foldsoup.data.folds import HOLDOUT
-from foldsoup.storage.weights import atomic_write_json, save_weights
+from foldsoup.soups import methods, select
 from foldsoup.soups.evaluation import greedy_scorer
 from foldsoup.steps.context import Context, log
+from foldsoup.storage.weights import atomic_write_json, save_weights
+
 
 def models_table(metrics_paths: list[str], out: str) -> None:
+    """tables/models.csv: one row per fine-tune, in the order of `metrics_paths` (the workflow's:
+    grid order, then fold), which is the tie order of every selection (soups.methods)."""
     import json
 
     import pandas as pd
@@ -28,9 +31,8 @@ def models_table(metrics_paths: list[str], out: str) -> None:
         row.update({f"acc_fold{i}": a for i, a in m["fold_accs"].items()})
         if m.get("holdout_acc") is not None:
             row["holdout_acc"] = m["holdout_acc"]
-        row["images_per_s"] = m.get("images_per_s")
-        rows.append(row)
-    table = pd.DataFrame(rows).sort_values(["hp", "fold"], kind="stable")
+        rows.append(row)  # no timings: two identical runs give the same file (they are in metrics.json)
+    table = pd.DataFrame(rows)
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log(f"{len(table)} models, val acc {table.val_acc.min():.4f}..{table.val_acc.max():.4f}")
     from foldsoup.analysis.reliability import at_chance_mask, diverged_mask, model_name
@@ -74,7 +76,7 @@ def _save_soup(ctx: Context, ev, out_weights: str, state, record: dict) -> None:
     every decision."""
     test_logits = ev.test_logits(state)
     record["test_acc"] = (test_logits.argmax(1) == ev.test_labels).float().mean().item()
-    record["holdout_acc"] = ev.holdout_acc()  # the weights test_logits loaded
+    record["holdout_acc"] = ev.holdout_acc(state)
     save_weights(out_weights, state, ctx.metadata(kind="soup", method=record["method"], ingredients=record["ingredients"]))
     save_weights(predictions_path(out_weights), {"test_logits": test_logits}, {"method": record["method"]})
     atomic_write_json(Path(out_weights).with_suffix(".json"), record)
@@ -105,9 +107,9 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
             continue  # a diverged model is never averaged in
         soup = average(states[i] for i in subset)
         accs = ev.fold_accs(soup, subset)
-        holdout_acc = ev.holdout_acc()  # None (an empty cell) without an outer holdout
+        holdout_acc = ev.holdout_acc(soup)  # None (an empty cell) without an outer holdout
         rows.append({"hp": hp, "folds": format_folds(subset), "n": len(subset), "avg_acc": avg_acc(accs),
-                     "min_acc": min_acc(accs), "holdout_acc": holdout_acc, "test_acc": ev.test_acc(), "sampled": subsets_sampled(k, cap),
+                     "min_acc": min_acc(accs), "holdout_acc": holdout_acc, "test_acc": ev.test_acc(soup), "sampled": subsets_sampled(k, cap),
                      **{f"acc_fold{i}": a for i, a in accs.items()}})
     columns = ["hp", "folds", "n", "avg_acc", "min_acc", "holdout_acc", "test_acc", "sampled", *(f"acc_fold{i}" for i in range(k))]
     table = pd.DataFrame(rows, columns=columns)  # the header even when every model diverged
@@ -117,20 +119,10 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
 
 
 def _candidates(metrics: list[dict], paths: list[str], on_holdout: bool = False):
-    """Single models as greedy candidates (diverged ones left out), with a loader by name.
-    `on_holdout`: each is validated on the outer holdout instead of its own fold."""
-    from foldsoup.soups.select import Candidate
-
-    by_name = {}
-    cands = []
-    for m, p in zip(metrics, paths):
-        if m["diverged"]:
-            continue
-        folds, val_acc = ({HOLDOUT}, m["holdout_acc"]) if on_holdout else ({m["fold"]}, m["val_acc"])
-        c = Candidate(name=f"{m['hp']}/fold{m['fold']}", folds=frozenset(folds), val_acc=val_acc)
-        cands.append(c)
-        by_name[c.name] = p
-    return cands, by_name
+    """Single models as greedy candidates (soups.methods.candidates: diverged ones left out, in
+    the given order), with each one's weight file by name."""
+    models = [methods.ModelResult.from_record(m) for m in metrics]
+    return methods.candidates(models, on_holdout), {m.name: p for m, p in zip(models, paths) if not m.diverged}
 
 
 def log_cost(store, ev) -> dict:
@@ -144,16 +136,13 @@ def log_cost(store, ev) -> dict:
 
 def _greedy_and_save(ctx: Context, ev, method: str, cands: list, paths: dict[str, str], out: str, store) -> None:
     """Alg. 1 over `cands` (each read once, from `store`, by `paths`), then save the soup as `method`."""
-    from foldsoup.soups.select import greedy_soup, step_record
-
     soups = ctx.cfg["soups"]
     scorer = greedy_scorer(ev, lambda c: store.get(paths[c.name]))
-    result = greedy_soup(cands, scorer, accept=soups["greedy_accept"], cross_fold=soups["cross_fold_val"],
-                         early_exit=soups["early_exit"])
+    result = methods.greedy_soup(cands, scorer, soups)
     rejected = sum(1 for s in result.steps if s.score is None)
     log(f"{method}: {len(result.steps)} candidates, {result.images} val images evaluated, {rejected} rejected early")
     _save_soup(ctx, ev, out, scorer.mean(), _soup_record(method, [c.name for c in result.ingredients], dict(result.fold_accs),
-                                                         soups["cross_fold_val"], steps=[step_record(s) for s in result.steps]))
+                                                         soups["cross_fold_val"], steps=[select.step_record(s) for s in result.steps]))
 
 
 def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model_paths: list[str], metrics_paths: list[str],
@@ -205,16 +194,14 @@ def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str],
     """GSGS: Alg. 1 over the per-fold greedy soups (each soup weighs the same), scored across folds."""
     import json
 
-    from foldsoup.soups.select import Candidate
-
     ctx = Context(cfg, data_path, folds_path)
-    cands, paths = [], {}
+    scores, paths = {}, {}
     for path in fold_soup_paths:
         with open(Path(path).with_suffix(".json")) as f:
             rec = json.load(f)
-        c = Candidate(name=rec["method"], folds=frozenset(rec["folds"]), val_acc=rec["val_acc"])
-        cands.append(c)
-        paths[c.name] = path
+        (fold,) = rec["folds"]
+        scores[fold], paths[f"greedy_fold{fold}"] = rec["val_acc"], path
+    cands = select.gsgs_candidates(scores)
     ev = ctx.evaluator()
     store = ctx.ingredients(paths.values())
     _greedy_and_save(ctx, ev, "gsgs", cands, paths, out, store)

@@ -1,0 +1,105 @@
+"""The paper's methods and their baselines, each computed by one function from the models'
+accuracies (and, for soups, a `select.SoupScorer` that owns the weights). The workflow's steps
+(`foldsoup.steps.soups`, `foldsoup.steps.methods`) and the budget analysis
+(`foldsoup.analysis.budget`) both call these, so what the tests check is what runs.
+
+* best_on_val / best_on_holdout: the single model with the best own-fold val (holdout) accuracy;
+* greedy_soup: Alg. 1 (`select.greedy_soup`) with the run's `soups` settings: per fold over that
+  fold's models (the per-fold greedy soups), over all models (MinAcc/AvgAcc, Eq. 2-3), over the
+  per-fold soups (GSGS, `select.gsgs_candidates`);
+* BGSS and the best uniform soup per split: `select.bgss`, `select.best_uniform_per_split`.
+
+Tie rule, the same for every selection: the highest score wins, and among equal scores the
+first in grid order, that is the grid points in config order (`config.schema.grid_points`:
+lr, then augmentation, then mixup, as listed) and then the fold number; per-fold soups go in
+fold order. Greedy soups try candidates of equal val accuracy in the same order (a stable sort),
+and tables/models.csv lists the models in it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from foldsoup.data.folds import HOLDOUT
+from foldsoup.soups import select
+from foldsoup.soups.select import Candidate, GreedyResult, SoupScorer
+
+
+class Scored(Protocol):
+    """What a selection needs to know of a model (ModelResult, or the budget's Model)."""
+
+    @property
+    def name(self) -> str: ...
+
+    fold: int
+    val_acc: float
+    diverged: bool
+
+
+M = TypeVar("M", bound=Scored)
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One fine-tuned model's accuracies (a row of tables/models.csv, or its metrics.json)."""
+
+    hp: str
+    fold: int
+    val_acc: float  # on its own fold's val part
+    test_acc: float
+    holdout_acc: float | None = None  # None: the split has no outer holdout
+    diverged: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.hp}/fold{self.fold}"
+
+    @classmethod
+    def from_record(cls, m: Mapping) -> ModelResult:
+        """From metrics.json or a models.csv row (NaN in an empty holdout cell)."""
+        holdout = m.get("holdout_acc")
+        holdout = None if holdout is None or (isinstance(holdout, float) and math.isnan(holdout)) else float(holdout)
+        return cls(str(m["hp"]), int(m["fold"]), float(m["val_acc"]), float(m["test_acc"]), holdout, bool(m["diverged"]))
+
+
+def candidates(models: Iterable[Scored], on_holdout: bool = False) -> list[Candidate]:
+    """Single models as greedy candidates, in the given order (grid order, then fold); diverged
+    ones left out. `on_holdout`: each validated on the outer holdout instead of its own fold."""
+    out = []
+    for m in models:
+        if m.diverged:
+            continue
+        if on_holdout:
+            out.append(Candidate(name=m.name, folds=frozenset({HOLDOUT}), val_acc=m.holdout_acc))
+        else:
+            out.append(Candidate(name=m.name, folds=frozenset({m.fold}), val_acc=m.val_acc))
+    return out
+
+
+def _pick(models: Sequence[M], on_holdout: bool, what: str) -> M:
+    by_name = {m.name: m for m in models}
+    cands = candidates(models, on_holdout)
+    if not cands:
+        raise ValueError(f"{what}: every model diverged")
+    return by_name[select.best_on_val(cands).name]
+
+
+def best_on_val(models: Sequence[M]) -> M:
+    """The model with the best own-fold val accuracy (ties: first in grid order, then fold)."""
+    return _pick(models, False, "best_on_val")
+
+
+def best_on_holdout(models: Sequence[M]) -> M:
+    """The model with the best accuracy on the outer holdout (ties as best_on_val)."""
+    return _pick(models, True, "best_on_holdout")
+
+
+def greedy_soup(cands: Iterable[Candidate], scorer: SoupScorer, soups_cfg: Mapping, early_exit: bool | None = None) -> GreedyResult:
+    """Alg. 1 over `cands` with the run's `soups` settings (greedy_accept, cross_fold_val,
+    early_exit; `early_exit` overrides the last, for benchmarks of full evaluation)."""
+    exit_early = soups_cfg.get("early_exit", True) if early_exit is None else early_exit
+    return select.greedy_soup(cands, scorer, accept=soups_cfg["greedy_accept"], cross_fold=soups_cfg["cross_fold_val"],
+                              early_exit=exit_early)
