@@ -5,6 +5,7 @@ redoes only that job and what depends on it."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pandas as pd
@@ -102,6 +103,18 @@ def test_smoke_run_writes_every_output(smoke_run):
         state, meta = load_weights(r / "soups" / f"{method}.safetensors")
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}, method
         assert json.loads((r / "soups" / f"{method}.json").read_text())["method"] == method
+    # Selections are relative links to what they chose (no copies), inside the results folder.
+    for method in ("best_on_val", "bgss", "best_uniform_per_split"):
+        selected = json.loads((r / "soups" / f"{method}.json").read_text())["selected"]
+        for suffix in (".safetensors", ".predictions.safetensors"):
+            link = r / "soups" / f"{method}{suffix}"
+            assert link.is_symlink() and not os.path.isabs(os.readlink(link)), link
+            target = link.resolve()
+            assert target.is_relative_to(r.resolve()) and target.is_file(), target
+            if method == "best_on_val":
+                assert target.parent == (r / "models" / selected).resolve(), (target, selected)
+            else:
+                assert target.name == f"{selected}{suffix}", (target, selected)
 
     k, points = 2, len(HPS)
     subsets = pd.read_csv(r / "tables" / "uniform_subsets.csv", dtype={"folds": str})
