@@ -284,6 +284,27 @@ def test_evaluator_counts_match_its_accuracies(digits_models):
         assert stopped.most_correct < full.correct + 1 and stopped.correct <= full.correct
 
 
+def test_evaluator_scores_the_weights_each_call_names(digits_models, monkeypatch):
+    """Interleaved calls on two models give each model's own answers (no "whatever was loaded
+    last"); a state dict already in the model is not copied in again."""
+    import foldsoup.soups.evaluation as evaluation
+
+    states = digits_models[4]
+    a, b = states["m0/fold0"], states["m1/fold1"]
+    alone = {name: (_evaluator(digits_models, 4).test_acc(s), _evaluator(digits_models, 4).fold_accs(s, [0, 1, 2]))
+             for name, s in (("a", a), ("b", b))}
+    assert alone["a"] != alone["b"]
+    ev = _evaluator(digits_models, 4)
+    loads = []
+    real = evaluation.load_full
+    monkeypatch.setattr(evaluation, "load_full", lambda *args: loads.append(args[1]) or real(*args))
+    assert ev.fold_accs(a, [0, 1, 2]) == alone["a"][1]  # one load for three folds
+    assert ev.test_acc(b) == alone["b"][0]
+    assert ev.test_acc(a) == alone["a"][0]
+    assert ev.fold_accs(b, [0, 1, 2]) == alone["b"][1]
+    assert [s is a for s in loads] == [True, False, True, False]
+
+
 # ------------------------------------------------------------------------------------------
 # The smoke run's recorded steps
 # ------------------------------------------------------------------------------------------
