@@ -10,7 +10,7 @@ from foldsoup.data.folds import HOLDOUT, num_folds, read_folds
 from foldsoup.soups import methods as pick
 from foldsoup.soups import select
 from foldsoup.steps.context import log
-from foldsoup.steps.soups import _soup_record, predictions_path
+from foldsoup.steps.soups import soup_record, predictions_path
 from foldsoup.storage.weights import atomic_write_json
 
 
@@ -94,7 +94,7 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
     def ensemble(method: str, members: list[str], folds) -> dict:
         pool = ensemble_logits([logits[m]["pool_logits"] for m in members])
         accs = fold_accuracies(pool, data.pool_labels, fold_of, folds)
-        rec = _soup_record(method, members, accs, cross_fold)
+        rec = soup_record(method, members, accs, cross_fold)
         if has_holdout:
             rec["holdout_acc"] = fold_accuracies(pool, data.pool_labels, fold_of, [HOLDOUT])[HOLDOUT]
         test_logits[method] = ensemble_logits([logits[m]["test_logits"] for m in members])

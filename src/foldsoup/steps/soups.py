@@ -56,7 +56,7 @@ def _model_metrics(paths: list[str]) -> list[dict]:
     return out
 
 
-def _soup_record(method: str, ingredients: list[str], fold_accs: dict[int, float], cross_fold: str, **extra) -> dict:
+def soup_record(method: str, ingredients: list[str], fold_accs: dict[int, float], cross_fold: str, **extra) -> dict:
     from foldsoup.soups.select import avg_acc, min_acc
 
     val = min_acc(fold_accs) if cross_fold == "min" else avg_acc(fold_accs)
@@ -141,7 +141,7 @@ def _greedy_and_save(ctx: Context, ev, method: str, cands: list, paths: dict[str
     result = methods.greedy_soup(cands, scorer, soups)
     rejected = sum(1 for s in result.steps if s.score is None)
     log(f"{method}: {len(result.steps)} candidates, {result.images} val images evaluated, {rejected} rejected early")
-    _save_soup(ctx, ev, out, scorer.mean(), _soup_record(method, [c.name for c in result.ingredients], dict(result.fold_accs),
+    _save_soup(ctx, ev, out, scorer.mean(), soup_record(method, [c.name for c in result.ingredients], dict(result.fold_accs),
                                                          soups["cross_fold_val"], steps=[select.step_record(s) for s in result.steps]))
 
 
@@ -157,7 +157,7 @@ def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model
     _greedy_and_save(ctx, ev, f"greedy_fold{fold}", cands, paths, out_greedy, store)
     uniform = average(store.get(paths[c.name]) for c in cands)  # resident: not read again
     accs = ev.fold_accs(uniform, {fold})
-    _save_soup(ctx, ev, out_uniform, uniform, _soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
+    _save_soup(ctx, ev, out_uniform, uniform, soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
                                                             cfg["soups"]["cross_fold_val"]))
     return log_cost(store, ev)
 
@@ -172,7 +172,7 @@ def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[st
     store = ctx.ingredients(paths.values(), keep=False)
     state = average(store.stream(paths[c.name]) for c in cands)  # each used once: none kept
     accs = ev.fold_accs(state, range(ctx.k))
-    _save_soup(ctx, ev, out, state, _soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"]))
+    _save_soup(ctx, ev, out, state, soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"]))
     return log_cost(store, ev)
 
 
