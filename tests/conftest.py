@@ -164,14 +164,3 @@ def local_slurm():
         skip_or_fail(reason)
     yield
     stop_local_slurm()
-
-
-@pytest.fixture
-def two_threads(monkeypatch):
-    """Jobs of an end-to-end test use 2 torch threads (FOLDSOUP_THREADS); restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    monkeypatch.setenv("FOLDSOUP_THREADS", "2")
-    yield
-    torch.set_num_threads(before)

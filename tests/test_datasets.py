@@ -759,7 +759,7 @@ def _check_run(run: dict, classes: list[str], n_pool: int, n_test: int, stored: 
 
 
 @pytest.mark.slow
-def test_imagefolder_preset_end_to_end(tmp_path, digits, vit_s32_checkpoint, two_threads):
+def test_imagefolder_preset_end_to_end(tmp_path, digits, vit_s32_checkpoint):
     root = tmp_path / "scans"
     write_class_folders(root / "train", digits, 2, rgb=True)
     write_class_folders(root / "test", digits, 1, offset=2, rgb=True)
@@ -768,7 +768,7 @@ def test_imagefolder_preset_end_to_end(tmp_path, digits, vit_s32_checkpoint, two
 
 
 @pytest.mark.slow
-def test_medmnist_preset_end_to_end(tmp_path, digits, vit_s32_checkpoint, two_threads):
+def test_medmnist_preset_end_to_end(tmp_path, digits, vit_s32_checkpoint):
     path = tmp_path / "pneumoniamnist.npz"
     write_medmnist(path, digits)
     run = run_pipeline(tmp_path / "results", "medmnist-clip",

@@ -550,7 +550,7 @@ def test_tag_offline_fails_at_once_naming_the_way_out(tmp_path, cifar):
 
 
 @pytest.mark.slow
-def test_paper_pipeline_vit_b32(tmp_path, cifar, vit_checkpoints, two_threads):
+def test_paper_pipeline_vit_b32(tmp_path, cifar, vit_checkpoints):
     """prepare -> folds -> pretrain (export from a local checkpoint) -> linear probe per fold ->
     fine-tune per fold -> uniform soup, with the paper's model and preprocessing on a miniature."""
     import torch

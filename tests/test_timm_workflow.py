@@ -74,7 +74,7 @@ def run(tmp_path_factory):
     }
     config = base / "timm.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    out = snakemake("--cores", "2", "--configfile", str(config), env=clean_env(HF_HUB_OFFLINE="1", FOLDSOUP_THREADS="2"))
+    out = snakemake("--cores", "2", "--configfile", str(config), env=clean_env(HF_HUB_OFFLINE="1"))
     assert out.returncode == 0, f"timm run failed:\n{out.tail(80)}"
     return {"results": results, "weights": weights, "source": source, "images": images, "run": out}
 
