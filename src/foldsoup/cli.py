@@ -79,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     c = args.command
     cfg = merge(getattr(args, "config_json", None), getattr(args, "runtime_json", None))
     if cfg:  # the job's settings go to its log, not to the console (the profiles print no shell commands)
-        import json
-
         pl.log(f"{c}: settings {json.dumps(cfg, sort_keys=True, separators=(',', ':'))}")
     try:
         if c == "prepare":
