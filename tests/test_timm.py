@@ -274,3 +274,17 @@ def test_job_configs_of_a_timm_run():
     assert "seed" not in job_config(tagged, "pretrain")
     # Runs of the other models keep their job configs (no data.interpolation: nothing reruns).
     assert "interpolation" not in job_config(_validate({}), "finetune", "lr0.002_minimal_nomix")["data"]
+
+
+@pytest.mark.parametrize("preset", ["imagefolder-timm-cpu", "medmnist-timm-cpu"])
+def test_cpu_presets(preset):
+    from foldsoup.config.schema import load_yaml_files, validate
+
+    cfg = validate(load_yaml_files(ROOT / "config.yaml", ROOT / "presets" / f"{preset}.yaml"), check_paths=False)
+    assert cfg["device"] == "cpu" and cfg["folds"]["k"] == 5
+    assert len(cfg["grid"]["lr"]) * len(cfg["grid"]["aug"]) * len(cfg["grid"]["mixup"]) == 18
+    assert {k: cfg["model"][k] for k in ("name", "arch", "pretrained")} == {
+        "name": "timm", "arch": "mobilenetv3_small_100", "pretrained": "lamb_in1k"}
+    # 96 px set by the preset; normalisation and interpolation the weights' own.
+    assert {k: cfg["data"][k] for k in ("image_size", "mean", "std", "interpolation")} == {
+        "image_size": 96, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic"}
