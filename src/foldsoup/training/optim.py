@@ -1,81 +1,72 @@
-"""AdamW with decoupled weight decay, on torch's fused kernel (one kernel for all parameters;
-5x faster per step than multi-tensor foreach ops for the demo CNN on a CPU).
+"""AdamW for the training loops: torch.optim.AdamW on its fused kernel (one kernel for all
+parameters, public on CPU and CUDA since torch 2.4), with the learning rate as an attribute the
+loop sets every step and the state as plain tensors that resume files store as safetensors.
 
-Ours rather than torch.optim.AdamW for two reasons: torch.optim's first param-group call
-imports torch._dynamo (about 2 s, paid by each of the ~100 short jobs of a CPU run), and the
-state is plain tensors that resume files store directly as safetensors.
-Same update as torch.optim.AdamW (amsgrad off, maximize off). The foreach path remains for
-steps where some parameters have no gradient, and as a reference (`fused=False`).
+It replaced a direct call of the private torch._fused_adamw_ (issue 13): the same kernel, so
+the weights after 300 steps with a per-step learning rate and gradient clipping are bitwise
+equal, and a step costs the same. torch.optim's first optimizer imports torch._dynamo (about 2 s;
+open_clip and timm import it anyway, and the local job server imports it once for all jobs).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 
 class AdamW:
+    """torch.optim.AdamW(fused=True) over the parameters that require grad (fused=False: the
+    multi-tensor foreach implementation, a reference). amsgrad and maximize off, decoupled weight
+    decay as in torch.optim.AdamW. A parameter without a gradient in a step is skipped, and its
+    own step count stays behind, as in torch.optim."""
+
     def __init__(self, params, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool = True):
         self.params = [p for p in params if p.requires_grad]
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.step_count = 0
-        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        # The fused kernel reads a float step per parameter, on the parameter's device.
-        self.fused = fused and len({(p.device, p.dtype) for p in self.params}) <= 1
-        self._steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params] if self.fused else []
-        self._steps_at = 0  # the step count self._steps hold
+        self.fused = fused
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+                                           fused=fused or None, foreach=None if fused else True)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
+    def _steps(self) -> list[int]:
+        return [int(self.optimizer.state[p]["step"]) if p in self.optimizer.state else 0 for p in self.params]
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (by the parameters that took the most)."""
+        return max(self._steps(), default=0)
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        self.optimizer.zero_grad(set_to_none=True)
 
-    @torch.no_grad()
     def step(self) -> None:
-        pairs = [(p, p.grad, m, v) for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq) if p.grad is not None]
-        if not pairs:
-            return
-        if self.fused and len(pairs) == len(self.params):
-            self._fused_step()
-            return
-        params, grads, exp_avg, exp_avg_sq = map(list, zip(*pairs))
-        beta1, beta2 = self.betas
-        self.step_count += 1
-        if self.weight_decay:
-            torch._foreach_mul_(params, 1 - self.lr * self.weight_decay)
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
-        bias1 = 1 - beta1**self.step_count
-        bias2 = 1 - beta2**self.step_count
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, math.sqrt(bias2))
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, exp_avg, denom, -self.lr / bias1)
-
-    def _fused_step(self) -> None:
-        if self._steps_at != self.step_count:  # after a resume or a foreach step
-            for s in self._steps:
-                s.fill_(float(self.step_count))
-        torch._foreach_add_(self._steps, 1.0)  # the kernel reads the new step, as in torch.optim
-        beta1, beta2 = self.betas
-        torch._fused_adamw_(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [], self._steps,
-                            lr=self.lr, beta1=beta1, beta2=beta2, weight_decay=self.weight_decay, eps=self.eps,
-                            amsgrad=False, maximize=False)
-        self.step_count += 1
-        self._steps_at = self.step_count
+        self.optimizer.step()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
-        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
-            out[f"exp_avg.{i}"] = m
-            out[f"exp_avg_sq.{i}"] = v
+        """{"step", "step.<i>", "exp_avg.<i>", "exp_avg_sq.<i>"} for parameter i (zeros before its first step)."""
+        steps = self._steps()
+        out = {"step": torch.tensor(max(steps, default=0), dtype=torch.int64)}
+        for i, (p, step) in enumerate(zip(self.params, steps)):
+            state = self.optimizer.state.get(p, {})
+            out[f"step.{i}"] = torch.tensor(step, dtype=torch.int64)
+            out[f"exp_avg.{i}"] = state.get("exp_avg", torch.zeros_like(p))
+            out[f"exp_avg_sq.{i}"] = state.get("exp_avg_sq", torch.zeros_like(p))
         return out
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        self.step_count = int(state["step"])
-        with torch.no_grad():
-            for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
-                m.copy_(state[f"exp_avg.{i}"])
-                v.copy_(state[f"exp_avg_sq.{i}"])
+        """Inverse of state_tensors; files without per-parameter steps (saved before they existed)
+        give every parameter the common step."""
+        saved = self.optimizer.state_dict()
+        saved["state"] = {}
+        for i in range(len(self.params)):
+            step = int(state.get(f"step.{i}", state["step"]))
+            if step:  # torch.optim rebuilds state it lacks; cast to each parameter's dtype and device
+                saved["state"][i] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                                     "exp_avg": state[f"exp_avg.{i}"].clone(), "exp_avg_sq": state[f"exp_avg_sq.{i}"].clone()}
+        self.optimizer.load_state_dict(saved)
