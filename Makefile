@@ -7,7 +7,7 @@ SNAKEMAKE := $(VENV)/bin/snakemake
 CORES ?= 2
 STAMP := $(VENV)/.foldsoup-installed
 
-.PHONY: setup demo report test lint bench gpu-check clean
+.PHONY: setup demo report test test-fast lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ report: demo
 
 test: setup
 	$(PY) -m pytest -q
+
+# The unit tests only (no Snakemake, workflow, SLURM or real model run: those are marked slow).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(SNAKEMAKE) --lint

@@ -154,6 +154,7 @@ def run(tmp_path_factory):
             "metrics": {lr: json.loads(Path(p).read_text()) for lr, p in zip(hps, metrics)}}
 
 
+@pytest.mark.slow
 def test_lr_1000_explodes_without_nan_and_is_flagged_at_chance(run):
     from foldsoup.data.prepared import load_prepared
     from foldsoup.data.folds import read_folds

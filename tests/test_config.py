@@ -326,6 +326,7 @@ SNAKEMAKE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed beside this python")
 @pytest.mark.parametrize("config, args, expected", SNAKEMAKE_CASES, ids=["typo", "empty-grid", "yaml-1e-3"])
 def test_snakemake_stops_at_parse_time(tmp_path, no_slurm_probe, config, args, expected):
@@ -338,6 +339,7 @@ def test_snakemake_stops_at_parse_time(tmp_path, no_slurm_probe, config, args, e
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".snakemake") == ["bad.yaml"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed beside this python")
 def test_snakemake_config_override_of_a_nested_value(tmp_path, no_slurm_probe):
     """--config finetune={epochs: 2} arrives as the string '2': the message says why and what to do."""
@@ -349,6 +351,7 @@ def test_snakemake_config_override_of_a_nested_value(tmp_path, no_slurm_probe):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed beside this python")
 def test_snakemake_fails_at_the_folds_job_naming_the_class(tmp_path, no_slurm_probe):
     """k passes the parse-time bound but not the real data: the `folds` job fails, its log says

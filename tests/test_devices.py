@@ -135,6 +135,7 @@ def test_cuda_visible_devices_name_the_lock_files(holders):
     assert c.slot() == 0
 
 
+@pytest.mark.slow
 def test_one_slot_per_process_and_a_slurm_job_has_its_own_lock_folder(monkeypatch, tmp_path):
     from foldsoup import devices
 
@@ -191,6 +192,7 @@ def _assert_no_shared_device(holds: list[Hold]) -> None:
                 assert a.end <= b.start or b.end <= a.start, f"two jobs held {a.lock} at once:\n{a}\n{b}"
 
 
+@pytest.mark.slow
 def test_gpu_jobs_of_the_smoke_run_never_share_a_device(smoke_run):
     gpu_logs = [j.log for j in smoke_run.jobs if j.gpu]
     # pretrain, 2 lp, 4 finetune, 2 uniform_subsets, 2 greedy_fold, 3 soup_all (with the holdout's), gsgs, 2 budget
@@ -202,6 +204,7 @@ def test_gpu_jobs_of_the_smoke_run_never_share_a_device(smoke_run):
         assert "device slot" not in job.log.read_text(), job  # CPU-only gather rules take no slot
 
 
+@pytest.mark.slow
 def test_more_gpu_jobs_than_devices_wait_for_a_free_one(smoke_run, tmp_path):
     results, lock_dir = tmp_path / "results", tmp_path / "locks"
     copy_upstream(smoke_run.results, results)

@@ -244,6 +244,7 @@ def _evaluator(digits_models, batch: int):
                      "fp32", torch.device("cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accept, cross_fold", RULES)
 def test_real_evaluator_decides_as_full_evaluation(digits_models, accept, cross_fold):
     from foldsoup.soups.evaluation import greedy_scorer

@@ -68,6 +68,7 @@ def test_a_signal_during_a_write_removes_the_temporary_file(tmp_path, sig):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_real_save_leaves_nothing(tmp_path):
     """SIGTERM sent by another thread as soon as the temporary file exists, while safetensors
     writes 128 MB (it writes its own temporary file, then renames it onto ours)."""

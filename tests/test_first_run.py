@@ -34,6 +34,7 @@ def folds_run(tmp_path_factory):
     return results, run
 
 
+@pytest.mark.slow
 def test_gpu_slots_without_a_visible_gpu_are_said_once_at_the_start(folds_run):
     _, run = folds_run
     warnings = [line for line in run.output.splitlines() if line.startswith("foldsoup: warning:")]
@@ -42,6 +43,7 @@ def test_gpu_slots_without_a_visible_gpu_are_said_once_at_the_start(folds_run):
     assert run.output.index("foldsoup: warning:") < run.output.index("rule prepare")
 
 
+@pytest.mark.slow
 def test_device_cuda_without_a_visible_gpu_stops_before_any_job(tmp_path):
     results = tmp_path / "results"
     run = snakemake("--cores", "1", "--config", f"results={results}", "device=cuda", "--", f"{results}/folds.csv",
@@ -69,6 +71,7 @@ def test_start_check_decisions(monkeypatch):
     assert start_check("cuda", 2) == (None, None)
 
 
+@pytest.mark.slow
 def test_a_results_folder_holds_one_run(folds_run):
     results, _ = folds_run
     assert json.loads((results / "run.json").read_text()) == {"data": "digits", "model": "digits_cnn"}

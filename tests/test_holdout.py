@@ -205,6 +205,7 @@ def run(tmp_path_factory):
     return r
 
 
+@pytest.mark.slow
 def test_holdout_split_of_the_run(run):
     d = load_prepared(run.data)
     fold_of = read_folds(run.folds, d.pool_labels)
@@ -213,6 +214,7 @@ def test_holdout_split_of_the_run(run):
     assert np.bincount(d.pool_labels[held]).min() >= 1
 
 
+@pytest.mark.slow
 def test_models_never_train_on_the_holdout(run, tmp_path):
     """Permuting the holdout's labels changes what is measured on it, never what is trained."""
     d = load_prepared(run.data)
@@ -234,6 +236,7 @@ def test_models_never_train_on_the_holdout(run, tmp_path):
     assert new["holdout_acc"] != old["holdout_acc"]
 
 
+@pytest.mark.slow
 def test_greedy_soup_on_holdout_is_scored_on_holdout(run):
     rec = json.loads((run.root / "soups" / "greedy_soup_holdout.json").read_text())
     assert rec["val_metric"] == "holdout" and rec["folds"] == [HOLDOUT]
@@ -247,6 +250,7 @@ def test_greedy_soup_on_holdout_is_scored_on_holdout(run):
     assert rec["holdout_acc"] >= best.holdout_acc - 1e-6  # models.csv keeps 6 digits
 
 
+@pytest.mark.slow
 def test_methods_table_has_holdout_rows_and_column(run):
     methods = pd.read_csv(run.root / "tables" / "methods.csv").set_index("method")
     models = pd.read_csv(run.root / "tables" / "models.csv")
@@ -260,6 +264,7 @@ def test_methods_table_has_holdout_rows_and_column(run):
     assert methods.loc["best_on_val", "holdout_acc"] == pytest.approx(best.holdout_acc)
 
 
+@pytest.mark.slow
 def test_uniform_subsets_and_reliability_carry_the_holdout(run):
     subsets = pd.concat([pd.read_csv(run.root / "analysis" / f"{hp}.csv") for hp in run.hps])
     assert subsets.holdout_acc.between(0, 1).all()
@@ -271,6 +276,7 @@ def test_uniform_subsets_and_reliability_carry_the_holdout(run):
     assert np.isfinite(table.rmse_holdout_acc).all()
 
 
+@pytest.mark.slow
 def test_greedy_on_holdout_without_holdout_is_refused(run, tmp_path):
     d = load_prepared(run.data)
     folds = tmp_path / "folds.csv"
@@ -280,6 +286,7 @@ def test_greedy_on_holdout_without_holdout_is_refused(run, tmp_path):
         steps.greedy_all(run.cfg, run.data, str(folds), models, metrics, str(tmp_path / "g.safetensors"), on_holdout=True)
 
 
+@pytest.mark.slow
 def test_validation_signals_figure_has_a_panel_per_signal(run, tmp_path):
     from PIL import Image
 

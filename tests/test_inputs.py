@@ -556,6 +556,7 @@ def test_a_bad_file_gets_one_line_naming_it(files, case, capsys):
     assert out.out == "" and out.err == f"foldsoup {argv[0]}: error: {message}\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["image: a text file", "data: folds.csv", "folds: empty"])
 def test_the_command_prints_that_line_and_nothing_else(files, case):
     """As a user runs it: exit status 1, the line on stderr, no traceback or warning."""

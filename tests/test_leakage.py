@@ -156,6 +156,7 @@ def both(run, tmp_path_factory):
 SELECTION_KEYS = ("method", "ingredients", "n_ingredients", "folds", "fold_accs", "val_metric", "val_acc")
 
 
+@pytest.mark.slow
 def test_soups_do_not_depend_on_test_labels(both):
     real, permuted, _ = both
     names = set(real["records"])
@@ -203,6 +204,7 @@ def test_fold_subset_val_accuracies_do_not_depend_on_test_labels(both):
     assert (a.test_acc != b.test_acc).any()
 
 
+@pytest.mark.slow
 def test_finetuning_does_not_read_test_labels(run, both, tmp_path):
     """The same fine-tune on the permuted data: identical weights and val accuracies."""
     _, _, permuted_data = both
@@ -219,6 +221,7 @@ def test_finetuning_does_not_read_test_labels(run, both, tmp_path):
 # ---------------------------------------------------------------- divergence
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_job_naming_grid_point_fold_and_step(run, tmp_path):
     from foldsoup.errors import Diverged
 
@@ -251,6 +254,7 @@ def test_excluded_divergence_is_marked_in_metrics(diverged):
         assert json.loads((r.model_dir(hp, 0, models) / "metrics.json").read_text())["diverged"] is False
 
 
+@pytest.mark.slow
 def test_diverged_models_are_in_no_soup(diverged, tmp_path):
     r, models = diverged
     hps = [*r.good, r.diverging]
@@ -296,6 +300,7 @@ def _reshaped_copy(r: Run, src: Path, dst: Path) -> str:
 # SoupError (averaging) and WeightsError (loading against the model) are both ValueErrors.
 
 
+@pytest.mark.slow
 def test_uniform_all_with_mismatched_ingredient_names_the_tensor(run, tmp_path):
     models, metrics = _model_lists(run, run.root / "models", run.good)
     models[-1] = _reshaped_copy(run, Path(models[-1]).parent, tmp_path / "odd")
@@ -305,6 +310,7 @@ def test_uniform_all_with_mismatched_ingredient_names_the_tensor(run, tmp_path):
     assert not (tmp_path / "soup.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_uniform_all_with_mismatched_ingredient_names_the_file(run, tmp_path):
     models, metrics = _model_lists(run, run.root / "models", run.good)
     models[-1] = _reshaped_copy(run, Path(models[-1]).parent, tmp_path / "odd")
@@ -323,6 +329,7 @@ def _odd_model_lists(run: Run, tmp_path: Path, val_acc: float) -> tuple[list[str
     return models, metrics
 
 
+@pytest.mark.slow
 def test_greedy_all_with_mismatched_ingredient_names_model_and_tensor(run, tmp_path):
     # The odd model sorts last: it is checked against the soup of the models before it.
     models, metrics = _odd_model_lists(run, tmp_path, val_acc=0.0)
@@ -335,6 +342,7 @@ def test_greedy_all_with_mismatched_ingredient_names_model_and_tensor(run, tmp_p
     assert not (tmp_path / "soup.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_greedy_all_with_mismatched_first_candidate_names_the_model(run, tmp_path):
     models, metrics = _odd_model_lists(run, tmp_path, val_acc=1.0)
     with pytest.raises(ValueError) as info:

@@ -82,6 +82,7 @@ def straight(smoke_run, tmp_path_factory):
     return base / "out"
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_then_the_rerun_resumes_to_the_same_weights(smoke_run, straight, tmp_path):
     out, resume, log = tmp_path / "out", tmp_path / "resume", tmp_path / "finetune.log"
     cmd = _command(smoke_run, out, resume)
@@ -102,6 +103,7 @@ def test_kill_9_mid_training_then_the_rerun_resumes_to_the_same_weights(smoke_ru
     assert not (resume / "state.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_state_exits_non_zero_and_the_rerun_continues(smoke_run, straight, tmp_path):
     out, resume, log = tmp_path / "out", tmp_path / "resume", tmp_path / "finetune.log"
     cmd = _command(smoke_run, out, resume)
@@ -143,6 +145,7 @@ def _loop(resume_dir=None, lr=1e-3, init_seed=0, log=None, every_s=0, **kw):
     return model.state_dict()
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, monkeypatch):
     import foldsoup.training.loop as train_mod
     from foldsoup.errors import Interrupted
@@ -167,6 +170,7 @@ def test_sigterm_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, monkeypatch
         assert torch.equal(straight[key], resumed[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [{"lr": 2e-3}, {"init_seed": 1}])
 def test_resume_state_of_a_run_with_other_inputs_is_ignored(tmp_path, change):
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -181,6 +185,7 @@ def test_resume_state_of_a_run_with_other_inputs_is_ignored(tmp_path, change):
         assert torch.equal(expected[key], changed[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every_s, saved", [(None, False), (3600, False), (0, True)])
 def test_resume_state_is_written_on_its_interval(tmp_path, every_s, saved):
     """finetune.resume_every_s: a 1 GB write per epoch per job is not what a ViT-B/32 sweep can
@@ -199,6 +204,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_keeps_the_trained_weights(smoke_run, straight, tmp_path, monkeypatch, capfd,
                                                                         one_thread):
     """SLURM's time limit can fall after training, while the job evaluates: the trained weights

@@ -15,8 +15,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 
 from slurm_cluster import REPO_ROOT
+
+# Workflow runs (Snakemake, a SLURM cluster or served jobs): outside the fast lane.
+pytestmark = pytest.mark.slow
 
 PROFILE = REPO_ROOT / "profiles" / "slurm"
 N_GPU_JOBS = 3

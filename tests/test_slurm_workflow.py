@@ -33,9 +33,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from slurm_cluster import REPO_ROOT
+
+# Workflow runs (Snakemake, a SLURM cluster or served jobs): outside the fast lane.
+pytestmark = pytest.mark.slow
 
 SNAKEFILE = REPO_ROOT / "Snakefile"
 BASE_CONFIG = REPO_ROOT / "config.yaml"

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# Workflow runs (Snakemake, a SLURM cluster or served jobs): outside the fast lane.
+pytestmark = pytest.mark.slow
+
 torch = pytest.importorskip("torch")
 
 from foldsoup import steps  # noqa: E402

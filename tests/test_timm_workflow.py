@@ -18,6 +18,9 @@ import pytest
 import torch
 import yaml
 
+# Workflow runs (Snakemake, a SLURM cluster or served jobs): outside the fast lane.
+pytestmark = pytest.mark.slow
+
 timm = pytest.importorskip("timm")
 
 from conftest import ROOT, clean_env, snakemake  # noqa: E402

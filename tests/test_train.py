@@ -87,6 +87,7 @@ def _tiny_run(tmp_path, resume_dir=None, fail_at_step=None):
     return model
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_gives_the_same_weights(tmp_path):
     straight = _tiny_run(tmp_path)
     resume = tmp_path / "resume"

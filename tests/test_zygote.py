@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Workflow runs (Snakemake, a SLURM cluster or served jobs): outside the fast lane.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 CFG = {"seed": 0, "data": {"name": "digits", "classes": [1, 2, 3], "pretrain_classes": [0, 4], "test_fraction": 0.5,
