@@ -251,7 +251,7 @@ def test_every_draw_of_a_smaller_grid_is_what_the_workflow_steps_give_on_its_mod
     data, folds = str(r / "prepared" / "dataset.safetensors"), str(r / "folds.csv")
     models_csv = pd.read_csv(r / "tables" / "models.csv")
     ctx = pl.Context(cfg, data, folds)
-    run = BudgetRun(ctx, load_models(cfg, r / "models"), models_csv, ctx.data.pool_labels, ctx.fold_of)
+    run = BudgetRun(ctx, load_models(cfg, r / "models"), ctx.data.pool_labels, ctx.fold_of)
     hps = [p.name for p in grid_points(cfg)]
     for sub in draw_subsets(len(hps), 2, 1, 2, cfg["budget"]["draws"], cfg["seed"]):
         hp = hps[sub.grid[0]]
