@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from foldsoup.devices import place
+from foldsoup.errors import WeightsError
 from foldsoup.models.build import build_classifier
 from foldsoup.models.classifier import load_full
-from foldsoup.training.loop import ImageSpec, accuracy, predict_logits
-from foldsoup.errors import WeightsError
 from foldsoup.storage.weights import load_weights
+from foldsoup.training.loop import ImageSpec, accuracy, predict_logits
 
 
 def load_model(path: str, device: str = "auto"):
@@ -52,9 +52,9 @@ def _load(path: str, device: str):
 
 
 def evaluate(model_path: str, data_path: str, folds_path: str | None = None, device: str = "auto") -> dict:
-    from foldsoup.errors import DataError
-    from foldsoup.data.prepared import load_prepared
     from foldsoup.data.folds import HOLDOUT, read_folds
+    from foldsoup.data.prepared import load_prepared
+    from foldsoup.errors import DataError
 
     model, classes, spec = load_model(model_path, device)
     data = load_prepared(data_path)
@@ -86,9 +86,10 @@ def read_images(paths: list[str], channels: int, source: dict | None = None, siz
     else decoded at their own size in the model's channel count (the eval transform resizes)."""
     from PIL import Image
 
+    from foldsoup.data.imagefolder import IMAGE_EXTENSIONS
+    from foldsoup.data.imagefolder import read_image as read_as_prepared
     from foldsoup.errors import DataError
     from foldsoup.storage.files import in_folder, missing
-    from foldsoup.data.imagefolder import IMAGE_EXTENSIONS, read_image as read_as_prepared
 
     for path in paths:
         p = Path(path)

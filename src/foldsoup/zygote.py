@@ -215,12 +215,15 @@ def serve(path: str, idle_timeout_s: float = 600.0, parent: int | None = None, r
     try:
         import torch
 
-        from foldsoup import cli  # noqa: F401
-        from foldsoup import steps  # noqa: F401
-        from foldsoup.training import loop as train  # noqa: F401  (the point of the server)
         # torch.optim's first optimizer imports torch._dynamo (about 2 s; starts no thread): once
         # here rather than in every digits_cnn job (open_clip and timm import it anyway).
         import torch._dynamo  # noqa: F401
+
+        from foldsoup import (
+            cli,  # noqa: F401
+            steps,  # noqa: F401
+        )
+        from foldsoup.training import loop as train  # noqa: F401  (the point of the server)
 
         # What a job without OMP_NUM_THREADS/MKL_NUM_THREADS would get; unknown if this
         # process had them.

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from foldsoup.analysis.reliability import format_folds as join  # (0, 3, 7) -> "0-3-7", as fold subsets are written elsewhere
+from foldsoup.analysis.reliability import (
+    format_folds as join,  # (0, 3, 7) -> "0-3-7", as fold subsets are written elsewhere
+)
 
 METHODS: tuple[str, ...] = ("best_on_val", "uniform_soup", "greedy_soup", "bgss", "gsgs", "ensemble_all")
 COLUMNS: tuple[str, ...] = ("method", "grid_points", "n_folds", "budget", "draw", "grid", "folds", "subsets",

@@ -6,7 +6,6 @@ This module is imported by the Snakefile at parse time, so it must stay cheap: n
 
 from __future__ import annotations
 
-from foldsoup.errors import ConfigError, ModelError
 import copy
 import difflib
 import functools
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from foldsoup.errors import ConfigError, ModelError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
 

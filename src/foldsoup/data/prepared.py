@@ -7,13 +7,13 @@ numpy and safetensors only, so jobs stay cheap to start; torch tensors are made 
 
 from __future__ import annotations
 
-from foldsoup.errors import DataError
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from foldsoup.errors import DataError
 
 
 @dataclass
@@ -93,7 +93,11 @@ def save_prepared(path: str | Path, data: Prepared) -> None:
 def load_prepared(path: str | Path) -> Prepared:
     from safetensors import safe_open
 
-    from foldsoup.storage.files import folder_given, safetensors_contents, unreadable_safetensors
+    from foldsoup.storage.files import (
+        folder_given,
+        safetensors_contents,
+        unreadable_safetensors,
+    )
 
     path = Path(path)
     instead = "give the prepared dataset, <results>/prepared/dataset.safetensors"

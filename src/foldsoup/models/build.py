@@ -19,12 +19,16 @@ def build_backbone(model_cfg: dict, image_size: int | None = None) -> tuple[nn.M
         # .get: the model config in the metadata of weights saved before model.norm existed.
         return digits_cnn(model_cfg["width"], model_cfg.get("norm", "group"))
     if name == "open_clip":
-        from foldsoup.models.clip import open_clip_visual  # open_clip imported only when used
+        from foldsoup.models.clip import (
+            open_clip_visual,  # open_clip imported only when used
+        )
 
         # .get: weights saved before model.quick_gelu existed rebuild as they were built then.
         return open_clip_visual(model_cfg["arch"], model_cfg.get("pretrained"), model_cfg.get("quick_gelu"))
     if name == "timm":
-        from foldsoup.models.timm_backbone import timm_backbone  # timm imported only when used
+        from foldsoup.models.timm_backbone import (
+            timm_backbone,  # timm imported only when used
+        )
 
         return timm_backbone(model_cfg["arch"], image_size)
     raise ValueError(f"model.name {name!r} is unknown")

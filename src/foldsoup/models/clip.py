@@ -30,7 +30,6 @@ value) before any job runs; `export_pretrained_visual` checks it again against t
 
 from __future__ import annotations
 
-from foldsoup.errors import ClipError
 import difflib
 import logging
 import os
@@ -38,6 +37,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from foldsoup.errors import ClipError
+from foldsoup.models.hub import fetch_failure
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -259,24 +261,12 @@ class _OwnErrorsOnly(logging.Filter):
 
 def _fetch_failure(arch: str, tag: str, tag_cfg: dict, exc: Exception) -> str:
     """One line for a tag's weights that open_clip could not get: without network, the ways out."""
-    chain = [exc]
-    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
-        chain.append(nxt)
-    root = chain[-1]
-    cause = f"{type(root).__name__}: {(str(root).splitlines() or [''])[0][:160]}"
-    if not any(isinstance(e, OSError) for e in chain):  # not a download: a damaged cache file, ...
-        return f"model.pretrained: open_clip could not load the {tag!r} weights of {arch!r} ({cause})"
-    from huggingface_hub import constants
 
-    quick = str(bool(tag_cfg.get("quick_gelu", False))).lower()
-    local = (f"set model.pretrained to a local checkpoint file of {arch!r} with model.quick_gelu: {quick} "
-             f"(README, \"Offline cluster\")")
-    repo = os.path.split(tag_cfg.get("hf_hub", ""))[0]  # "org/name/" or "org/name/file", as open_clip splits it
-    source = f"the Hugging Face hub ({repo})" if repo else tag_cfg.get("url", "its URL")
-    if constants.HF_HUB_OFFLINE:
-        return (f"model.pretrained: the {tag!r} weights of {arch!r} are not in the Hugging Face cache "
-                f"{constants.HF_HUB_CACHE} and HF_HUB_OFFLINE=1 forbids downloading them from {source}; {local}, or "
-                f"fill that cache (HF_HOME) on a machine with network and copy it here")
-    return (f"model.pretrained: open_clip could not download the {tag!r} weights of {arch!r} from {source} ({cause}); "
-            f"without network, {local}, or copy a Hugging Face cache filled on a machine with network to HF_HOME "
-            f"(now {constants.HF_HOME}) and set HF_HUB_OFFLINE=1, which also fails at once instead of retrying")
+    def where() -> tuple[str, str]:
+        quick = str(bool(tag_cfg.get("quick_gelu", False))).lower()
+        repo = os.path.split(tag_cfg.get("hf_hub", ""))[0]  # "org/name/" or "org/name/file", as open_clip splits it
+        source = f"the Hugging Face hub ({repo})" if repo else tag_cfg.get("url", "its URL")
+        return source, (f"set model.pretrained to a local checkpoint file of {arch!r} with model.quick_gelu: {quick} "
+                        f"(README, \"Offline cluster\")")
+
+    return fetch_failure("open_clip", arch, tag, exc, where)

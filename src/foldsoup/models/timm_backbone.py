@@ -42,6 +42,7 @@ from foldsoup.config.timm_names import (  # noqa: F401  (names, tags and image c
     pretrained_tags,
 )
 from foldsoup.errors import ModelError
+from foldsoup.models.hub import fetch_failure
 
 
 def _timm():
@@ -226,26 +227,15 @@ def export_pretrained(model_cfg: dict, image_size: int | None = None, seed: int 
 
 def _fetch_failure(arch: str, tag: str, exc: Exception) -> str:
     """One line for a tag's weights that timm could not get: without network, the ways out."""
-    chain = [exc]
-    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and nxt not in chain:
-        chain.append(nxt)
-    root = chain[-1]
-    cause = f"{type(root).__name__}: {(str(root).splitlines() or [''])[0][:160]}"
-    if not any(isinstance(e, OSError) for e in chain):  # not a download: a damaged cache file, ...
-        return f"model.pretrained: timm could not load the {tag!r} weights of {arch!r} ({cause})"
-    from huggingface_hub import constants
-    from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(f"{arch}.{tag}")
-    repo = getattr(cfg, "hf_hub_id", None)
-    source = f"the Hugging Face hub ({repo})" if repo else (getattr(cfg, "url", None) or "its URL")
-    local = (f"set model.pretrained to a local weights file of {arch!r} in timm's layout (README, \"timm backbones\"; "
-             f"e.g. saved with safetensors.torch.save_file(timm.create_model('{arch}.{tag}', pretrained=True)"
-             f".state_dict(), '{arch}.safetensors') on a machine with network)")
-    if constants.HF_HUB_OFFLINE:
-        return (f"model.pretrained: the {tag!r} weights of {arch!r} are not in the Hugging Face cache "
-                f"{constants.HF_HUB_CACHE} and HF_HUB_OFFLINE=1 forbids downloading them from {source}; {local}, or "
-                f"fill that cache (HF_HOME) on a machine with network and copy it here")
-    return (f"model.pretrained: timm could not download the {tag!r} weights of {arch!r} from {source} ({cause}); "
-            f"without network, {local}, or copy a Hugging Face cache filled on a machine with network to HF_HOME "
-            f"(now {constants.HF_HOME}) and set HF_HUB_OFFLINE=1, which also fails at once instead of retrying")
+    def where() -> tuple[str, str]:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(f"{arch}.{tag}")
+        repo = getattr(cfg, "hf_hub_id", None)
+        source = f"the Hugging Face hub ({repo})" if repo else (getattr(cfg, "url", None) or "its URL")
+        return source, (f"set model.pretrained to a local weights file of {arch!r} in timm's layout (README, \"timm "
+                        f"backbones\"; e.g. saved with safetensors.torch.save_file(timm.create_model('{arch}.{tag}', "
+                        f"pretrained=True).state_dict(), '{arch}.safetensors') on a machine with network)")
+
+    return fetch_failure("timm", arch, tag, exc, where)

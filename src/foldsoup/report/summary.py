@@ -14,8 +14,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from foldsoup.analysis.reliability import (CHANCE_ALPHA, at_chance_mask, diverged_mask, model_name, order_methods, threshold_model,
-                               val_threshold)
+from foldsoup.analysis.reliability import (
+    CHANCE_ALPHA,
+    at_chance_mask,
+    diverged_mask,
+    model_name,
+    order_methods,
+    threshold_model,
+    val_threshold,
+)
 
 # The paper's published numbers, copied as printed (Suzuki & Matsuzawa, AI 2022, 3, 796-808).
 # Accuracies and RMSEs are in percent (percentage points), correlations are plain numbers;

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-from foldsoup.errors import SoupError
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from foldsoup.errors import SoupError
 from foldsoup.storage.weights import load_weights
 
 if TYPE_CHECKING:

@@ -16,12 +16,13 @@ Reads are counted (files and bytes, per path) and `summary()` gives the job log'
 
 from __future__ import annotations
 
-from foldsoup.errors import MemoryShort
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from foldsoup.errors import MemoryShort
 
 if TYPE_CHECKING:
     import torch

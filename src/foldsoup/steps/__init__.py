@@ -7,7 +7,14 @@ from foldsoup.steps.context import Context, log
 from foldsoup.steps.data import folds, prepare
 from foldsoup.steps.methods import methods
 from foldsoup.steps.report import figures, reliability, summary
-from foldsoup.steps.soups import gsgs, greedy_all, greedy_per_fold, models_table, uniform_all, uniform_subsets
+from foldsoup.steps.soups import (
+           greedy_all,
+           greedy_per_fold,
+           gsgs,
+           models_table,
+           uniform_all,
+           uniform_subsets,
+)
 from foldsoup.steps.train import finetune, linear_probe, pretrain
 
 __all__ = ["Context", "budget", "budget_table", "figures", "finetune", "folds", "greedy_all", "greedy_per_fold", "gsgs",

@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from foldsoup.analysis.budget import COLUMNS, METHODS, BudgetRun, Model, draw_subsets, grid_ladder, join, mean_table, n_subsets
+from foldsoup.analysis.budget import (
+    COLUMNS,
+    METHODS,
+    BudgetRun,
+    Model,
+    draw_subsets,
+    grid_ladder,
+    join,
+    mean_table,
+    n_subsets,
+)
 from foldsoup.steps.context import Context, log
 from foldsoup.steps.soups import log_cost
 

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 
-from foldsoup.data.prepared import load_prepared
 from foldsoup.data.folds import num_folds, read_folds
+from foldsoup.data.prepared import load_prepared
 from foldsoup.storage.weights import load_weights
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
-from foldsoup.data.prepared import load_prepared, prepare as prepare_data, save_prepared
 from foldsoup.data.folds import HOLDOUT, holdout_indices, make_folds, write_folds
+from foldsoup.data.prepared import load_prepared, save_prepared
+from foldsoup.data.prepared import prepare as prepare_data
 from foldsoup.steps.context import log
+
 
 def prepare(cfg: dict, out: str) -> None:
     data = prepare_data(cfg["data"], cfg["seed"])

@@ -10,7 +10,7 @@ from foldsoup.data.folds import HOLDOUT, num_folds, read_folds
 from foldsoup.soups import methods as pick
 from foldsoup.soups import select
 from foldsoup.steps.context import log
-from foldsoup.steps.soups import soup_record, predictions_path
+from foldsoup.steps.soups import predictions_path, soup_record
 from foldsoup.storage.weights import atomic_write_json
 
 
@@ -37,8 +37,12 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
     import pandas as pd
     from safetensors.numpy import load_file
 
+    from foldsoup.analysis.uncertainty import (
+        ensemble_logits,
+        fold_accuracies,
+        paired_bootstrap,
+    )
     from foldsoup.data.prepared import load_prepared
-    from foldsoup.analysis.uncertainty import ensemble_logits, fold_accuracies, paired_bootstrap
     from foldsoup.storage.weights import atomic_write_text
 
     soups, models_root = Path(soups_dir), Path(model_dir)

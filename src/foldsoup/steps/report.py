@@ -3,9 +3,8 @@ the gathered CSV files (no torch)."""
 
 from __future__ import annotations
 
-
-
 from foldsoup.steps.context import log
+
 
 def reliability(subset_paths: list[str], models_csv: str, out_subsets: str, out: str) -> None:
     import pandas as pd
@@ -24,7 +23,12 @@ def reliability(subset_paths: list[str], models_csv: str, out_subsets: str, out:
 def figures(models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, outs: list[str]) -> None:
     import pandas as pd
 
-    from foldsoup.report.plots import plot_methods, plot_models_val_test, plot_subsets_val_test, plot_validation_signals
+    from foldsoup.report.plots import (
+        plot_methods,
+        plot_models_val_test,
+        plot_subsets_val_test,
+        plot_validation_signals,
+    )
 
     models, subsets = pd.read_csv(models_csv), pd.read_csv(subsets_csv, dtype={"folds": str})
     threshold = float(pd.read_csv(reliability_csv).threshold.iloc[0])

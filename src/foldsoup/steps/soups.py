@@ -89,9 +89,13 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
     """Section 3.1: uniform soups of one grid point's models over every (sampled) fold subset."""
     import pandas as pd
 
-    from foldsoup.analysis.reliability import fold_subsets, format_folds, subsets_sampled
-    from foldsoup.soups.select import avg_acc, min_acc
+    from foldsoup.analysis.reliability import (
+        fold_subsets,
+        format_folds,
+        subsets_sampled,
+    )
     from foldsoup.soups.average import average
+    from foldsoup.soups.select import avg_acc, min_acc
     from foldsoup.storage.weights import atomic_write_text
 
     ctx = Context(cfg, data_path, folds_path)

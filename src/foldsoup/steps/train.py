@@ -10,8 +10,9 @@ import numpy as np
 
 from foldsoup.config.schema import GridPoint, grid_point
 from foldsoup.data.folds import holdout_indices, train_indices
-from foldsoup.storage.weights import atomic_write_json, load_weights, save_weights
 from foldsoup.steps.context import Context, log
+from foldsoup.storage.weights import atomic_write_json, load_weights, save_weights
+
 
 def pretrain(cfg: dict, data_path: str, out: str) -> None:
     """The shared pretrained backbone: trained here for digits_cnn, exported for open_clip and timm."""
@@ -46,7 +47,8 @@ def pretrain(cfg: dict, data_path: str, out: str) -> None:
 
 def linear_probe(cfg: dict, data_path: str, folds_path: str, backbone_path: str, fold: int, out: str) -> None:
     from foldsoup.models.classifier import load_backbone
-    from foldsoup.training.loop import accuracy, linear_probe as fit_head, predict_logits
+    from foldsoup.training.loop import accuracy, predict_logits
+    from foldsoup.training.loop import linear_probe as fit_head
 
     ctx = Context(cfg, data_path, folds_path)
     model = ctx.model()
@@ -73,9 +75,16 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
              out_dir: str, resume_dir: str) -> None:
     import torch
 
-    from foldsoup.models.classifier import load_backbone
     from foldsoup.errors import Diverged, Interrupted
-    from foldsoup.training.loop import LoopConfig, ResumeStore, SigtermTrap, fold_accuracies, predict_logits, train
+    from foldsoup.models.classifier import load_backbone
+    from foldsoup.training.loop import (
+        LoopConfig,
+        ResumeStore,
+        SigtermTrap,
+        fold_accuracies,
+        predict_logits,
+        train,
+    )
 
     point: GridPoint = grid_point(cfg, hp)
     tag = f"{hp}/fold{fold}"
@@ -120,7 +129,12 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
                          {"hp": hp, "fold": fold})
             # At chance: own-fold val accuracy no better than always predicting that fold's largest class
             # (exact binomial test, analysis.chance_ceiling): a loss that exploded without turning NaN.
-            from foldsoup.analysis.reliability import CHANCE_ALPHA, at_chance, chance_ceiling, majority_rate
+            from foldsoup.analysis.reliability import (
+                CHANCE_ALPHA,
+                at_chance,
+                chance_ceiling,
+                majority_rate,
+            )
 
             val_labels = d.pool_labels[ctx.fold_of == fold]
             majority, n_val = majority_rate(val_labels), len(val_labels)

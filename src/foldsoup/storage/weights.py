@@ -11,7 +11,6 @@ this module too and must stay cheap to import.
 
 from __future__ import annotations
 
-from foldsoup.errors import WeightsError
 import contextlib
 import errno
 import json
@@ -23,6 +22,8 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from foldsoup.errors import WeightsError
 
 if TYPE_CHECKING:
     import torch

@@ -8,7 +8,6 @@ where it stopped and ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
-from foldsoup.errors import Diverged, Interrupted
 import json
 import math
 import signal
@@ -22,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from foldsoup.training.augment import eval_transform, mixup, train_transform
+from foldsoup.errors import Diverged, Interrupted
 from foldsoup.models.classifier import Classifier
+from foldsoup.training.augment import eval_transform, mixup, train_transform
 from foldsoup.training.optim import AdamW
 
 Log = Callable[[str], None]
