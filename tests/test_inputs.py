@@ -365,16 +365,17 @@ np.load(p, allow_pickle=False)
 
 def test_nothing_in_src_unpickles_outside_the_restricted_cifar_reader():
     files = sorted(SRC.rglob("*.py"))
-    assert {"weights.py", "cifar10.py", "clip.py", "steps.py"} <= {f.name for f in files}
+    assert {"storage/weights.py", "data/cifar10.py", "models/clip.py", "models/timm_backbone.py", "steps/train.py"} <= {
+        str(f.relative_to(SRC)) for f in files}
     found = [hit for f in files for hit in unsafe_loads(f.read_text(), str(f.relative_to(SRC.parent)))]
     assert found == [], "calls that may unpickle a file:\n" + "\n".join(found)
     # The one Unpickler there is, and it is the restricted one, loaded only through its own class.
-    cifar = (SRC / "cifar10.py").read_text()
+    cifar = (SRC / "data" / "cifar10.py").read_text()
     assert "class RestrictedUnpickler(pickle.Unpickler)" in cifar and "def find_class" in cifar
 
 
 def test_weight_files_are_read_and_written_as_safetensors_only():
-    text = (SRC / "weights.py").read_text()
+    text = (SRC / "storage" / "weights.py").read_text()
     tree = ast.parse(text)
     imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                 for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -577,9 +578,15 @@ def test_a_step_given_a_file_for_a_folder_or_a_folder_for_a_file(files, capsys):
 
     config = json.dumps({"seed": 0, "folds": {"k": 2}})
     notes, folder = files["bad"] / "notes.png", files["bad"] / "nothing"
+    def error_after_settings() -> str:
+        """A step logs its settings first (a job's log starts with them), then the one error line."""
+        settings, *rest = capsys.readouterr().err.splitlines(keepends=True)
+        assert " folds: settings {" in settings and len(rest) == 1, (settings, rest)
+        return rest[0]
+
     assert cli.main(["folds", "--config-json", config, "--data", str(files["data"]), "--out", str(notes / "folds.csv")]) == 1
-    assert capsys.readouterr().err == (f"foldsoup folds: error: {str(notes)!r}: a file stands where a folder is needed (File "
+    assert error_after_settings() == (f"foldsoup folds: error: {str(notes)!r}: a file stands where a folder is needed (File "
                                        "exists); move it away or choose another path\n")
     assert cli.main(["folds", "--config-json", config, "--data", str(files["data"]), "--out", str(folder)]) == 1
-    assert capsys.readouterr().err == f"foldsoup folds: error: {str(folder)!r} is a folder; give the path of a file\n"
+    assert error_after_settings() == f"foldsoup folds: error: {str(folder)!r} is a folder; give the path of a file\n"
     assert sorted(p.name for p in folder.iterdir()) == []  # no temporary file left behind
