@@ -408,7 +408,7 @@ def test_export_pretrained_tag_route(monkeypatch):
     import open_clip
     import torch
 
-    import foldsoup.models.classifier
+    import foldsoup.models.clip
     from foldsoup.errors import ClipError
     from foldsoup.models.clip import export_pretrained_visual, open_clip_visual
 
@@ -428,7 +428,7 @@ def test_export_pretrained_tag_route(monkeypatch):
     assert calls == [("ViT-B-32-quickgelu", "openai", {"force_quick_gelu": True})]
     assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())
     # A fine-tuning backbone built with GELU for QuickGELU weights is refused before any download.
-    monkeypatch.setattr(foldsoup.models.classifier, "build_backbone", lambda cfg: open_clip_visual(cfg["arch"]))
+    monkeypatch.setattr(foldsoup.models.clip, "open_clip_visual", lambda arch, *args: open_clip_visual(arch))
     with pytest.raises(ClipError, match=r"^model\.quick_gelu: the 'openai' weights of 'ViT-B-32' were trained with "
                                         r"QuickGELU, but the backbone built for fine-tuning uses GELU; set "
                                         r"model\.quick_gelu: true \(or null: the tag's own\)$"):
