@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from foldsoup.errors import ClipError
-from foldsoup.models.hub import fetch_failure
+from foldsoup.models.hub import checkpoint_state, fetch_failure, tensors_only
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -157,22 +157,10 @@ def visual_state_from_checkpoint(path: str | os.PathLike) -> dict[str, torch.Ten
     path = Path(path)
     if not path.is_file():
         raise ClipError(f"model.pretrained: checkpoint file {str(path)!r} does not exist")
-    obj = _read_checkpoint(path)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise ClipError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(key, str):
-            raise ClipError(f"{path}: state dict key {key!r} is not a string")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
+    state = checkpoint_state(_read_checkpoint(path), path)
     if any(k.startswith("visual.") for k in state):
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise ClipError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    return state
+    return tensors_only(state, path)
 
 
 def load_visual_state(visual: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -42,7 +42,7 @@ from foldsoup.config.timm_names import (  # noqa: F401  (names, tags and image c
     pretrained_tags,
 )
 from foldsoup.errors import ModelError
-from foldsoup.models.hub import fetch_failure
+from foldsoup.models.hub import checkpoint_state, fetch_failure, tensors_only
 
 
 def _timm():
@@ -105,21 +105,7 @@ def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             first = (str(exc).splitlines() or [""])[0][:200]
             raise ModelError(f"{path}: cannot load as a plain weights file with torch.load(weights_only=True) "
                             f"({type(exc).__name__}: {first}); save the model's state_dict() (or use safetensors)") from exc
-    if isinstance(obj, dict):
-        for wrapper in ("state_dict", "model", "state_dict_ema"):
-            if isinstance(obj.get(wrapper), dict) and not isinstance(obj.get(wrapper), torch.Tensor):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise ModelError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(key, str):
-            raise ModelError(f"{path}: state dict key {key!r} is not a string")
-        if not isinstance(value, torch.Tensor):
-            raise ModelError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
-    return state
+    return tensors_only(checkpoint_state(obj, path, ("state_dict", "model", "state_dict_ema")), path)
 
 
 def _family_filter(model: nn.Module):
