@@ -21,10 +21,14 @@ from foldsoup.config.schema import deep_update, grid_point
 # Never change a job's result: where it runs, whether a missing CIFAR-10 may be downloaded,
 # how many images per forward pass when evaluating, whether the training forward is compiled,
 # whether a NaN loss stops the job or marks the model diverged (it only decides what happens to
-# a job that fails), and how often resume state is saved (a resumed run ends with the same
-# weights).
+# a job that fails), how often resume state is saved (a resumed run ends with the same
+# weights), and where each image setting comes from (data.image_settings: the pretrain log's;
+# the settings themselves are data.image_size etc.).
 RUNTIME_KEYS = ("device", "data.download", "finetune.eval_batch_size", "finetune.compile", "finetune.on_divergence",
-                "finetune.resume_every_s")
+                "finetune.resume_every_s", "data.image_settings")
+
+# Runtime keys kept out of a job config that takes their whole section (summary's `data`).
+_NOT_IN_SECTIONS = ("data.image_settings",)
 
 # What the images look like to the model (train.ImageSpec) and how `predict` reads new ones
 # (the weights' metadata): every torch job.
@@ -122,6 +126,10 @@ def job_config(cfg: dict, step: str, hp: str | None = None) -> dict:
     A fine-tune gets its own grid point as a one-point grid, so `grid_point(cfg, hp)` still
     finds it and editing another grid point changes nothing here."""
     out = select(cfg, step_keys(cfg, step, hp))
+    for path in _NOT_IN_SECTIONS:
+        section, key = path.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
     if step == "finetune":
         point = grid_point(cfg, hp)
         out["grid"] = {"lr": [point.lr], "aug": [point.aug], "mixup": [point.mixup]}

@@ -600,8 +600,10 @@ def _timm_problems(model: dict, missing: list[str]) -> list[str]:
 
 def _fill_timm_image(filled: dict, raw: dict) -> None:
     """data.image_size, mean, std and interpolation from the timm weights' pretrained
-    configuration, where the configuration files do not set them (schema defaults do not count).
-    Missing or unknown archs and tags are left for _check_semantics to report."""
+    configuration, where the configuration files do not set them (schema defaults do not count),
+    and data.image_settings: each of the four with where it comes from (the pretrain log says it;
+    a runtime key, so it reruns nothing). Missing or unknown archs and tags are left for
+    _check_semantics to report."""
     from foldsoup.config.timm_names import pretrained_cfg
 
     if _timm_missing(raw) or filled["data"]["name"] == "digits":  # digits + timm is refused as it is
@@ -611,9 +613,29 @@ def _fill_timm_image(filled: dict, raw: dict) -> None:
         image = pretrained_cfg(filled["model"]["arch"], filled["model"]["pretrained"])
     except ModelError:
         return
+    origin = _timm_image_origin(filled["model"]["arch"], filled["model"]["pretrained"])
+    settings = {}
     for key in TIMM_IMAGE_KEYS:
         if key not in raw_data:
             filled["data"][key] = image[key]
+        settings[key] = {"value": copy.deepcopy(filled["data"][key]),
+                         "source": "the configuration files" if key in raw_data else origin}
+    filled["data"]["image_settings"] = settings
+
+
+def _timm_image_origin(arch: str, pretrained: str | None) -> str:
+    """Where timm's image settings of (arch, pretrained) come from, in words: the pretrained
+    configuration of the tag, or of the arch's default tag (a weights file, or null)."""
+    from timm.models import get_pretrained_cfg
+
+    from foldsoup.config.timm_names import is_checkpoint_path
+
+    tagged = bool(pretrained) and not is_checkpoint_path(pretrained)
+    cfg = get_pretrained_cfg(f"{arch}.{pretrained}" if tagged else arch, allow_unregistered=True)
+    if cfg is None:
+        return f"timm's default data config: model.arch {arch} has no pretrained config"
+    name = f"{arch}.{pretrained if tagged else getattr(cfg, 'tag', None) or ''}".rstrip(".")
+    return f"timm's pretrained config of {name}" + ("" if tagged else ", the default tag of model.arch")
 
 
 def _pretrained_tag_problem(arch: str, pretrained: str) -> str | None:

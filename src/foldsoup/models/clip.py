@@ -34,6 +34,7 @@ import difflib
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -163,11 +164,17 @@ def visual_state_from_checkpoint(path: str | os.PathLike) -> dict[str, torch.Ten
     return tensors_only(state, path)
 
 
-def load_visual_state(visual: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_visual_state(visual: nn.Module, state: dict[str, torch.Tensor], source: str,
+                      log: Callable[[str], None] | None = None) -> None:
     """Copy `state` into `visual` in place; error naming `source` and the first tensor that does
-    not fit (missing, wrong shape, non-float into float, unexpected)."""
+    not fit (missing, wrong shape, non-float into float, unexpected). BatchNorm step counters
+    (`num_batches_tracked`, CLIP's ResNets) that `state` lacks are filled with 0, as torch's
+    strict load_state_dict does; `log` is told how many."""
+    from foldsoup.models.timm_backbone import counters_note, fill_step_counters
+
     own = visual.state_dict()
-    missing = [k for k in own if k not in state]
+    state, counters = fill_step_counters(visual, state)
+    missing = [k for k in own if k not in state]  # never a BatchNorm step counter: those are filled
     for key, ref in own.items():
         if key not in state:
             raise ClipError(f"{source}: image-tower tensor {key!r} is missing ({len(missing)} of {len(own)} missing; "
@@ -185,17 +192,20 @@ def load_visual_state(visual: nn.Module, state: dict[str, torch.Tensor], source:
     with torch.no_grad():
         for key, ref in own.items():
             ref.copy_(state[key])  # casts fp16/bf16 checkpoints to the module's fp32
+    if counters and log is not None:
+        log(counters_note(source, counters))
 
 
 # ---------------------------------------------------------------- export
 
 
-def export_pretrained_visual(model_cfg: dict) -> dict[str, torch.Tensor]:
+def export_pretrained_visual(model_cfg: dict, log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """State dict of the image tower with the pretrained weights named by model_cfg["pretrained"]:
     a local checkpoint file (loaded here, never unpickling objects) or an open_clip tag (open_clip
     downloads it; see the module docstring). The weights are loaded into exactly the backbone that
     every fine-tune builds (foldsoup.models.classifier.build_backbone, with model_cfg["quick_gelu"]), so keys,
-    shapes and the activation are checked against the real consumer."""
+    shapes and the activation are checked against the real consumer. `log` gets one line when a
+    file's missing BatchNorm step counters were filled."""
     from foldsoup.config.schema import activation_matters, file_activation_problem
 
     arch = model_cfg["arch"]
@@ -208,7 +218,7 @@ def export_pretrained_visual(model_cfg: dict) -> dict[str, torch.Tensor]:
             # As foldsoup.config.schema refuses it: exporting would fix an unknown activation for every job.
             raise ClipError(file_activation_problem(arch, pretrained, f"{arch}-quickgelu" in _open_clip().list_models()))
         visual, _ = open_clip_visual(arch, pretrained, model_cfg.get("quick_gelu"))
-        load_visual_state(visual, visual_state_from_checkpoint(pretrained), pretrained)
+        load_visual_state(visual, visual_state_from_checkpoint(pretrained), pretrained, log)
         return {k: v.detach() for k, v in visual.state_dict().items()}
     tag_cfg = pretrained_tag_cfg(arch, pretrained)  # clear error for unknown tags, before any download
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
@@ -230,7 +240,7 @@ def export_pretrained_visual(model_cfg: dict) -> dict[str, torch.Tensor]:
     finally:
         logging.getLogger().removeFilter(drop)
     visual, _ = open_clip_visual(arch, pretrained, model_cfg.get("quick_gelu"))
-    load_visual_state(visual, model.visual.state_dict(), f"open_clip {arch} pretrained={pretrained}")
+    load_visual_state(visual, model.visual.state_dict(), f"open_clip {arch} pretrained={pretrained}", log)
     del model
     return {k: v.detach() for k, v in visual.state_dict().items()}
 

@@ -12,8 +12,10 @@ classifier. Its output width is `head_hidden_size` where the model has one, else
   objects are ever run). The classifier's keys (`model.pretrained_cfg["classifier"]`, e.g.
   `fc.*`, `head.*`, `head.fc.*`, `classifier.*`) are dropped; every other tensor must fit the
   backbone exactly (missing, unexpected or mis-shaped tensors are refused naming the file and
-  the tensor). Files in a family's original layout, or a ViT's position embedding at another
-  image size, go through the family's own `checkpoint_filter_fn`, as timm does when it loads;
+  the tensor), except BatchNorm's step counters (`num_batches_tracked`), which a file may lack:
+  they are filled with 0, as torch's strict `load_state_dict` does (fill_step_counters). Files
+  in a family's original layout, or a ViT's position embedding at another image size, go
+  through the family's own `checkpoint_filter_fn`, as timm does when it loads;
 * a timm pretrained tag of `arch` (`timm.list_pretrained(arch + ".*")`, e.g. `a1_in1k` for
   `resnet18`), fetched on first use through timm from the Hugging Face hub (cached under
   HF_HOME; HF_HUB_OFFLINE=1 uses the cache only);
@@ -29,6 +31,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -116,6 +119,32 @@ def _family_filter(model: nn.Module):
     return fn if callable(fn) else None
 
 
+def step_counters(module: nn.Module) -> list[str]:
+    """State-dict keys of the BatchNorm step counters of `module`: `<name>.num_batches_tracked` of
+    every torch.nn.modules.batchnorm._BatchNorm with track_running_stats (timm's BatchNormAct2d
+    included)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+            for name, m in module.named_modules()
+            if isinstance(m, _BatchNorm) and m.track_running_stats and getattr(m, "num_batches_tracked", None) is not None]
+
+
+def fill_step_counters(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """(`state` with the BatchNorm step counters of `module` it lacks filled with a zero int64
+    scalar, how many were filled). What torch's strict load_state_dict accepts: BatchNorm's
+    _load_from_state_dict keeps the module's own counter, 0 for a fresh module, when the key is
+    missing (older torchvision checkpoints and many converted files have none). Only the
+    counter: any other missing tensor stays missing."""
+    missing = [key for key in step_counters(module) if key not in state]
+    if not missing:
+        return state, 0
+    filled = dict(state)
+    for key in missing:
+        filled[key] = torch.tensor(0, dtype=torch.long)
+    return filled, len(missing)
+
+
 def _fits(state: dict, own: dict) -> bool:
     return set(state) == set(own) and all(tuple(state[k].shape) == tuple(own[k].shape) for k in own)
 
@@ -128,12 +157,15 @@ def _drop_classifier(state: dict, own: dict, names: tuple[str, ...]) -> dict:
     return {k: v for k, v in state.items() if not is_classifier(k)}
 
 
-def check_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """`state` fitted to `backbone` (classifier dropped, family filter where the layout differs);
-    error naming `source` and the first tensor that does not fit."""
+def check_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str,
+                log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """`state` fitted to `backbone` (classifier dropped, missing BatchNorm step counters filled
+    with 0, family filter where the layout differs); error naming `source` and the first tensor
+    that does not fit. `log` is told how many step counters were filled, if any."""
     own = backbone.state_dict()
     names = classifier_names(backbone)
-    fitted = _drop_classifier(state, own, names)
+    # Counters first: a file in timm's layout that lacks only them fits as it is (no family filter).
+    fitted, counters = fill_step_counters(backbone, _drop_classifier(state, own, names))
     if not _fits(fitted, own):
         fn = _family_filter(backbone)
         if fn is not None:
@@ -141,9 +173,11 @@ def check_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str
                 filtered = _drop_classifier(dict(fn(dict(state), backbone)), own, names)
             except Exception:  # the filter could not make sense of it: report the tensors as they are
                 filtered = None
-            if filtered is not None and _fits(filtered, own):
-                fitted = filtered
-    missing = [k for k in own if k not in fitted]
+            if filtered is not None:
+                filtered, filtered_counters = fill_step_counters(backbone, filtered)
+                if _fits(filtered, own):
+                    fitted, counters = filtered, filtered_counters
+    missing = [k for k in own if k not in fitted]  # never a BatchNorm step counter: those are filled
     if missing:
         raise ModelError(f"{source}: backbone tensor {missing[0]!r} is missing ({len(missing)} of {len(own)} missing; "
                         f"is this a weights file of this model.arch, in timm's key layout?)")
@@ -158,12 +192,21 @@ def check_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str
                             f"expects {list(ref.shape)}")
         if ref.is_floating_point() != value.is_floating_point():
             raise ModelError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected {ref.dtype}")
+    if counters and log is not None:
+        log(counters_note(source, counters))
     return {k: fitted[k].to(own[k].dtype) for k in own}
 
 
-def state_from_file(path: str | os.PathLike, backbone: nn.Module) -> dict[str, torch.Tensor]:
+def counters_note(source: str, counters: int) -> str:
+    """The pretrain log's line for step counters filled in (timm and open_clip alike)."""
+    return (f"{source}: filled {counters} missing BatchNorm step counter(s) (num_batches_tracked) with 0, as torch's "
+            f"strict load_state_dict does")
+
+
+def state_from_file(path: str | os.PathLike, backbone: nn.Module,
+                    log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """The backbone's tensors from a weights file in timm's layout (see check_state)."""
-    return check_state(backbone, read_state(path), str(path))
+    return check_state(backbone, read_state(path), str(path), log)
 
 
 def load_into(backbone: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -176,10 +219,12 @@ def load_into(backbone: nn.Module, state: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------- export (the pretrain job)
 
 
-def export_pretrained(model_cfg: dict, image_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+def export_pretrained(model_cfg: dict, image_size: int | None = None, seed: int = 0,
+                      log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """State dict of the backbone every fine-tune builds (timm_backbone(arch, image_size)) with
     the weights named by model_cfg["pretrained"]: a local file, a timm tag (downloaded through
-    timm on first use) or null (random weights drawn with `seed`)."""
+    timm on first use) or null (random weights drawn with `seed`). `log` gets one line when a
+    file's missing BatchNorm step counters were filled."""
     arch = model_cfg["arch"]
     pretrained = model_cfg.get("pretrained")
     check_arch(arch)
@@ -190,7 +235,7 @@ def export_pretrained(model_cfg: dict, image_size: int | None = None, seed: int 
         return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     backbone, _ = timm_backbone(arch, image_size)
     if is_checkpoint_path(str(pretrained)):
-        state = state_from_file(pretrained, backbone)
+        state = state_from_file(pretrained, backbone, log)
     else:
         check_tag(arch, pretrained)  # clear error for unknown tags, before any download
         kwargs = {}
@@ -205,10 +250,32 @@ def export_pretrained(model_cfg: dict, image_size: int | None = None, seed: int 
                 source = _timm().create_model(f"{arch}.{pretrained}", pretrained=True, num_classes=0)
         except Exception as exc:
             raise ModelError(_fetch_failure(arch, pretrained, exc)) from exc
-        state = check_state(backbone, source.state_dict(), f"timm {arch}.{pretrained}")
+        state = check_state(backbone, source.state_dict(), f"timm {arch}.{pretrained}", log)
         del source
     load_into(backbone, state)
     return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+
+
+def image_settings_lines(data: dict, model_cfg: dict) -> list[str]:
+    """The pretrain log's lines on the image settings of a timm run: each of data.image_size,
+    mean, std and interpolation with where it comes from (data.image_settings, filled by the
+    configuration check), and for a weights file, that its mean and std are the arch's."""
+    settings = data.get("image_settings") or {}
+    if not settings:  # a step run by hand with a configuration that was not checked
+        return [f"image settings: size {data['image_size']} (where each setting comes from is not recorded: "
+                f"data.image_settings is empty)"]
+    parts, previous = [], None
+    for key, name in (("image_size", "size"), ("mean", "mean"), ("std", "std"), ("interpolation", "interpolation")):
+        entry = settings.get(key) or {"value": data.get(key), "source": "not recorded"}
+        parts.append(f"{name} {entry['value']} ({'same' if entry['source'] == previous else entry['source']})")
+        previous = entry["source"]
+    lines = ["image settings: " + ", ".join(parts)]
+    arch_own = [key for key in ("mean", "std") if key in settings and settings[key]["source"] != "the configuration files"]
+    if arch_own and is_checkpoint_path(model_cfg.get("pretrained")):
+        lines.append(f"note: a weights file does not say its preprocessing, so data.{' and data.'.join(arch_own)} "
+                     f"come from the arch named in model.arch ({model_cfg['arch']}): set data.mean and data.std if "
+                     f"the file was trained with others")
+    return lines
 
 
 def _fetch_failure(arch: str, tag: str, exc: Exception) -> str:

@@ -21,12 +21,14 @@ def pretrain(cfg: dict, data_path: str, out: str) -> None:
     if cfg["model"]["name"] == "open_clip":
         from foldsoup.models.clip import export_pretrained_visual
 
-        state = export_pretrained_visual(cfg["model"])  # on the CPU: no device, no data needed
+        state = export_pretrained_visual(cfg["model"], log)  # on the CPU: no device, no data needed
     elif cfg["model"]["name"] == "timm":
-        from foldsoup.models.timm_backbone import export_pretrained
+        from foldsoup.models.timm_backbone import export_pretrained, image_settings_lines
 
+        for line in image_settings_lines(cfg["data"], cfg["model"]):  # what the run takes, and from where
+            log(line)
         # On the CPU, no data needed; random weights (model.pretrained: null) drawn with `seed`.
-        state = export_pretrained(cfg["model"], cfg["data"]["image_size"], cfg.get("seed", 0))
+        state = export_pretrained(cfg["model"], cfg["data"]["image_size"], cfg.get("seed", 0), log)
     else:
         from foldsoup.training.loop import LoopConfig, train
 
