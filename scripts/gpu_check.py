@@ -125,6 +125,23 @@ def adamw_check(device: torch.device) -> dict:
     return {"fused": bool(opt.fused), "steps": 20, "max_abs_diff": diff, "ok": diff <= 1e-5}
 
 
+def soup_on_device(device: torch.device) -> dict:
+    """A soup of bf16 states on the GPU sums in fp32 on that GPU and equals the CPU average."""
+    from foldsoup.soups.average import RunningSum, average
+
+    torch.manual_seed(0)
+    states = [{"w": torch.randn(64, 32), "b": torch.randn(32)} for _ in range(4)]
+    states = [{k: v.to(device, torch.bfloat16) for k, v in s.items()} for s in states]
+    running = RunningSum()
+    for s in states:
+        running.add(s)
+    on_device = all(t.device.type == device.type and t.dtype == torch.float32 for t in running._sums.values())
+    soup = running.mean()
+    cpu = average([{k: v.cpu() for k, v in s.items()} for s in states])
+    diff = max((soup[k].cpu() - cpu[k]).abs().max().item() for k in cpu)
+    return {"sums_on_device_fp32": on_device, "max_abs_diff_vs_cpu": diff, "ok": on_device and diff <= 1e-6}
+
+
 def _snakemake(args: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
     snakemake = [sys.executable, "-m", "snakemake"]
     t = time.perf_counter()
@@ -215,7 +232,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rehearse", action="store_true", help="run every part on the CPU at toy sizes")
     p.add_argument("--json", help="also write the summary here")
-    p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "adamw", "gpu_slots", "paper_smoke"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "adamw", "soup", "gpu_slots", "paper_smoke"])
     args = p.parse_args()
     if not args.rehearse and not torch.cuda.is_available():
         print("gpu-check: torch sees no GPU (use --rehearse to check the script on a CPU)", file=sys.stderr)
@@ -226,6 +243,7 @@ def main() -> int:
                      "cuda": torch.version.cuda, "python": sys.version.split()[0]}
     work = Path(tempfile.mkdtemp(prefix="foldsoup-gpu-check-"))
     parts = {"throughput": lambda: throughput(device, args.rehearse), "adamw": lambda: adamw_check(device),
+             "soup": lambda: soup_on_device(device),
              "gpu_slots": lambda: gpu_slots(device, work, args.rehearse),
              "paper_smoke": lambda: paper_smoke(device, work, args.rehearse)}
     t0 = time.perf_counter()

@@ -331,20 +331,6 @@ def test_empty_and_length_mismatch():
         average([random_state(0)], names=["a", "b"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_accumulates_on_the_tensors_device():
-    states = [{k: v.cuda() for k, v in random_state(i, torch.bfloat16).items()} for i in range(4)]
-    rs = RunningSum()
-    for s in states:
-        rs.add(s)
-    assert all(t.device.type == "cuda" and t.dtype == torch.float32 for t in rs._sums.values())
-    soup = rs.mean()
-    cpu = average([{k: v.cpu() for k, v in s.items()} for s in states])
-    for key in cpu:
-        assert soup[key].device.type == "cuda"
-        torch.testing.assert_close(soup[key].cpu(), cpu[key])
-
-
 # ------------------------------------------------------------------------------------------
 # Files
 # ------------------------------------------------------------------------------------------
