@@ -46,8 +46,9 @@ class Run(TinyRun):
             "model": {"name": "digits_cnn", "width": 8, "norm": "batch"},
             "pretrain": {"epochs": 2},
             "folds": {"k": K, "holdout_fraction": 0},
-            "lp": {"epochs": 10},
-            "finetune": {"epochs": 1, "batch_size": BATCH, "warmup_steps": 1},
+            "lp": {"max_iter": 10},
+            # Batch statistics in training (not the default, frozen): the step counters then differ.
+            "finetune": {"epochs": 1, "batch_size": BATCH, "warmup_steps": 1, "batchnorm": "train"},
             "grid": {"lr": [0.003, 0.001], "aug": ["minimal"], "mixup": [False]},
         })
 
@@ -103,6 +104,21 @@ def test_folds_train_different_step_counts(run):
             assert _counter(run.model_dir(hp, fold) / "model.safetensors") == pretrained + steps
             counters.append(pretrained + steps)
         assert counters == [pretrained + 3, pretrained + 4]
+
+
+def test_models_table_carries_the_first_step_guard_and_the_lp_it_started_from(run):
+    table = pd.read_csv(run.root / "tables" / "models.csv")
+    assert {"lp_val_acc", "lp_step_loss", "first_step_loss", "first_epoch_loss", "started_far"} <= set(table.columns)
+    for row in table.itertuples():
+        metrics = json.loads((run.model_dir(row.hp, row.fold) / "metrics.json").read_text())
+        head_meta = load_weights(run.head(row.fold))[1]
+        assert row.lp_val_acc == pytest.approx(head_meta["val_acc"], abs=1e-6)
+        assert row.lp_step_loss == pytest.approx(metrics["lp_step_loss"], rel=1e-5) and row.lp_step_loss > 0
+        assert row.first_epoch_loss == pytest.approx(metrics["first_epoch_loss"], rel=1e-5)
+        assert bool(row.started_far) == metrics["started_far"]
+    # The head's metadata records the L2 fit (chosen strength, sweep on the inner split).
+    fit = load_weights(run.head(0))[1]["fit"]
+    assert fit["l2"] in run.cfg["lp"]["l2"] and set(fit["sweep"]) == {f"{v:g}" for v in run.cfg["lp"]["l2"]}
 
 
 def test_uniform_soup_spans_folds_with_averaged_statistics(run):
@@ -176,8 +192,8 @@ def test_linear_probe_and_prediction_leave_running_statistics_alone():
     images = torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8, generator=gen)
     labels = torch.arange(24) % 3
     spec = ImageSpec(8, [0.5], [0.5], False)
-    linear_probe(model, images, labels, spec, {"epochs": 3, "lr": 0.01, "weight_decay": 0.0, "batch_size": 8}, "fp32", 0,
-                 lambda m: None)
+    linear_probe(model, images, labels, spec, {"l2": [0.01, 0.1], "inner_val_fraction": 0.25, "max_iter": 10,
+                                               "batch_size": 8}, "fp32", 0, lambda m: None)
     model.train()
     logits = predict_logits(model, images, spec, 8)
     model.train()

@@ -104,6 +104,18 @@ def test_summary_without_models_at_chance():
     assert "models at chance" not in older and "(set by b/fold1)" in older
 
 
+def test_summary_lists_fine_tunes_that_started_far_and_those_below_their_probe():
+    guarded = MODELS.assign(started_far=[False, False, True, False, True, False],
+                            lp_val_acc=[0.70, 0.70, 0.75, 0.40, 0.90, 0.90])
+    text = _summary(guarded)
+    # c/fold0 diverged: listed as diverged only; b/fold0 started far; b/fold1 and c/fold1 end below their probes.
+    assert "- fine-tunes that started far from their LP init: 1 (b/fold0); started far = first epoch's mean loss " in text
+    assert "- fine-tunes ending below their linear probe's val accuracy: 2 of 5\n" in text
+    calm = _summary(MODELS.assign(started_far=False))
+    assert "- fine-tunes that started far from their LP init: none (started far = " in calm
+    assert "started far" not in _summary(MODELS) and "below their linear probe" not in _summary(MODELS)
+
+
 # ---------------------------------------------------------------- a real fine-tune at lr 1000
 
 ABSURD_LR, GOOD_LR = 1000.0, 0.003
@@ -124,7 +136,7 @@ def run(tmp_path_factory):
     cfg = validate({"results": str(root), "seed": 0, "device": "cpu",
                     "data": {"name": "digits", "classes": [1, 2, 3], "pretrain_classes": [0, 4, 6], "test_fraction": 0.5},
                     "model": {"name": "digits_cnn", "width": 8}, "pretrain": {"epochs": 1}, "folds": {"k": 2},
-                    "lp": {"epochs": 2}, "finetune": {"epochs": 1, "batch_size": 32, "warmup_steps": 1},
+                    "lp": {"max_iter": 2}, "finetune": {"epochs": 1, "batch_size": 32, "warmup_steps": 1},
                     "grid": {"lr": [ABSURD_LR, GOOD_LR], "aug": ["minimal"], "mixup": [False]}})
     data, folds = str(root / "prepared" / "dataset.safetensors"), str(root / "folds.csv")
     backbone, head = str(root / "pretrained" / "backbone.safetensors"), str(root / "lp" / "fold0" / "head.safetensors")

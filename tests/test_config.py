@@ -84,10 +84,12 @@ CASES = [
     ({"grid": {"lr": [0.001, 0]}}, "grid.lr[1]: 0 is out of range; allowed: a number > 0"),
     ({"grid": {"lr": [-0.001]}}, "grid.lr[0]: -0.001 is out of range; allowed: a number > 0"),
     ({"pretrain": {"lr": 0.0}}, "pretrain.lr: 0.0 is out of range; allowed: a number > 0"),
-    ({"lp": {"lr": -1}}, "lp.lr: -1 is out of range; allowed: a number > 0"),
+    ({"lp": {"l2": [-1]}}, "lp.l2[0]: -1 is out of range; allowed: a number >= 0"),
+    ({"lp": {"inner_val_fraction": 1}}, "lp.inner_val_fraction: 1 is out of range; allowed: a number > 0 and < 1"),
     ({"finetune": {"epochs": 0}}, "finetune.epochs: 0 is out of range; allowed: an integer >= 1"),
+    ({"finetune": {"batchnorm": "eval"}}, "finetune.batchnorm: 'eval' is not allowed (allowed: one of 'frozen', 'train')"),
     ({"pretrain": {"epochs": -3}}, "pretrain.epochs: -3 is out of range; allowed: an integer >= 1"),
-    ({"lp": {"epochs": 0}}, "lp.epochs: 0 is out of range; allowed: an integer >= 1"),
+    ({"lp": {"max_iter": 0}}, "lp.max_iter: 0 is out of range; allowed: an integer >= 1"),
     ({"finetune": {"batch_size": 0}}, "finetune.batch_size: 0 is out of range; allowed: an integer >= 1"),
     ({"finetune": {"eval_batch_size": -64}}, "finetune.eval_batch_size: -64 is out of range; allowed: an integer >= 1"),
     ({"pretrain": {"batch_size": 0}}, "pretrain.batch_size: 0 is out of range; allowed: an integer >= 1"),
@@ -145,7 +147,7 @@ CASES = [
     # unknown keys, at every level, with a suggestion
     ({"finetune": {"epoch": 3}},
      "finetune.epoch: unknown key; did you mean 'epochs'? (allowed under finetune: epochs, batch_size, weight_decay, "
-     "warmup_steps, grad_clip, label_smoothing, mixup_alpha, precision, eval_batch_size, compile, on_divergence, resume_every_s, save_dtype)"),
+     "warmup_steps, grad_clip, label_smoothing, batchnorm, mixup_alpha, precision, eval_batch_size, compile, on_divergence, resume_every_s, save_dtype)"),
     ({"fold": {"k": 3}}, "fold: unknown key; did you mean 'folds'? (allowed at the top level: results, seed, device, "),
     ({"finetune": {"k": 3}}, "finetune.k: unknown key; it belongs under folds (folds.k) (allowed under finetune: "),
     ({"data": {"nmae": "digits"}}, "data.nmae: unknown key; did you mean 'name'? (allowed under data: name, root, "),
@@ -168,7 +170,7 @@ def test_missing_required_keys(base):
     message = error_of({}, {})
     assert message.splitlines()[1:] == [
         "  - data: missing; it is required (allowed: a mapping (key: value) with keys name, root, download, image_size, "
-        "mean, std, interpolation, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test, class_names, resize)",
+        "mean, std, interpolation, image_settings, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test, class_names, resize)",
         "  - model: missing; it is required (allowed: a mapping (key: value) with keys name, width, norm, arch, pretrained, "
         "quick_gelu, normalize_features)",
     ]

@@ -716,7 +716,7 @@ def run_pipeline(results: Path, preset: str, data: dict, checkpoint: Path) -> di
     merged = deep_update(load_yaml_files(REPO / "config.yaml", REPO / "presets" / f"{preset}.yaml"), {
         "results": str(results), "device": "cpu", "data": data,
         "model": {"arch": "ViT-S-32", "pretrained": str(checkpoint), "quick_gelu": False},
-        "folds": {"k": 2}, "lp": {"epochs": 20},
+        "folds": {"k": 2}, "lp": {"max_iter": 20},
         "finetune": {"epochs": 1, "batch_size": 2, "warmup_steps": 1, "eval_batch_size": 32, "precision": "fp32"},
         "grid": {"lr": [1e-5], "aug": ["strong"], "mixup": [True]},
     })

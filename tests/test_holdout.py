@@ -157,7 +157,7 @@ class Run:
             "model": {"name": "digits_cnn", "width": 8},
             "pretrain": {"epochs": 2},
             "folds": {"k": K, "holdout_fraction": HOLDOUT_FRACTION},
-            "lp": {"epochs": 10},
+            "lp": {"max_iter": 10},
             "finetune": {"epochs": 1, "batch_size": 32, "warmup_steps": 2},
             "grid": {"lr": [0.003, 0.001], "aug": ["minimal"], "mixup": [False]},
         })

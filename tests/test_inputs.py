@@ -410,7 +410,7 @@ def files(tmp_path_factory):
     cfg = validate({"results": str(res), "seed": 0, "device": "cpu",
                     "data": {"name": "digits", "classes": [1, 2, 3], "pretrain_classes": [0, 4, 6], "test_fraction": 0.5},
                     "model": {"name": "digits_cnn", "width": 8}, "pretrain": {"epochs": 1}, "folds": {"k": 2},
-                    "lp": {"epochs": 2}, "finetune": {"epochs": 1, "batch_size": 32, "warmup_steps": 1},
+                    "lp": {"max_iter": 2}, "finetune": {"epochs": 1, "batch_size": 32, "warmup_steps": 1},
                     "grid": {"lr": [0.003], "aug": ["minimal"], "mixup": [False]}})
     f = {"data": res / "prepared" / "dataset.safetensors", "folds": res / "folds.csv",
          "backbone": res / "pretrained" / "backbone.safetensors", "head": res / "lp" / "fold0" / "head.safetensors"}

@@ -53,7 +53,7 @@ class Run:
             "model": {"name": "digits_cnn", "width": 8},
             "pretrain": {"epochs": 3},
             "folds": {"k": K},
-            "lp": {"epochs": 20},
+            "lp": {"max_iter": 20},
             "finetune": {"epochs": 1, "batch_size": 32, "warmup_steps": 2, "on_divergence": on_divergence},
             "grid": {"lr": [*GOOD_LRS, DIVERGING_LR], "aug": ["minimal"], "mixup": [False]},
         })

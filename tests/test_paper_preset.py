@@ -570,7 +570,7 @@ def test_paper_pipeline_vit_b32(tmp_path, cifar, vit_checkpoints):
                      "mean": CLIP_MEAN, "std": CLIP_STD, "hflip": True, "max_pool": 20, "max_test": 10},
             "model": _model_cfg(vit_checkpoints["pt"], quick_gelu=True),
             "folds": {"k": 2},
-            "lp": {"epochs": 20, "lr": 0.01},
+            "lp": {"max_iter": 20},
             "finetune": {"epochs": 1, "batch_size": 4, "warmup_steps": 1, "eval_batch_size": 16, "save_dtype": "bfloat16"},
             "grid": {"lr": [1e-5], "aug": ["medium"], "mixup": [True]},
         },

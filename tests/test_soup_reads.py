@@ -42,7 +42,7 @@ class Run(TinyRun):
             "model": {"name": "digits_cnn", "width": 8},
             "pretrain": {"epochs": 2},
             "folds": {"k": K, "holdout_fraction": 0.25},
-            "lp": {"epochs": 10},
+            "lp": {"max_iter": 10},
             "finetune": {"epochs": 1, "batch_size": 8, "warmup_steps": 1, "eval_batch_size": 4},
             "grid": {"lr": [0.003, 0.001], "aug": ["minimal"], "mixup": [False]},
             "budget": {"draws": 2},

@@ -69,7 +69,7 @@ def run(tmp_path_factory):
         "data": {"name": "imagefolder", "root": str(base / "images"), "test_fraction": 0.3, "image_size": 32},
         "model": {"name": "timm", "arch": ARCH, "pretrained": str(weights)},
         "folds": {"k": K, "holdout_fraction": 0},
-        "lp": {"epochs": 10},
+        "lp": {"max_iter": 10},
         "finetune": {"epochs": 1, "batch_size": 7, "warmup_steps": 1, "eval_batch_size": 64},
         "grid": {"lr": [0.001], "aug": ["minimal"], "mixup": [False, True]},
         "analysis": {"bootstrap_resamples": 100},

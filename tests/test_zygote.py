@@ -74,7 +74,7 @@ def trained(server, tmp_path_factory):
     sock, _ = server
     d = tmp_path_factory.mktemp("trained")
     cfg = {**CFG, "device": "cpu", "model": {"name": "digits_cnn", "width": 8}, "pretrain": {"epochs": 1},
-           "lp": {"epochs": 2}, "finetune": {"epochs": 100000, "batch_size": 8}, "grid": {"lr": [0.001], "aug": ["minimal"],
+           "lp": {"max_iter": 2}, "finetune": {"epochs": 100000, "batch_size": 8}, "grid": {"lr": [0.001], "aug": ["minimal"],
            "mixup": [False]}}
     from foldsoup.config.schema import validate
 

@@ -180,27 +180,25 @@ def at_chance(val_acc: float, n: int, rate: float, alpha: float = CHANCE_ALPHA) 
     return round(val_acc * n) <= round(ceiling * n)
 
 
-def at_chance_mask(models: pd.DataFrame) -> pd.Series:
-    """Boolean mask of models flagged at chance (models.csv's `at_chance`); all False without it."""
-    if "at_chance" not in models.columns:
+def flag_mask(models: pd.DataFrame, column: str) -> pd.Series:
+    """Boolean mask of a yes/no column of models.csv (diverged, at_chance, started_far); all False
+    without the column. Tolerates bools, "True"/"False" strings from CSV, 0/1 and empty cells."""
+    if column not in models.columns:
         return pd.Series(False, index=models.index)
-    return models["at_chance"].map(lambda v: str(v).strip().lower() in ("true", "1", "yes")).astype(bool)
+    return models[column].map(lambda v: str(v).strip().lower() in ("true", "1", "yes")).astype(bool)
+
+
+def at_chance_mask(models: pd.DataFrame) -> pd.Series:
+    """Models flagged at chance (models.csv's `at_chance`)."""
+    return flag_mask(models, "at_chance")
 
 
 # --------------------------------------------------------------------------- Tables 1 and 2
 
 
 def diverged_mask(models: pd.DataFrame) -> pd.Series:
-    """Boolean mask of diverged models; all False when there is no `diverged` column.
-
-    Tolerates the column coming back from CSV as strings ("True"/"False") or 0/1.
-    """
-    if "diverged" not in models.columns:
-        return pd.Series(False, index=models.index)
-    col = models["diverged"]
-    if col.dtype == bool:
-        return col.fillna(False)
-    return col.map(lambda v: str(v).strip().lower() in ("true", "1", "yes")).astype(bool)
+    """Diverged models (models.csv's `diverged`)."""
+    return flag_mask(models, "diverged")
 
 
 def val_threshold(models: pd.DataFrame) -> float:

@@ -53,7 +53,7 @@ MODEL_KEYS = {
 # The fine-tune recipe: everything of `finetune` except the runtime keys and mixup_alpha, which
 # only matters to grid points with mixup on.
 FINETUNE_RECIPE = tuple(f"finetune.{k}" for k in ("epochs", "batch_size", "weight_decay", "warmup_steps", "grad_clip",
-                                                     "label_smoothing", "precision", "save_dtype"))
+                                                     "label_smoothing", "precision", "save_dtype", "batchnorm"))
 
 # Soup jobs build the model, evaluate in the fine-tunes' precision and write the metadata.
 SOUP_MODEL = ("seed", *DATA_SPEC, "model", "finetune.precision")

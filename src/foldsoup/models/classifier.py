@@ -10,16 +10,31 @@ import torch
 from torch import nn
 
 
+def is_convolutional(backbone: nn.Module) -> bool:
+    """More than one 2-d convolution: a CNN (a ViT has one, its patch embedding)."""
+    return sum(isinstance(m, nn.Conv2d) for m in backbone.modules()) > 1
+
+
 class Classifier(nn.Module):
-    """features = backbone(x) (optionally L2-normalised, as CLIP does); logits = head(features)."""
+    """features = backbone(x) (optionally L2-normalised, as CLIP does); logits = head(features).
+
+    A convolutional backbone holds its weights, and takes its images, in channels_last (NHWC)
+    layout: oneDNN on the CPU and cuDNN on the GPU run convolutions faster so (EfficientNet-Lite0,
+    a training step of 64 images at 64 px on 2 CPU threads: 0.50 s NCHW, 0.24 s NHWC; README,
+    Speed). State dicts are saved contiguous, so files do not depend on it."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, normalize_features: bool):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(feature_dim, num_classes)
         self.normalize_features = normalize_features
+        self.channels_last = is_convolutional(backbone)
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         f = self.backbone(x)
         return nn.functional.normalize(f, dim=-1) if self.normalize_features else f
 

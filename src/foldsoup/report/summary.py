@@ -18,11 +18,13 @@ from foldsoup.analysis.reliability import (
     CHANCE_ALPHA,
     at_chance_mask,
     diverged_mask,
+    flag_mask,
     model_name,
     order_methods,
     threshold_model,
     val_threshold,
 )
+from foldsoup.training.guard import FAR_RULE
 
 # The paper's published numbers, copied as printed (Suzuki & Matsuzawa, AI 2022, 3, 796-808).
 # Accuracies and RMSEs are in percent (percentage points), correlations are plain numbers;
@@ -179,6 +181,17 @@ def header_section(run_info: dict, models_df: pd.DataFrame, subsets_df: pd.DataF
         lines.append(f"- models at chance: {len(chance)} ({', '.join(model_name(r) for _, r in chance.iterrows())}); "
                      f"{CHANCE_RULE}; they learned nothing, yet they are not diverged and stay in the soups and in "
                      "Table 2's threshold" if len(chance) else f"- models at chance: none ({CHANCE_RULE})")
+    if "started_far" in models_df.columns:
+        far = models_df.loc[flag_mask(models_df, "started_far") & ~diverged_mask(models_df)]
+        lines.append(f"- fine-tunes that started far from their LP init: {len(far)} "
+                     f"({', '.join(model_name(r) for _, r in far.iterrows())}); {FAR_RULE}; see their fine-tune logs "
+                     "(finetune.batchnorm, grid.lr)" if len(far)
+                     else f"- fine-tunes that started far from their LP init: none ({FAR_RULE})")
+    lp_val = pd.to_numeric(models_df.get("lp_val_acc", pd.Series(dtype=float)), errors="coerce")
+    if lp_val.notna().any():
+        ok = models_df.loc[~diverged_mask(models_df) & lp_val.notna()]
+        below = ok.loc[ok["val_acc"] < lp_val[ok.index]]
+        lines.append(f"- fine-tunes ending below their linear probe's val accuracy: {len(below)} of {len(ok)}")
     lines += ["", _context_note(run_info), ""]
     return "\n".join(lines)
 

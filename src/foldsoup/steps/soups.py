@@ -28,6 +28,8 @@ def models_table(metrics_paths: list[str], out: str) -> None:
         row = {key: m[key] for key in ("hp", "lr", "aug", "mixup", "fold", "val_acc", "test_acc", "diverged")}
         # Empty for metrics written before the chance test existed.
         row.update(at_chance=m.get("at_chance"), chance_ceiling=m.get("chance_ceiling"))
+        # The first-step guard (training.loop.started_far) and the LP the fine-tune started from.
+        row.update({key: m.get(key) for key in ("lp_val_acc", "lp_step_loss", "first_step_loss", "first_epoch_loss", "started_far")})
         row.update({f"acc_fold{i}": a for i, a in m["fold_accs"].items()})
         if m.get("holdout_acc") is not None:
             row["holdout_acc"] = m["holdout_acc"]
@@ -35,12 +37,22 @@ def models_table(metrics_paths: list[str], out: str) -> None:
     table = pd.DataFrame(rows)
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log(f"{len(table)} models, val acc {table.val_acc.min():.4f}..{table.val_acc.max():.4f}")
-    from foldsoup.analysis.reliability import at_chance_mask, diverged_mask, model_name
+    from foldsoup.analysis.reliability import at_chance_mask, diverged_mask, flag_mask, model_name
+    from foldsoup.training.guard import FAR_RULE
 
     chance = [model_name(r) for _, r in table[at_chance_mask(table) & ~diverged_mask(table)].iterrows()]
     if chance:
         log(f"WARNING {len(chance)} model(s) at chance (val acc not above their fold's largest class, binomial test): "
             f"{', '.join(chance)}; see their fine-tune logs")
+    far = [model_name(r) for _, r in table[flag_mask(table, "started_far") & ~diverged_mask(table)].iterrows()]
+    if far:
+        log(f"WARNING {len(far)} fine-tune(s) started far from their LP init ({FAR_RULE}): {', '.join(far)}; "
+            "see their logs")
+    lp_val = pd.to_numeric(table["lp_val_acc"], errors="coerce")  # empty for metrics from before the guard
+    below = table[lp_val.notna() & (table["val_acc"] < lp_val) & ~diverged_mask(table)]
+    if len(below):
+        log(f"WARNING {len(below)} of {len(table)} fine-tune(s) end below the val accuracy of the linear probe they "
+            f"started from: {', '.join(model_name(r) for _, r in below.iterrows())}")
 
 
 # ---------------------------------------------------------------- soups

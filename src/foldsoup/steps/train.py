@@ -58,12 +58,12 @@ def linear_probe(cfg: dict, data_path: str, folds_path: str, backbone_path: str,
     train_idx = train_indices(ctx.fold_of, fold)
     val_idx = np.flatnonzero(ctx.fold_of == fold)
     d = ctx.data
-    head = fit_head(model, ctx.tensor(d.pool_images[train_idx]), ctx.tensor(d.pool_labels[train_idx]), ctx.spec,
-                    cfg["lp"], cfg["finetune"]["precision"], cfg["seed"], log)
+    head, fit = fit_head(model, ctx.tensor(d.pool_images[train_idx]), ctx.tensor(d.pool_labels[train_idx]), ctx.spec,
+                         cfg["lp"], cfg["finetune"]["precision"], cfg["seed"], log)
     val_logits = predict_logits(model, ctx.tensor(d.pool_images[val_idx]), ctx.spec, cfg["finetune"]["eval_batch_size"])
     val_acc = accuracy(val_logits, ctx.tensor(d.pool_labels[val_idx]))
     log(f"fold {fold}: linear probe val acc {val_acc:.4f}")
-    save_weights(out, head, {"kind": "head", "fold": fold, "val_acc": val_acc})
+    save_weights(out, head, {"kind": "head", "fold": fold, "val_acc": val_acc, "fit": fit})
 
 
 def _injected_failure(tag: str) -> int | None:
@@ -93,12 +93,14 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     ctx = Context(cfg, data_path, folds_path)
     model = ctx.model()
     load_backbone(model, load_weights(backbone_path)[0], backbone_path)
-    model.head.load_state_dict(load_weights(head_path)[0])
+    head_state, head_meta = load_weights(head_path)
+    model.head.load_state_dict(head_state)
     d, ft = ctx.data, cfg["finetune"]
     train_idx = train_indices(ctx.fold_of, fold)
     loop = LoopConfig(ft["epochs"], ft["batch_size"], point.lr, ft["weight_decay"], ft["warmup_steps"], ft["grad_clip"],
                       ft["label_smoothing"], ft["precision"], cfg["augment"][point.aug],
-                      ft["mixup_alpha"] if point.mixup else None, cfg["seed"], tag, compile=ft["compile"])
+                      ft["mixup_alpha"] if point.mixup else None, cfg["seed"], tag, compile=ft["compile"],
+                      batchnorm=ft["batchnorm"])
     resume = ResumeStore(resume_dir, ft["resume_every_s"])
     log(f"{tag}: fine-tuning on {len(train_idx)} images, {ft['epochs']} epochs, lr {point.lr:g}, aug {point.aug}, mixup {point.mixup}")
     diverged = False
@@ -109,7 +111,8 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
         if ft["on_divergence"] != "exclude":
             raise
         log(f"{exc}; marked diverged (finetune.on_divergence: exclude), excluded from every soup")
-        diverged, stats = True, {"steps": None, "final_loss": float("nan"), "images_per_s": None, "train_seconds": None}
+        diverged, stats = True, {"steps": None, "final_loss": float("nan"), "images_per_s": None, "train_seconds": None,
+                                 "started_far": True}
     # A SIGTERM from here on (a time limit during the final evaluation) keeps the trained
     # weights as resume state: the rerun skips training and only evaluates.
     try:
@@ -143,7 +146,8 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
             chance, ceiling = at_chance(accs[fold], n_val, majority), chance_ceiling(n_val, majority)
             metrics = {**point.as_dict(), "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
                        "fold_accs": {str(i): a for i, a in accs.items()}, "holdout_acc": holdout_acc, "diverged": diverged,
-                       "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val, **stats}
+                       "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val,
+                       "lp_val_acc": head_meta.get("val_acc"), **stats}
             atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished
     except Interrupted:
         if diverged:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from foldsoup.errors import Diverged, Interrupted
 from foldsoup.models.classifier import Classifier
 from foldsoup.training.augment import eval_transform, mixup, train_transform
+from foldsoup.training.guard import FAR_FACTOR, FAR_MARGIN, started_far
 from foldsoup.training.optim import AdamW
 
 Log = Callable[[str], None]
@@ -86,39 +87,101 @@ def extract_features(model: Classifier, images: torch.Tensor, spec: ImageSpec, b
     return torch.cat(out)
 
 
+def _inner_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, check) indices: a stratified, seeded share `fraction` of every class for checking
+    (floor, so a class of one image is only fitted on)."""
+    gen = torch.Generator().manual_seed(seed)
+    fit, check = [], []
+    cpu = labels.cpu()
+    for c in torch.unique(cpu).tolist():
+        idx = torch.nonzero(cpu == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_check = int(fraction * len(idx))
+        check.append(idx[:n_check])
+        fit.append(idx[n_check:])
+    return torch.cat(fit).to(labels.device), torch.cat(check).to(labels.device)
+
+
+def fit_logistic(z: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression: min mean CE(z W^T + b) + l2/2 |W|^2 (full batch, L-BFGS
+    with strong Wolfe line search, from zero; the bias is not penalised). Deterministic."""
+    weight = torch.zeros(num_classes, z.shape[1], device=z.device, dtype=z.dtype, requires_grad=True)
+    bias = torch.zeros(num_classes, device=z.device, dtype=z.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ weight.T + bias, labels) + 0.5 * l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return weight.detach(), bias.detach()
+
+
 def linear_probe(
     model: Classifier, images: torch.Tensor, labels: torch.Tensor, spec: ImageSpec, lp_cfg: dict, precision: str, seed: int, log: Log
-) -> dict[str, torch.Tensor]:
-    """Train model.head on frozen features (full batch AdamW); returns the head's state.
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fit model.head on frozen features of `images`; returns (the head's state, what the fit did).
 
-    The head is fit on standardised features, then the standardisation is folded into its
-    weights (W' = W / s, b' = b - W' m): exactly the same function of the raw features, and
-    one learning rate works whatever the backbone's feature scale (CLIP's are unit-norm).
+    An L2-regularised logistic regression (CLIP's linear-probe protocol): each strength of
+    lp_cfg["l2"] is fit on a stratified inner split of `images` and scored by cross-entropy on
+    the rest of them (no image of the fold's val part is seen); the best strength is refit on
+    all of `images`. Cross-entropy rather than accuracy: it is smooth, ties rarely, and rewards
+    a calibrated head, the point of LP-FT's probe (an over-confident head turns the feature shift
+    of the first fine-tune steps into a large loss).
+
+    Features are centred and divided by one scale, their root-mean-square deviation, so one L2
+    grid fits every backbone (CLIP's features are unit-norm, CNNs' are not) while the penalty
+    stays isotropic in the raw features. Dividing each dimension by its own deviation (what this
+    did before) put large weights on near-constant features: on real ImageNet weights, raw
+    weights up to 3,600 and a first-step loss of 237 under batch statistics (README, BatchNorm).
+    The centring and scale are folded into the head (W' = W / s, b' = b - W' m): the same
+    function of the raw features.
     """
     t0 = time.perf_counter()
+    num_classes = model.head.out_features
     feats = extract_features(model, images, spec, lp_cfg["batch_size"], precision)
-    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
-    z = (feats - mean) / std
-    torch.manual_seed(seed)
-    probe = torch.nn.Linear(z.shape[1], model.head.out_features).to(z.device)
-    torch.nn.init.zeros_(probe.weight)
-    torch.nn.init.zeros_(probe.bias)
-    opt = AdamW(probe.parameters(), lr=lp_cfg["lr"], weight_decay=lp_cfg["weight_decay"])
-    with torch.enable_grad():
-        for epoch in range(lp_cfg["epochs"]):
-            loss = F.cross_entropy(probe(z), labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    mean = feats.mean(0)
+    scale = float((feats - mean).square().mean().sqrt().clamp_min(1e-12))
+    z = (feats - mean) / scale
+    strengths = sorted(float(v) for v in lp_cfg["l2"])
+    sweep: dict[str, dict] = {}
+    if len(strengths) == 1:
+        chosen = strengths[0]
+    else:
+        fit, check = _inner_split(labels, lp_cfg["inner_val_fraction"], stable_seed(seed, "lp-inner", len(labels)))
+        if len(check) == 0:
+            chosen = strengths[len(strengths) // 2]
+            log(f"linear probe: {len(labels)} images leave no inner validation images at lp.inner_val_fraction "
+                f"{lp_cfg['inner_val_fraction']}; L2 strength {chosen:g} (the middle of lp.l2) without a sweep")
+        else:
+            for l2 in strengths:
+                weight, bias = fit_logistic(z[fit], labels[fit], num_classes, l2, lp_cfg["max_iter"])
+                logits = z[check] @ weight.T + bias
+                sweep[f"{l2:g}"] = {"loss": F.cross_entropy(logits, labels[check]).item(),
+                                    "acc": (logits.argmax(1) == labels[check]).float().mean().item()}
+            # Lowest inner-val loss; a tie goes to the stronger regularisation.
+            chosen = min(strengths, key=lambda l2: (sweep[f"{l2:g}"]["loss"], -l2))
+            log(f"linear probe: L2 sweep on {len(fit)} images, checked on {len(check)} (inner split of the fold's "
+                "training part): " + ", ".join(f"{k} loss {v['loss']:.4f} acc {v['acc']:.4f}" for k, v in sweep.items())
+                + f"; chose {chosen:g}")
+    weight, bias = fit_logistic(z, labels, num_classes, chosen, lp_cfg["max_iter"])
     with torch.no_grad():
-        acc = (probe(z).argmax(1) == labels).float().mean().item()
-        weight = probe.weight / std
-        bias = probe.bias - weight @ mean
-        model.head.weight.copy_(weight)
-        model.head.bias.copy_(bias)
-    log(f"linear probe: {len(labels)} images, {lp_cfg['epochs']} epochs, final loss {loss.item():.4f}, "
-        f"train acc {acc:.4f}, {time.perf_counter() - t0:.1f} s")
-    return {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+        logits = z @ weight.T + bias
+        loss = F.cross_entropy(logits, labels).item()
+        acc = (logits.argmax(1) == labels).float().mean().item()
+        raw_weight = weight / scale
+        model.head.weight.copy_(raw_weight)
+        model.head.bias.copy_(bias - raw_weight @ mean)
+    fit_info = {"l2": chosen, "train_loss": loss, "train_acc": acc, "max_abs_weight": raw_weight.abs().max().item(),
+                "feature_scale": scale, "sweep": sweep}
+    log(f"linear probe: {len(labels)} images, L2 {chosen:g}, train loss {loss:.4f}, train acc {acc:.4f}, "
+        f"head weights max |w| {fit_info['max_abs_weight']:.4g} (features' scale {scale:.4g}), "
+        f"{time.perf_counter() - t0:.1f} s")
+    return {k: v.detach().clone() for k, v in model.head.state_dict().items()}, fit_info
 
 
 @dataclass
@@ -136,6 +199,25 @@ class LoopConfig:
     seed: int
     tag: str  # names the run in messages ("grid point ..., fold ...")
     compile: bool = False  # torch.compile the training forward (one compile per job; see finetune.compile)
+    batchnorm: str = "train"  # "frozen": BatchNorm normalises with its running statistics (finetune.batchnorm)
+
+
+BATCHNORM_MODES = ("frozen", "train")
+
+
+def set_train_mode(model: torch.nn.Module, batchnorm: str) -> None:
+    """model.train(), except that with batchnorm "frozen" every BatchNorm layer stays in eval
+    mode: it normalises with its running (pretrained) statistics and leaves them unchanged,
+    while its affine weight and bias are still trained (DiWA's and Model Ratatouille's practice).
+    Batch statistics differ from the pretrained ones the linear probe was fit on: on real
+    ImageNet weights they made the first fine-tune step start from chance (README, BatchNorm)."""
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"finetune.batchnorm: {batchnorm!r} is unknown; allowed: {', '.join(BATCHNORM_MODES)}")
+    model.train()
+    if batchnorm == "frozen":
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -277,7 +359,7 @@ def train(
     opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device)
 
-    progress = {"epoch": 0, "step_in_epoch": 0}
+    progress = {"epoch": 0, "step_in_epoch": 0, "guard": {}}
     fingerprint = run_fingerprint(model, images, labels, cfg) if resume is not None else ""
     if resume is not None:
         resume.fingerprint = fingerprint
@@ -290,16 +372,17 @@ def train(
             log(f"resumed {cfg.tag}: training had finished ({resume.path}); evaluating")
             return loaded["stats"]
         else:
-            progress = loaded
+            progress = {"guard": {}, **loaded}
             log(f"resumed {cfg.tag} from epoch {progress['epoch']} step {progress['step_in_epoch']} ({resume.path})")
 
-    model.train()
+    set_train_mode(model, cfg.batchnorm)
     # Compiled forward shares the model's parameters, so saving and resuming see no difference.
     forward = torch.compile(model) if cfg.compile else model
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     last_loss = float("nan")
     seen, t_start = 0, time.perf_counter()
+    guard = progress["guard"]  # lp_step_loss, first_step_loss, first_epoch_loss: kept in the resume state
     with SigtermTrap() as sigterm:
         for epoch in range(progress["epoch"], cfg.epochs):
             epoch_seed = stable_seed(cfg.seed, cfg.tag, epoch)
@@ -319,20 +402,31 @@ def train(
                 if sigterm.received:
                     if resume is None:
                         raise Interrupted(f"{cfg.tag}: SIGTERM at epoch {epoch} step {step}; no resume folder, state lost")
-                    resume.save(model, opt, gen, {"epoch": epoch, "step_in_epoch": step}, fingerprint)
+                    resume.save(model, opt, gen, {"epoch": epoch, "step_in_epoch": step, "guard": guard}, fingerprint)
                     raise Interrupted(f"{cfg.tag}: SIGTERM at epoch {epoch} step {step}; resume state saved to "
                                       f"{resume.path}, a rerun continues from there")
                 if resume is not None and resume.due():
-                    resume.save(model, opt, gen, {"epoch": epoch, "step_in_epoch": step}, fingerprint)
+                    resume.save(model, opt, gen, {"epoch": epoch, "step_in_epoch": step, "guard": guard}, fingerprint)
                 opt.lr = cfg.lr * lr_factor(global_step, cfg.warmup_steps, total)
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 x = train_transform(images[idx], spec.size, spec.mean, spec.std, cfg.aug, spec.hflip, gen)
                 target = F.one_hot(labels[idx], num_classes).float()
                 if lams is not None:
                     x, target = mixup(x, target, float(lams[step]), gen)
+                if global_step == 0:
+                    # The first-step guard: the loss of the starting weights in eval mode (the LP's own
+                    # view) on this very batch, beside the training forward's loss below.
+                    model.eval()
+                    with torch.no_grad(), autocast(device, cfg.precision):
+                        start_logits = model(x)
+                    guard["lp_step_loss"] = F.cross_entropy(start_logits.float(), target,
+                                                            label_smoothing=cfg.label_smoothing).item()
+                    set_train_mode(model, cfg.batchnorm)
                 with autocast(device, cfg.precision):
                     logits = forward(x)
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+                if global_step == 0:
+                    guard["first_step_loss"] = loss.item()
                 opt.zero_grad()
                 loss.backward()
                 if cfg.grad_clip is not None:
@@ -351,9 +445,21 @@ def train(
             rate = done * cfg.batch_size / max(1e-9, time.perf_counter() - t_epoch)
             log(f"{cfg.tag} epoch {epoch + 1}/{cfg.epochs} loss {last_loss:.4f} "
                 f"lr {opt.lr:.2e} {rate:.0f} images/s")
-            progress = {"epoch": epoch + 1, "step_in_epoch": 0}
+            if epoch == 0 and start_step == 0:
+                guard["first_epoch_loss"] = last_loss
+                log(f"{cfg.tag}: first-step guard: loss of the LP init on the first batch {guard['lp_step_loss']:.4f} "
+                    f"(eval mode), first training step {guard['first_step_loss']:.4f}, first epoch {last_loss:.4f}")
+                if started_far(last_loss, guard["lp_step_loss"]):
+                    log(f"WARNING {cfg.tag}: fine-tune started far from its LP init: first epoch's loss {last_loss:.4f} "
+                        f"is above {FAR_FACTOR:g} x the LP init's {guard['lp_step_loss']:.4f} + {FAR_MARGIN:g} on the same "
+                        f"images (first step {guard['first_step_loss']:.4f}). Look at finetune.batchnorm (batch "
+                        f"statistics), a learning rate too high for grid.lr, or the linear probe")
+            progress = {"epoch": epoch + 1, "step_in_epoch": 0, "guard": guard}
     elapsed = time.perf_counter() - t_start
-    return {"steps": total, "final_loss": last_loss, "images_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}
+    return {"steps": total, "final_loss": last_loss, "images_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed,
+            "lp_step_loss": guard.get("lp_step_loss"), "first_step_loss": guard.get("first_step_loss"),
+            "first_epoch_loss": guard.get("first_epoch_loss"),
+            "started_far": started_far(guard.get("first_epoch_loss"), guard.get("lp_step_loss"))}
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
