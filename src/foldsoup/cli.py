@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+
+from foldsoup.errors import FoldsoupError
 
 
 def _cfg(text: str) -> dict:
@@ -131,14 +134,44 @@ def main(argv: list[str] | None = None) -> int:
 
             for path, label, prob in predict(args.model, args.images, args.device):
                 print(f"{path}\t{label}\t{prob:.4f}")
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Known failure modes carry messages written for the user; no traceback needed.
+    except FoldsoupError as exc:
+        # Raised on purpose, with a message written for the user; no traceback needed.
         print(f"foldsoup {c}: error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:  # a path the loaders do not check (a step's output or table), named by the OS
+    except OSError as exc:
+        if exc.filename is None:
+            return _bug(c, exc)
+        # A path the loaders do not check (a step's output or table), named by the OS.
         print(f"foldsoup {c}: error: {os_error(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            traceback.print_exc()
+            print(f"foldsoup {c}: error: {OUT_OF_MEMORY}", file=sys.stderr)
+            return 1
+        return _bug(c, exc)
     return 0
+
+
+OUT_OF_MEMORY = ("CUDA out of memory (the traceback above says where); lower finetune.batch_size (training), "
+                 "finetune.eval_batch_size (evaluation and soups) or lp.batch_size (feature extraction), or run the "
+                 "job on a GPU with more memory (resources.*: what a cluster job asks for)")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or the plain RuntimeError older torch and cuBLAS/cuDNN give."""
+    torch = sys.modules.get("torch")  # not imported: no CUDA ran, so no CUDA OOM
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", ())
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def _bug(c: str, exc: BaseException) -> int:
+    """An exception nobody raised on purpose, most likely a defect: its traceback goes to stderr
+    (the job's log), and the last line says so rather than passing it off as bad input."""
+    traceback.print_exc()
+    print(f"foldsoup {c}: unexpected {type(exc).__name__}: {exc} (not an error foldsoup reports on purpose; "
+          f"unless it is the machine's, e.g. a full disk, please report it with the traceback above)", file=sys.stderr)
+    return 1
 
 
 def os_error(exc: OSError) -> str:

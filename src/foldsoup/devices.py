@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from foldsoup.errors import ConfigError, NoFreeDevice
+
 _held: list[tuple[int, str, object]] = []  # (slot, lock file, open handle), kept for the process lifetime
 _placement: "Placement | None" = None  # this process's placement: place() decides once
 
@@ -67,7 +69,7 @@ def _wait_limit() -> float | None:
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"FOLDSOUP_GPU_WAIT_S={value!r}: expected a number of seconds") from None
+        raise ConfigError(f"FOLDSOUP_GPU_WAIT_S={value!r}: expected a number of seconds") from None
 
 
 def _visible_ids(count: int) -> list[str]:
@@ -84,7 +86,7 @@ def _visible_ids(count: int) -> list[str]:
 def acquire_slot(count: int, wait_s: float | None = None, poll_s: float = 0.2) -> int:
     """Take the first free of `count` device locks and hold it until the process ends (or
     release_slots()); wait, polling, while all are held. wait_s: None reads FOLDSOUP_GPU_WAIT_S
-    (unset: no limit); TimeoutError when it passes without a free device."""
+    (unset: no limit); NoFreeDevice when it passes without a free device."""
     if count < 1:
         raise ValueError(f"acquire_slot: count must be at least 1, got {count}")
     if wait_s is None:
@@ -113,7 +115,7 @@ def acquire_slot(count: int, wait_s: float | None = None, poll_s: float = 0.2) -
             _stamp(f"device slot {slot} ({lock_path.name}) acquired{waited}")
             return slot
         if wait_s is not None and time.monotonic() - start >= wait_s:
-            raise TimeoutError(f"no free GPU among {ids} after {wait_s:g} s (FOLDSOUP_GPU_WAIT_S; locks in {lock_dir})")
+            raise NoFreeDevice(f"no free GPU among {ids} after {wait_s:g} s (FOLDSOUP_GPU_WAIT_S; locks in {lock_dir})")
         if not waiting:
             waiting = True
             _stamp(f"all {count} device slots {ids} are held (locks in {lock_dir}); waiting for one to free")
@@ -154,7 +156,7 @@ def _decide(preference: str) -> Placement:
 
     if preference == "cpu" or not torch.cuda.is_available():
         if preference == "cuda":
-            raise RuntimeError("device: cuda was asked for, but torch sees no GPU")
+            raise ConfigError("device: cuda was asked for, but torch sees no GPU")
         return Placement("cpu", None, "CPU")
     count = torch.cuda.device_count()
     if os.environ.get("SLURM_JOB_ID") and count == 1:

@@ -44,7 +44,7 @@ def _load(path: str, device: str):
     model = build_classifier(meta["model"], len(meta["classes"]), meta["image"].get("size"))
     try:
         load_full(model, state, path)
-    except ValueError as exc:  # only a file whose tensors were replaced after foldsoup wrote it
+    except WeightsError as exc:  # only a file whose tensors were replaced after foldsoup wrote it
         raise WeightsError(f"{exc} (the model its metadata describes: {meta['model'].get('name')}, {len(meta['classes'])} "
                            f"classes); its tensors belong to another model: give {MODEL_FILES}") from exc
     model.to(torch.device(place(device).device))

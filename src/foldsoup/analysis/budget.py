@@ -34,6 +34,7 @@ import pandas as pd
 from foldsoup.analysis.reliability import (
     format_folds as join,  # (0, 3, 7) -> "0-3-7", as fold subsets are written elsewhere
 )
+from foldsoup.errors import ConfigError
 
 METHODS: tuple[str, ...] = ("best_on_val", "uniform_soup", "greedy_soup", "bgss", "gsgs", "ensemble_all")
 COLUMNS: tuple[str, ...] = ("method", "grid_points", "n_folds", "budget", "draw", "grid", "folds", "subsets",
@@ -52,7 +53,7 @@ def grid_ladder(n_grid: int, sizes: Sequence[int] | None = None) -> list[int]:
     if sizes is not None:
         bad = [g for g in sizes if not 1 <= int(g) <= n_grid]
         if bad:
-            raise ValueError(f"budget.grid_points: {bad} outside the grid's {n_grid} point(s); allowed: 1 <= g <= {n_grid}")
+            raise ConfigError(f"budget.grid_points: {bad} outside the grid's {n_grid} point(s); allowed: 1 <= g <= {n_grid}")
         return sorted({int(g) for g in sizes})
     out, g = [], n_grid
     while g >= 1:
@@ -66,7 +67,7 @@ def fold_counts(k: int, counts: Sequence[int] | None = None) -> list[int]:
     if counts is not None:
         bad = [f for f in counts if not 1 <= int(f) <= k]
         if bad:
-            raise ValueError(f"budget.fold_counts: {bad} outside the {k} folds; allowed: 1 <= f <= {k}")
+            raise ConfigError(f"budget.fold_counts: {bad} outside the {k} folds; allowed: 1 <= f <= {k}")
         return sorted({int(f) for f in counts})
     return list(range(1, k + 1))
 

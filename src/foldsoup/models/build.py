@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from foldsoup.errors import ModelError
 from foldsoup.models.classifier import Classifier, digits_cnn
 
 
@@ -31,7 +32,7 @@ def build_backbone(model_cfg: dict, image_size: int | None = None) -> tuple[nn.M
         )
 
         return timm_backbone(model_cfg["arch"], image_size)
-    raise ValueError(f"model.name {name!r} is unknown")
+    raise ModelError(f"model.name {name!r} is unknown")
 
 
 def build_classifier(model_cfg: dict, num_classes: int, image_size: int | None = None) -> Classifier:

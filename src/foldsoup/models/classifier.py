@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from foldsoup.errors import ModelError, WeightsError
+
 
 def is_convolutional(backbone: nn.Module) -> bool:
     """More than one 2-d convolution: a CNN (a ViT has one, its patch embedding)."""
@@ -51,7 +53,7 @@ def digits_cnn(width: int, norm: str = "group") -> tuple[nn.Module, int]:
     the same places, with running statistics and a step counter, like CLIP's ResNets and most timm
     CNNs (what soups of BatchNorm models do: README, "BatchNorm models")."""
     if norm not in NORMS:
-        raise ValueError(f"model.norm: {norm!r} is unknown; allowed: {', '.join(repr(n) for n in NORMS)}")
+        raise ModelError(f"model.norm: {norm!r} is unknown; allowed: {', '.join(repr(n) for n in NORMS)}")
 
     def block(cin: int, cout: int) -> list[nn.Module]:
         layer = nn.GroupNorm(8, cout) if norm == "group" else nn.BatchNorm2d(cout)
@@ -87,13 +89,13 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str)
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:
-        raise ValueError(
+        raise WeightsError(
             f"{source}: weights do not fit the configured model: "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
         )
     for key, value in own.items():
         if value.shape != state[key].shape:
-            raise ValueError(f"{source}: tensor {key!r} has shape {list(state[key].shape)}, the model expects {list(value.shape)}")
+            raise WeightsError(f"{source}: tensor {key!r} has shape {list(state[key].shape)}, the model expects {list(value.shape)}")
     with torch.no_grad():
         for key, value in own.items():
             value.copy_(state[key])  # in place: keeps the resident model's storage (and device)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from foldsoup.data.folds import HOLDOUT
+from foldsoup.errors import SoupError
 from foldsoup.soups import select
 from foldsoup.soups.select import Candidate, GreedyResult, SoupScorer
 
@@ -83,7 +84,7 @@ def _pick(models: Sequence[M], on_holdout: bool, what: str) -> M:
     by_name = {m.name: m for m in models}
     cands = candidates(models, on_holdout)
     if not cands:
-        raise ValueError(f"{what}: every model diverged")
+        raise SoupError(f"{what}: every model diverged")
     return by_name[select.best_on_val(cands).name]
 
 

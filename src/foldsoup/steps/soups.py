@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from foldsoup.data.folds import HOLDOUT
+from foldsoup.errors import DataError
 from foldsoup.soups import methods, select
 from foldsoup.soups.evaluation import greedy_scorer
 from foldsoup.steps.context import Context, log
@@ -199,7 +200,7 @@ def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str
     ctx = Context(cfg, data_path, folds_path)
     ev = ctx.evaluator()
     if on_holdout and not ev.has_holdout:
-        raise ValueError(f"{folds_path}: has no outer holdout (set folds.holdout_fraction > 0 and rerun `folds`)")
+        raise DataError(f"{folds_path}: has no outer holdout (set folds.holdout_fraction > 0 and rerun `folds`)")
     cands, paths = _candidates(_model_metrics(metrics_paths), model_paths, on_holdout)
     store = ctx.ingredients(paths.values())
     _greedy_and_save(ctx, ev, "greedy_soup_holdout" if on_holdout else "greedy_soup", cands, paths, out, store)

@@ -10,6 +10,7 @@ import numpy as np
 
 from foldsoup.config.schema import GridPoint, grid_point
 from foldsoup.data.folds import holdout_indices, train_indices
+from foldsoup.errors import DataError
 from foldsoup.steps.context import Context, log
 from foldsoup.storage.weights import atomic_write_json, load_weights, save_weights
 
@@ -35,7 +36,7 @@ def pretrain(cfg: dict, data_path: str, out: str) -> None:
         ctx = Context(cfg, data_path)
         d = ctx.data
         if d.pretrain_images is None:
-            raise ValueError(f"{data_path}: has no pretraining images for model {cfg['model']['name']!r}")
+            raise DataError(f"{data_path}: has no pretraining images for model {cfg['model']['name']!r}")
         model = ctx.model(len(d.pretrain_classes))
         p = cfg["pretrain"]
         loop = LoopConfig(p["epochs"], p["batch_size"], p["lr"], p["weight_decay"], warmup_steps=0, grad_clip=1.0,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from foldsoup.errors import Diverged, Interrupted
+from foldsoup.errors import ConfigError, Diverged, Interrupted
 from foldsoup.models.classifier import Classifier
 from foldsoup.training.augment import eval_transform, mixup, train_transform
 from foldsoup.training.guard import FAR_FACTOR, FAR_MARGIN, started_far
@@ -212,7 +212,7 @@ def set_train_mode(model: torch.nn.Module, batchnorm: str) -> None:
     Batch statistics differ from the pretrained ones the linear probe was fit on: on real
     ImageNet weights they made the first fine-tune step start from chance (README, BatchNorm)."""
     if batchnorm not in BATCHNORM_MODES:
-        raise ValueError(f"finetune.batchnorm: {batchnorm!r} is unknown; allowed: {', '.join(BATCHNORM_MODES)}")
+        raise ConfigError(f"finetune.batchnorm: {batchnorm!r} is unknown; allowed: {', '.join(BATCHNORM_MODES)}")
     model.train()
     if batchnorm == "frozen":
         for module in model.modules():
