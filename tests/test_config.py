@@ -20,6 +20,7 @@ from foldsoup.config.schema import (
     DIGITS_CLASS_COUNTS,
     ConfigError,
     deep_update,
+    load_schema,
     load_yaml_files,
     smallest_class_bound,
     validate,
@@ -207,6 +208,29 @@ def test_integral_floats_become_integers(base):
     assert cfg["finetune"]["epochs"] == 2 and type(cfg["finetune"]["epochs"]) is int
     assert type(cfg["folds"]["k"]) is int
     assert type(cfg["grid"]["lr"][0]) is float  # numbers stay numbers
+
+
+def test_a_partial_augmentation_keeps_its_other_defaults(base):
+    """`augment: {strong: {erase: 0.2}}` changes one knob; the rest stay strong's, as in every section."""
+    strong = load_schema()["properties"]["augment"]["properties"]["strong"]["default"]
+    cfg = validate(deep_update(base, {"augment": {"strong": {"erase": 0.2}}}), check_paths=False)
+    assert cfg["augment"]["strong"] == {**strong, "erase": 0.2} and strong["erase"] != 0.2
+    assert cfg["augment"]["medium"] == validate(base, check_paths=False)["augment"]["medium"]
+    assert only_problem(error_of(base, {"augment": {"strong": {"erase": 2}}})) == (  # the knob given is still checked
+        "augment.strong.erase: 2 is out of range; allowed: a number >= 0 and <= 1")
+
+
+def test_a_new_augmentation_still_needs_every_knob(base):
+    """No defaults to fill from: refused, naming it (the shipped schema allows no new names) or, where
+    a schema admits new names, naming each knob it lacks."""
+    assert only_problem(error_of(base, {"augment": {"heavy": {"erase": 0.2}}})) == (
+        "augment.heavy: unknown key (allowed under augment: minimal, medium, strong)")
+    schema = load_schema()
+    schema["properties"]["augment"]["additionalProperties"] = {"$ref": "#/$defs/augmentation"}
+    with pytest.raises(ConfigError) as info:
+        validate(deep_update(base, {"augment": {"heavy": {"erase": 0.2}}}), schema, check_paths=False)
+    assert [line.split(" (allowed")[0] for line in str(info.value).splitlines()[1:]] == [
+        f"  - augment.heavy.{knob}: missing; it is required" for knob in ("scale", "rotate", "translate", "jitter")]
 
 
 # ---------------------------------------------------------------- folders on disk

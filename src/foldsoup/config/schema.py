@@ -40,7 +40,9 @@ def _resolve(node: dict, schema: dict) -> dict:
 
 
 def fill_defaults(config: dict, schema: dict) -> dict:
-    """Return a copy of `config` with every schema default filled in, recursively."""
+    """Return a copy of `config` with every schema default filled in, recursively. A mapping given
+    for a key whose default is a mapping keeps the default's other keys (`augment: {strong:
+    {erase: 0.2}}` changes one knob of strong), as a partial section keeps its other defaults."""
 
     def fill(value: Any, node: dict) -> Any:
         node = _resolve(node, schema)
@@ -50,6 +52,8 @@ def fill_defaults(config: dict, schema: dict) -> dict:
         for key, sub in node["properties"].items():
             if key not in out and "default" in sub:
                 out[key] = copy.deepcopy(sub["default"])
+            elif isinstance(out.get(key), dict) and isinstance(sub.get("default"), dict):
+                out[key] = {**copy.deepcopy(sub["default"]), **out[key]}
             if key in out:
                 out[key] = fill(out[key], sub)
         return out
