@@ -223,3 +223,31 @@ def test_convolutional_backbones_run_channels_last_and_save_plain_files(tmp_path
     # One convolution (a ViT's patch embedding) is not a CNN.
     vit_like = Classifier(nn.Sequential(nn.Conv2d(1, 4, 4, stride=4), nn.Flatten()), 16, 3, normalize_features=False)
     assert not vit_like.channels_last
+
+
+def test_resumed_moments_take_their_channels_last_weights_layout():
+    # torch's fused AdamW pairs a weight with its moments by memory position: moments read back
+    # from a file (contiguous) beside a channels_last weight updated the wrong elements.
+    from foldsoup.training.optim import AdamW
+
+    torch.manual_seed(0)
+    start = torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    grads = [torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last) for _ in range(3)]
+
+    def steps(param: torch.Tensor, opt: AdamW, gs: list[torch.Tensor]) -> None:
+        for g in gs:
+            param.grad = g.clone()
+            opt.step()
+
+    straight = start.clone().requires_grad_()
+    opt = AdamW([straight], lr=0.1, weight_decay=0.1)
+    steps(straight, opt, grads)
+    half = start.clone().requires_grad_()
+    first = AdamW([half], lr=0.1, weight_decay=0.1)
+    steps(half, first, grads[:1])
+    saved = {k: v.contiguous() for k, v in first.state_tensors().items()}  # as a resume file holds them
+    resumed = AdamW([half], lr=0.1, weight_decay=0.1)
+    resumed.load_state_tensors(saved)
+    assert resumed.optimizer.state[half]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    steps(half, resumed, grads[1:])
+    assert torch.equal(half.detach(), straight.detach())

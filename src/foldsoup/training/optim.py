@@ -37,11 +37,6 @@ class AdamW:
     def _steps(self) -> list[int]:
         return [int(self.optimizer.state[p]["step"]) if p in self.optimizer.state else 0 for p in self.params]
 
-    @property
-    def step_count(self) -> int:
-        """Optimizer steps taken (by the parameters that took the most)."""
-        return max(self._steps(), default=0)
-
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -64,9 +59,13 @@ class AdamW:
         give every parameter the common step."""
         saved = self.optimizer.state_dict()
         saved["state"] = {}
-        for i in range(len(self.params)):
+        for i, param in enumerate(self.params):
             step = int(state.get(f"step.{i}", state["step"]))
-            if step:  # torch.optim rebuilds state it lacks; cast to each parameter's dtype and device
+            if step:  # torch.optim rebuilds state it lacks
+                # In each parameter's dtype, device and memory layout: files hold contiguous tensors,
+                # and the fused kernel pairs a channels_last weight with its moments by memory
+                # position, so a contiguous moment would update the wrong elements.
                 saved["state"][i] = {"step": torch.tensor(float(step), dtype=torch.float32),
-                                     "exp_avg": state[f"exp_avg.{i}"].clone(), "exp_avg_sq": state[f"exp_avg_sq.{i}"].clone()}
+                                     "exp_avg": torch.empty_like(param).copy_(state[f"exp_avg.{i}"]),
+                                     "exp_avg_sq": torch.empty_like(param).copy_(state[f"exp_avg_sq.{i}"])}
         self.optimizer.load_state_dict(saved)
