@@ -20,7 +20,7 @@ if importlib.util.find_spec("foldsoup") is None:  # running from a checkout with
 
 from foldsoup.analysis import reliability as analysis  # noqa: E402
 from foldsoup.report import plots, summary  # noqa: E402
-from foldsoup.analysis.reliability import fold_subsets, format_folds, parse_folds, reliability_table, subsets_sampled  # noqa: E402
+from foldsoup.analysis.reliability import fold_subsets, format_folds, reliability_table, subsets_sampled  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -80,14 +80,9 @@ def test_subsets_sampled_flag():
     assert subsets_sampled(10, 251) is True
 
 
-def test_format_and_parse_folds():
+def test_format_folds():
     assert format_folds((0, 2, 3)) == "0-2-3"
     assert format_folds([4]) == "4"
-    assert parse_folds("0-2-3") == (0, 2, 3)
-    assert parse_folds(3) == (3,)  # pandas reads a lone "3" as an int
-    assert parse_folds(format_folds((1, 4))) == (1, 4)
-    with pytest.raises(ValueError):
-        parse_folds("")
 
 
 # --------------------------------------------------------------------------- reliability table

@@ -208,39 +208,6 @@ def test_fold_table_errors_name_the_file(tmp_path):
 # ---------------------------------------------------------------- weights
 
 
-def test_average_files_with_different_shapes_names_file_and_tensor(tmp_path):
-    import torch
-
-    from foldsoup.errors import SoupError
-
-    from foldsoup.soups.average import average_files
-    from foldsoup.storage.weights import save_weights
-
-    a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
-    save_weights(a, {"backbone.w": torch.zeros(4, 3), "head.weight": torch.zeros(5, 4)})
-    save_weights(b, {"backbone.w": torch.zeros(4, 3), "head.weight": torch.zeros(6, 4)})
-    with pytest.raises(SoupError) as info:
-        average_files([a, b])
-    assert str(info.value) == f"ingredient {str(b)!r}: tensor 'head.weight' has shape (6, 4), but {str(a)!r} has shape (5, 4)"
-
-
-def test_average_files_with_different_keys_names_file_and_tensor(tmp_path):
-    import torch
-
-    from foldsoup.errors import SoupError
-
-    from foldsoup.soups.average import average_files
-    from foldsoup.storage.weights import save_weights
-
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_weights(a, {"backbone.w": torch.zeros(2), "head.weight": torch.zeros(2)})
-    save_weights(b, {"backbone.w": torch.zeros(2), "head.wieght": torch.zeros(2)})
-    with pytest.raises(SoupError) as info:
-        average_files([a, b])
-    assert str(info.value) == (f"ingredient {str(b)!r} does not match {str(a)!r}: missing keys 'head.weight'; "
-                               f"unexpected keys 'head.wieght'")
-
-
 def test_model_file_into_mismatched_model_names_file_and_tensor(tmp_path):
     """A fine-tuned model file of width 8 loaded into a model configured with width 16."""
     from foldsoup.models.build import build_classifier

@@ -7,7 +7,6 @@ so every expected result below can be checked with pencil and paper.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import subprocess
@@ -24,7 +23,6 @@ except ImportError:  # running from a checkout without an installed package
 
 from foldsoup.soups.select import (
     Candidate,
-    GreedyResult,
     avg_acc,
     best_on_val,
     best_uniform_per_split,
@@ -198,7 +196,6 @@ def test_three_fold_walkthrough():
     avg = greedy_soup(c, TableScorer(table), cross_fold="avg")
     assert [x.name for x in avg.ingredients] == ["p", "r", "s"]
     assert avg.score == pytest.approx(0.965)
-    json.dumps(result.to_dict())  # the summary is JSON-able
 
 
 def test_sort_is_stable_on_equal_val_acc():
@@ -256,46 +253,45 @@ def test_best_uniform_per_split():
         best_uniform_per_split({})
 
 
-def per_fold_result(fold: int, names: list[str], score: float) -> GreedyResult:
-    return GreedyResult([cand(n, fold, score) for n in names], {fold: score}, score, [])
-
-
 def test_bgss_picks_the_best_per_fold_soup():
-    per_fold = {
-        0: per_fold_result(0, ["h1/fold0", "h2/fold0"], 0.90),
-        1: per_fold_result(1, ["h3/fold1"], 0.93),
-        2: per_fold_result(2, ["h1/fold2"], 0.93),  # tie: the first fold wins
-    }
-    assert bgss({f: r.score for f, r in per_fold.items()}) == 1
+    assert bgss({0: 0.90, 1: 0.93, 2: 0.93}) == 1  # tie: the first fold wins
 
 
-def test_gsgs_combines_per_fold_soups_with_min_acc():
-    per_fold = {
-        0: per_fold_result(0, ["h1/fold0", "h2/fold0"], 0.90),
-        1: per_fold_result(1, ["h1/fold1", "h2/fold1", "h3/fold1"], 0.93),
-        2: per_fold_result(2, ["h3/fold2"], 0.91),
-    }
-    g0, g1, g2 = "greedy_fold0", "greedy_fold1", "greedy_fold2"
-    table = {
-        fs(g1): {1: 0.93},
-        fs(g1, g2): {1: 0.94, 2: 0.92},  # MinAcc 0.92 < 0.93: reject
-        fs(g1, g0): {1: 0.95, 0: 0.93},  # MinAcc 0.93 >= 0.93: accept
-    }
-    scorer = TableScorer(table)
-    result = gsgs(per_fold, scorer)
-    # Each per-fold soup is one candidate (its models are never seen by the scorer),
-    # tried in order of the soups' scores.
-    assert scorer.asked == [fs(g1), fs(g1, g2), fs(g1, g0)]
-    assert [(c.name, c.folds, c.val_acc) for c in scorer.candidates] == [
-        (g1, {1}, 0.93),
-        (g2, {2}, 0.91),
-        (g0, {0}, 0.90),
-    ]
-    assert scorer.accepted == [g1, g0]
-    assert result.score == 0.93 and result.fold_accs == {0: 0.93, 1: 0.95}
-    # Strict comparison rejects the tie.
-    strict = gsgs(per_fold, TableScorer(table), accept=">")
-    assert [c.name for c in strict.ingredients] == [g1]
+# GSGS on three per-fold soups (fold -> the soup's val accuracy on its fold), sorted g1, g2, g0.
+# Dyadic accuracies, so every mean below is exact.
+GSGS_SCORES = {0: 0.75, 1: 0.875, 2: 0.8125}
+G0, G1, G2 = "greedy_fold0", "greedy_fold1", "greedy_fold2"
+GSGS_TABLE = {
+    fs(G1): {1: 0.875},
+    fs(G1, G2): {1: 0.9375, 2: 0.8125},  # MinAcc 0.8125 < 0.875: reject; AvgAcc 0.875 >= 0.875: accept
+    fs(G1, G0): {1: 0.9375, 0: 0.875},  # MinAcc 0.875 >= 0.875: accept
+    fs(G1, G2, G0): {0: 0.8125, 1: 0.9375, 2: 0.875},  # AvgAcc 0.875 >= 0.875: accept
+}
+
+
+@pytest.mark.parametrize(("cross_fold", "accept", "expected", "fold_accs"), [
+    ("min", ">=", [G1, G0], {0: 0.875, 1: 0.9375}),
+    ("min", ">", [G1], {1: 0.875}),  # the tie of g0 is rejected
+    ("avg", ">=", [G1, G2, G0], {0: 0.8125, 1: 0.9375, 2: 0.875}),
+])
+def test_gsgs_is_alg1_over_the_per_fold_soups(cross_fold, accept, expected, fold_accs):
+    scorer = TableScorer(GSGS_TABLE)
+    result = gsgs(GSGS_SCORES, scorer, accept=accept, cross_fold=cross_fold)
+    # Each per-fold soup is one candidate (its models are never seen by the scorer), tried in
+    # order of the soups' own val accuracy, and scored over the folds of the soup with it.
+    assert [(c.name, c.folds, c.val_acc) for c in scorer.candidates] == [(G1, {1}, 0.875), (G2, {2}, 0.8125),
+                                                                         (G0, {0}, 0.75)]
+    assert scorer.accepted == expected == [c.name for c in result.ingredients]
+    assert result.score == 0.875 and result.fold_accs == fold_accs
+
+
+def test_gsgs_follows_the_runs_soups_settings():
+    from foldsoup.soups import methods
+
+    settings = {"greedy_accept": ">=", "cross_fold_val": "avg", "early_exit": True}
+    assert [c.name for c in methods.gsgs(GSGS_SCORES, TableScorer(GSGS_TABLE), settings).ingredients] == [G1, G2, G0]
+    strict = {**settings, "greedy_accept": ">", "cross_fold_val": "min"}
+    assert [c.name for c in methods.gsgs(GSGS_SCORES, TableScorer(GSGS_TABLE), strict).ingredients] == [G1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -378,7 +374,7 @@ def test_gsgs_weighs_each_per_fold_soup_equally():
     # Per-fold soups with different numbers of models: fold 0 of two, fold 1 of one.
     members = {0: ["h0/fold0", "h1/fold0"], 1: ["h0/fold1"]}
     soups = {f: average(states[n] for n in names) for f, names in members.items()}
-    per_fold = {f: per_fold_result(f, names, 0.9 - 0.1 * f) for f, names in members.items()}
+    per_fold = {0: 0.9, 1: 0.8}
 
     def load(c: Candidate):
         return soups[int(c.name.removeprefix("greedy_fold"))]

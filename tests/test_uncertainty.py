@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from foldsoup.analysis.uncertainty import ensemble_logits, fold_accuracies, paired_bootstrap
+from foldsoup.analysis.uncertainty import ensemble_logits, ensemble_of_groups, fold_accuracies, paired_bootstrap
 
 
 def test_ensemble_is_the_mean_of_logits_and_can_beat_its_members():
@@ -19,6 +19,17 @@ def test_ensemble_is_the_mean_of_logits_and_can_beat_its_members():
         ensemble_logits([])
     with pytest.raises(ValueError, match="shape"):
         ensemble_logits([a, a[:2]])
+
+
+def test_ensemble_of_groups_weighs_each_group_the_same():
+    # GSGS of two per-fold soups: fold 0's of one model, fold 1's of three. One image, label 0.
+    a = np.array([[2.0, 0.0]])
+    b, c, d = np.array([[0.0, 1.0]]), np.array([[0.0, 2.0]]), np.array([[0.0, 0.0]])
+    # Per soup: [2, 0] and [0, 1]; over soups: [1, 0.5] (right). Per model: [0.5, 0.75] (wrong).
+    np.testing.assert_array_equal(ensemble_of_groups([[a], [b, c, d]]), [[1.0, 0.5]])
+    np.testing.assert_array_equal(ensemble_logits([a, b, c, d]), [[0.5, 0.75]])
+    # One group is the plain ensemble, bit for bit.
+    np.testing.assert_array_equal(ensemble_of_groups([[a, b, c]]), ensemble_logits([a, b, c]))
 
 
 def test_fold_accuracies_by_fold():

@@ -158,18 +158,29 @@ class BudgetRun:
 
         return cross_fold_score(accs, self.cross_fold)
 
-    def greedy(self, cands: list, load, key: tuple | None = None):
-        """Alg. 1 (`select.greedy_soup` with a `soup.RunningSoupScorer`) as
-        `pipeline._greedy_and_save` runs it; the GreedyResult, memoised by `key` (default: the
-        candidates' names; single models name themselves uniquely)."""
-        from foldsoup.soups.evaluation import greedy_scorer
+    def greedy(self, cands: list, load):
+        """Alg. 1 (`soups.methods.greedy_soup` with a `soup.RunningSoupScorer`) as the workflow's
+        steps run it; the GreedyResult, memoised by the candidates' names (single models name
+        themselves uniquely)."""
         from foldsoup.soups.methods import greedy_soup
 
-        key = key or tuple(c.name for c in cands)
+        return self._selected(tuple(c.name for c in cands), load,
+                              lambda scorer: greedy_soup(cands, scorer, self.soups_cfg, early_exit=self.early_exit))
+
+    def gsgs(self, per_fold: dict[int, float], load, key: tuple):
+        """GSGS (`soups.methods.gsgs`) over per-fold soups (fold -> score) as `steps.gsgs` runs
+        it; `load` gives a candidate's soup weights; memoised by `key`."""
+        from foldsoup.soups.methods import gsgs
+
+        return self._selected(key, load, lambda scorer: gsgs(per_fold, scorer, self.soups_cfg, early_exit=self.early_exit))
+
+    def _selected(self, key: tuple, load, select):
+        """The GreedyResult of `select(scorer)` on a fresh scorer over `load`, memoised by `key`."""
+        from foldsoup.soups.evaluation import greedy_scorer
+
         if key not in self._greedy:
             scorer = greedy_scorer(self.ev, load)
-            result = greedy_soup(cands, scorer, self.soups_cfg, early_exit=self.early_exit)
-            self._greedy[key] = [result, None, load]
+            self._greedy[key] = [select(scorer), None, load]
             self._keep_soup(key, scorer.mean())
         return self._greedy[key][0]
 
@@ -245,9 +256,8 @@ class BudgetRun:
         # GSGS: the per-fold soups in fold order, each one ingredient (as steps.gsgs). The memo
         # key names them by their models: "greedy_fold0" of another grid subset is another soup.
         by_soup = {f"greedy_fold{i}": fold_keys[i] for i in folds}
-        stage2 = select.gsgs_candidates({i: per_fold[i].score for i in folds})
         key = ("gsgs", *fold_keys.values())
-        result = self.greedy(stage2, lambda c: self.greedy_state(by_soup[c.name]), key)
+        result = self.gsgs({i: per_fold[i].score for i in folds}, lambda c: self.greedy_state(by_soup[c.name]), key)
         # One accepted soup: GSGS's weights are that soup's (a mean of one ingredient is exact).
         only = by_soup[result.ingredients[0].name] if len(result.ingredients) == 1 else key
         row("gsgs", len(result.ingredients), result.score, self.greedy_test(only))

@@ -59,16 +59,6 @@ def format_folds(subset: Iterable[int]) -> str:
     return "-".join(str(int(f)) for f in subset)
 
 
-def parse_folds(text: str | int) -> tuple[int, ...]:
-    """Inverse of `format_folds`. Accepts an int too, since pandas may read "3" as 3."""
-    if isinstance(text, (int, np.integer)):
-        return (int(text),)
-    text = str(text).strip()
-    if not text:
-        raise ValueError("empty folds string")
-    return tuple(int(part) for part in text.split("-"))
-
-
 def subsets_sampled(k: int, max_per_n: int | None) -> bool:
     """True when a cap of `max_per_n` drops some subsets of at least one size n."""
     if max_per_n is None:
@@ -280,9 +270,3 @@ def order_methods(names: Iterable[str]) -> list[str]:
     unique = list(dict.fromkeys(names))
     known = [m for m in METHOD_ORDER if m in unique]
     return known + sorted(m for m in unique if m not in METHOD_ORDER)
-
-
-def sort_methods(methods: pd.DataFrame) -> pd.DataFrame:
-    """Rows of methods.csv in the canonical method order."""
-    order = {m: i for i, m in enumerate(order_methods(methods["method"]))}
-    return methods.sort_values("method", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)

@@ -21,6 +21,12 @@ def ensemble_logits(logits: Sequence[np.ndarray]) -> np.ndarray:
     return total / len(logits)
 
 
+def ensemble_of_groups(groups: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """Mean over groups of each group's mean logits: every group weighs the same whatever its
+    size, as every per-fold soup does in GSGS (the logit ensemble of GSGS's per-fold soups)."""
+    return ensemble_logits([ensemble_logits(group) for group in groups])
+
+
 def fold_accuracies(pool_logits: np.ndarray, pool_labels: np.ndarray, fold_of: np.ndarray, folds) -> dict[int, float]:
     correct = pool_logits.argmax(1) == pool_labels
     return {int(i): float(correct[fold_of == i].mean()) for i in sorted(folds)}

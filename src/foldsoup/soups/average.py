@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -28,7 +27,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from foldsoup.errors import SoupError
-from foldsoup.storage.weights import load_weights
 
 if TYPE_CHECKING:
     from foldsoup.soups.select import Candidate, FoldCount
@@ -74,7 +72,7 @@ def _counter_mean(weighted_sum: Fraction, total_weight: Fraction, like: torch.Te
 
 
 # --------------------------------------------------------------------------------------------
-# Compatibility checks
+# Compatibility checks (RunningSum runs them on every ingredient)
 # --------------------------------------------------------------------------------------------
 
 
@@ -121,24 +119,6 @@ def _check_fixed_equal(key: str, t: torch.Tensor, ref: torch.Tensor, name: str, 
             "integer/bool buffers (other than BatchNorm's num_batches_tracked) are copied, not averaged, "
             "so they must be equal in every ingredient"
         )
-
-
-def check_compatible(
-    reference_state: Mapping[str, torch.Tensor],
-    state: Mapping[str, torch.Tensor],
-    name: str,
-    reference_name: str = "reference",
-) -> None:
-    """Raise SoupError unless `state` can be averaged with `reference_state`.
-
-    Same keys, shapes and dtypes; non-float tensors other than BatchNorm's step counters equal.
-    Messages name `name`, the key and both shapes.
-    """
-    _check_keys(reference_state.keys(), state, name, reference_name)
-    for key, ref in reference_state.items():
-        t = _check_tensor(key, state[key], ref, name, reference_name)
-        if not is_averaged(ref) and not is_bn_counter(key, ref):
-            _check_fixed_equal(key, t, ref, name, reference_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,20 +261,6 @@ class RunningSum:
                 out[key] = self._fixed[key].clone()
         return out
 
-    def copy(self) -> RunningSum:
-        """An independent copy (accumulators cloned)."""
-        other = RunningSum(self.accum_dtype)
-        other._ref = dict(self._ref)  # meta tensors hold no data; sharing them is safe
-        other._sums = {k: v.clone() for k, v in self._sums.items()}
-        other._fixed = {k: v.clone() for k, v in self._fixed.items()}
-        other._counters = dict(self._counters)  # Fractions are immutable
-        other._counter_like = dict(self._counter_like)  # never modified in place
-        other._exact_weight = self._exact_weight
-        other._names = list(self._names)
-        other._total_weight = self._total_weight
-        return other
-
-
 _END = object()
 
 
@@ -317,16 +283,6 @@ def average(
     if name_iter is not None and next(name_iter, _END) is not _END:
         raise SoupError("more names than states")
     return running.mean()
-
-
-def average_files(
-    paths: Iterable[str | os.PathLike],
-    device: str | torch.device = "cpu",
-    accum_dtype: AccumDtype = "float32",
-) -> State:
-    """Uniform soup of safetensors files, loading one file at a time."""
-    paths = [os.fspath(p) for p in paths]
-    return average((load_weights(p, device=device)[0] for p in paths), names=paths, accum_dtype=accum_dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ accuracies (and, for soups, a `select.SoupScorer` that owns the weights). The wo
 
 * best_on_val / best_on_holdout: the single model with the best own-fold val (holdout) accuracy;
 * greedy_soup: Alg. 1 (`select.greedy_soup`) with the run's `soups` settings: per fold over that
-  fold's models (the per-fold greedy soups), over all models (MinAcc/AvgAcc, Eq. 2-3), over the
-  per-fold soups (GSGS, `select.gsgs_candidates`);
+  fold's models (the per-fold greedy soups) and over all models (MinAcc/AvgAcc, Eq. 2-3);
+* gsgs: Alg. 1 over the per-fold greedy soups, each one ingredient (`select.gsgs`);
 * BGSS and the best uniform soup per split: `select.bgss`, `select.best_uniform_per_split`.
 
 Tie rule, the same for every selection: the highest score wins, and among equal scores the
@@ -98,9 +98,19 @@ def best_on_holdout(models: Sequence[M]) -> M:
     return _pick(models, True, "best_on_holdout")
 
 
+def _greedy_settings(soups_cfg: Mapping, early_exit: bool | None) -> dict:
+    """greedy_soup's keyword arguments from the run's `soups` settings."""
+    exit_early = soups_cfg.get("early_exit", True) if early_exit is None else early_exit
+    return {"accept": soups_cfg["greedy_accept"], "cross_fold": soups_cfg["cross_fold_val"], "early_exit": exit_early}
+
+
 def greedy_soup(cands: Iterable[Candidate], scorer: SoupScorer, soups_cfg: Mapping, early_exit: bool | None = None) -> GreedyResult:
     """Alg. 1 over `cands` with the run's `soups` settings (greedy_accept, cross_fold_val,
     early_exit; `early_exit` overrides the last, for benchmarks of full evaluation)."""
-    exit_early = soups_cfg.get("early_exit", True) if early_exit is None else early_exit
-    return select.greedy_soup(cands, scorer, accept=soups_cfg["greedy_accept"], cross_fold=soups_cfg["cross_fold_val"],
-                              early_exit=exit_early)
+    return select.greedy_soup(cands, scorer, **_greedy_settings(soups_cfg, early_exit))
+
+
+def gsgs(per_fold: Mapping[int, float], scorer: SoupScorer, soups_cfg: Mapping, early_exit: bool | None = None) -> GreedyResult:
+    """GSGS (`select.gsgs`) over the per-fold greedy soups (fold -> its val accuracy) with the
+    run's `soups` settings, as greedy_soup; `scorer` loads each candidate as its soup's weights."""
+    return select.gsgs(per_fold, scorer, **_greedy_settings(soups_cfg, early_exit))

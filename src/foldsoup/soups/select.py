@@ -149,16 +149,6 @@ class GreedyResult:
         """F(soup): union of the ingredients' folds."""
         return frozenset().union(*(c.folds for c in self.ingredients))
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary (soups/{method}.json)."""
-        return {
-            "ingredients": [c.name for c in self.ingredients],
-            "folds": sorted(self.folds),
-            "fold_accs": {str(f): a for f, a in sorted(self.fold_accs.items())},
-            "score": self.score,
-            "steps": [step_record(s) for s in self.steps],
-        }
-
     @property
     def images(self) -> int:
         """Val images evaluated over all steps (forward passes of the selection)."""
@@ -338,25 +328,26 @@ def bgss(per_fold: Mapping[int, float]) -> int:
 
 
 def gsgs_candidates(per_fold: Mapping[int, float]) -> list[Candidate]:
-    """The per-fold soups (fold -> score) as second-stage candidates, named `greedy_fold{i}`."""
+    """The per-fold soups (fold -> score) as second-stage candidates, named `greedy_fold{i}` (the
+    per-fold soups' own method names), in fold order."""
     return [Candidate(name=f"greedy_fold{fold}", folds=frozenset({fold}), val_acc=score) for fold, score in per_fold.items()]
 
 
 def gsgs(
-    per_fold: Mapping[int, GreedyResult],
+    per_fold: Mapping[int, float],
     scorer: SoupScorer,
     accept: str = ">=",
     cross_fold: str = "min",
+    early_exit: bool = True,
 ) -> GreedyResult:
-    """Greedy Soup of Greedy Soups: Alg. 1 over the per-fold greedy soups.
+    """Greedy Soup of Greedy Soups: Alg. 1 over the per-fold greedy soups, given as fold -> the
+    soup's val accuracy on its own fold (their sort key), scored by MinAcc (or AvgAcc) over the
+    folds of the soups accepted so far plus the candidate's.
 
     The scorer must treat each candidate as one ingredient (the soup's averaged weights), so every
     per-fold soup weighs the same whatever its number of models.
     """
-    for fold, result in per_fold.items():
-        if result.folds and result.folds != {fold}:
-            raise ValueError(f"per-fold soup of fold {fold} spans folds {sorted(result.folds)}")
-    return greedy_soup(gsgs_candidates({f: r.score for f, r in per_fold.items()}), scorer, accept=accept, cross_fold=cross_fold)
+    return greedy_soup(gsgs_candidates(per_fold), scorer, accept=accept, cross_fold=cross_fold, early_exit=early_exit)
 
 
 def best_uniform_per_split(per_fold_uniform: Mapping[int, float]) -> int:

@@ -38,7 +38,7 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
     from safetensors.numpy import load_file
 
     from foldsoup.analysis.uncertainty import (
-        ensemble_logits,
+        ensemble_of_groups,
         fold_accuracies,
         paired_bootstrap,
     )
@@ -95,33 +95,38 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
     # Logit ensembles of the same ingredients: what choosing a single model costs.
     logits = {m.name: load_file(model_file(m.name, "predictions.safetensors")) for m in models if not m.diverged}
 
-    def ensemble(method: str, members: list[str], folds) -> dict:
-        pool = ensemble_logits([logits[m]["pool_logits"] for m in members])
+    def ensemble(method: str, groups: list[list[str]], folds) -> dict:
+        """The logit ensemble of the models in `groups`: each group's mean, then the mean over
+        groups (each group weighs the same; one group: each model does)."""
+        members = [m for group in groups for m in group]
+        pool = ensemble_of_groups([[logits[m]["pool_logits"] for m in group] for group in groups])
         accs = fold_accuracies(pool, data.pool_labels, fold_of, folds)
         rec = soup_record(method, members, accs, cross_fold)
         if has_holdout:
             rec["holdout_acc"] = fold_accuracies(pool, data.pool_labels, fold_of, [HOLDOUT])[HOLDOUT]
-        test_logits[method] = ensemble_logits([logits[m]["test_logits"] for m in members])
+        test_logits[method] = ensemble_of_groups([[logits[m]["test_logits"] for m in group] for group in groups])
         rec["test_acc"] = float((test_logits[method].argmax(1) == data.test_labels).mean())
         return rec
 
     def folds_of(members: list[str]) -> set[int]:
         return {int(name.rsplit("/fold", 1)[1]) for name in members}
 
-    fold_ensembles = [ensemble(f"ensemble_fold{i}", [n for n in logits if folds_of([n]) == {i}], [i]) for i in range(k)]
+    fold_ensembles = [ensemble(f"ensemble_fold{i}", [[n for n in logits if folds_of([n]) == {i}]], [i]) for i in range(k)]
     best_fold = fold_ensembles[select.bgss({i: r["val_acc"] for i, r in enumerate(fold_ensembles)})]  # an ensemble's BGSS
     test_logits["ensemble_best_fold"] = test_logits[best_fold["method"]]
     greedy_members = record("greedy_soup")["ingredients"]
-    gsgs_members = [m for soup in record("gsgs")["ingredients"] for m in record(soup)["ingredients"]]
+    # GSGS weighs each per-fold soup the same: so does its ensemble (each soup's models' mean, then
+    # the mean over soups), not each model.
+    gsgs_soups = [record(soup)["ingredients"] for soup in record("gsgs")["ingredients"]]
     rows += [
-        ensemble("ensemble_all", list(logits), range(k)),
+        ensemble("ensemble_all", [list(logits)], range(k)),
         {**best_fold, "method": "ensemble_best_fold", "selected": best_fold["method"]},
-        ensemble("ensemble_greedy_soup", greedy_members, folds_of(greedy_members)),
-        ensemble("ensemble_gsgs", gsgs_members, folds_of(gsgs_members)),
+        ensemble("ensemble_greedy_soup", [greedy_members], folds_of(greedy_members)),
+        ensemble("ensemble_gsgs", gsgs_soups, folds_of([m for soup in gsgs_soups for m in soup])),
     ]
     if has_holdout:
         holdout_members = record("greedy_soup_holdout")["ingredients"]
-        rows.append(ensemble("ensemble_greedy_soup_holdout", holdout_members, [HOLDOUT]))
+        rows.append(ensemble("ensemble_greedy_soup_holdout", [holdout_members], [HOLDOUT]))
 
     a = cfg["analysis"]
     correct = {r["method"]: test_logits[r["method"]].argmax(1) == data.test_labels for r in rows}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from foldsoup.data.folds import HOLDOUT
-from foldsoup.errors import DataError
+from foldsoup.errors import DataError, SoupError
 from foldsoup.soups import methods, select
 from foldsoup.soups.evaluation import greedy_scorer
 from foldsoup.steps.context import Context, log
@@ -151,15 +151,19 @@ def log_cost(store, ev) -> dict:
             "val_images": n["val"], "test_images": n["test"]}
 
 
-def _greedy_and_save(ctx: Context, ev, method: str, cands: list, paths: dict[str, str], out: str, store) -> None:
-    """Alg. 1 over `cands` (each read once, from `store`, by `paths`), then save the soup as `method`."""
-    soups = ctx.cfg["soups"]
-    scorer = greedy_scorer(ev, lambda c: store.get(paths[c.name]))
-    result = methods.greedy_soup(cands, scorer, soups)
+def _save_greedy(ctx: Context, ev, method: str, result, scorer, out: str) -> None:
+    """Save the soup a greedy selection (`result`, made on `scorer`) accepted as `method`."""
     rejected = sum(1 for s in result.steps if s.score is None)
     log(f"{method}: {len(result.steps)} candidates, {result.images} val images evaluated, {rejected} rejected early")
     _save_soup(ctx, ev, out, scorer.mean(), soup_record(method, [c.name for c in result.ingredients], dict(result.fold_accs),
-                                                         soups["cross_fold_val"], steps=[select.step_record(s) for s in result.steps]))
+                                                         ctx.cfg["soups"]["cross_fold_val"],
+                                                         steps=[select.step_record(s) for s in result.steps]))
+
+
+def _greedy_and_save(ctx: Context, ev, method: str, cands: list, paths: dict[str, str], out: str, store) -> None:
+    """Alg. 1 over `cands` (each read once, from `store`, by `paths`), then save the soup as `method`."""
+    scorer = greedy_scorer(ev, lambda c: store.get(paths[c.name]))
+    _save_greedy(ctx, ev, method, methods.greedy_soup(cands, scorer, ctx.cfg["soups"]), scorer, out)
 
 
 def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model_paths: list[str], metrics_paths: list[str],
@@ -208,7 +212,8 @@ def greedy_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[str
 
 
 def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str], out: str) -> dict:
-    """GSGS: Alg. 1 over the per-fold greedy soups (each soup weighs the same), scored across folds."""
+    """GSGS (`soups.methods.gsgs`): Alg. 1 over the per-fold greedy soups, each soup one
+    ingredient (its averaged weights), scored across folds."""
     import json
 
     ctx = Context(cfg, data_path, folds_path)
@@ -216,10 +221,12 @@ def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str],
     for path in fold_soup_paths:
         with open(Path(path).with_suffix(".json")) as f:
             rec = json.load(f)
+        if len(rec["folds"]) != 1:
+            raise SoupError(f"{path}: a per-fold greedy soup spans folds {rec['folds']}; GSGS takes one soup per fold")
         (fold,) = rec["folds"]
         scores[fold], paths[f"greedy_fold{fold}"] = rec["val_acc"], path
-    cands = select.gsgs_candidates(scores)
     ev = ctx.evaluator()
     store = ctx.ingredients(paths.values())
-    _greedy_and_save(ctx, ev, "gsgs", cands, paths, out, store)
+    scorer = greedy_scorer(ev, lambda c: store.get(paths[c.name]))  # a candidate is named as its soup
+    _save_greedy(ctx, ev, "gsgs", methods.gsgs(scores, scorer, cfg["soups"]), scorer, out)
     return log_cost(store, ev)
