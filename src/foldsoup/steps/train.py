@@ -118,6 +118,12 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     # weights as resume state: the rerun skips training and only evaluates.
     try:
         with SigtermTrap(raising=True):
+            # Evaluate what is saved: with save_dtype bfloat16 the model first takes the rounded
+            # weights, so every accuracy reported for the file (and every selection) is the file's.
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ft["save_dtype"]]
+            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+            if dtype != torch.float32:
+                model.load_state_dict(state)
             batch = ft["eval_batch_size"]
             pool_logits = predict_logits(model, ctx.tensor(d.pool_images), ctx.spec, batch, ft["precision"])
             test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
@@ -127,8 +133,6 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
             holdout_acc = (pool_logits[holdout].argmax(1) == labels[holdout]).float().mean().item() if len(holdout) else None
             test_acc = (test_logits.argmax(1) == ctx.tensor(d.test_labels)).float().mean().item()
             out = Path(out_dir)
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ft["save_dtype"]]
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
             meta = ctx.metadata(kind="finetune", **point.as_dict(), fold=fold)
             save_weights(out / "model.safetensors", state, meta)
             save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits},
