@@ -136,8 +136,8 @@ def linear_probe(
     Features are centred and divided by one scale, their root-mean-square deviation, so one L2
     grid fits every backbone (CLIP's features are unit-norm, CNNs' are not) while the penalty
     stays isotropic in the raw features. Dividing each dimension by its own deviation (what this
-    did before) put large weights on near-constant features: on real ImageNet weights, raw
-    weights up to 3,600 and a first-step loss of 237 under batch statistics (README, BatchNorm).
+    did before) put large weights on near-constant features: on real ImageNet weights, head
+    weights up to 800 and, with train-mode BatchNorm, first-epoch losses of 230-650 (README, Recipe).
     The centring and scale are folded into the head (W' = W / s, b' = b - W' m): the same
     function of the raw features.
     """
@@ -210,7 +210,7 @@ def set_train_mode(model: torch.nn.Module, batchnorm: str) -> None:
     mode: it normalises with its running (pretrained) statistics and leaves them unchanged,
     while its affine weight and bias are still trained (DiWA's and Model Ratatouille's practice).
     Batch statistics differ from the pretrained ones the linear probe was fit on: on real
-    ImageNet weights they made the first fine-tune step start from chance (README, BatchNorm)."""
+    ImageNet weights they made the first fine-tune step start from chance (README, Recipe)."""
     if batchnorm not in BATCHNORM_MODES:
         raise ConfigError(f"finetune.batchnorm: {batchnorm!r} is unknown; allowed: {', '.join(BATCHNORM_MODES)}")
     model.train()
