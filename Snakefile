@@ -48,6 +48,7 @@ rule all:
         rules.reliability.output,
         rules.figures.output,
         rules.summary.output,
+        rules.ship.output,
         rules.budget_table.output if config["budget"]["enabled"] else [],
     default_target: True
 
@@ -88,3 +89,12 @@ onstart:
             stdout=subprocess.DEVNULL,
         )
         os.environ.update(FOLDSOUP_JOB_SERVER=socket_path)
+
+
+# The run's last word on the console: where summary.md is and the model to ship (path, method,
+# val with what it is worth, test). Runs after a successful real run, never after a dry run.
+onsuccess:
+    from foldsoup.report.ship import console_lines
+
+    for line in console_lines(f"{R}/ship/ship.json", f"{R}/summary.md", config["soups"]["ship"]):
+        print(line)

@@ -268,11 +268,11 @@ def test_plot_replaces_existing_file(tmp_path):
 # --------------------------------------------------------------------------- summary
 
 
-def _write_summary(tmp_path: Path, **info) -> str:
+def _write_summary(tmp_path: Path, ship: dict | None = None, **info) -> str:
     path = tmp_path / "summary.md"
     run_info = {"dataset": "digits", "model": "digits_cnn", "k": 3, "grid_size": 2, "seed": 0, **info}
     subsets = _subsets().assign(sampled=False)
-    summary.write_summary(path, reliability_table(subsets, MODELS), METHODS, MODELS, subsets, run_info)
+    summary.write_summary(path, reliability_table(subsets, MODELS), METHODS, MODELS, subsets, run_info, ship=ship)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"]
     return path.read_text()
 
@@ -285,6 +285,23 @@ def _row(text: str, section: str, first_cell: str) -> list[str]:
         if cells and cells[0] == first_cell:
             return cells
     raise AssertionError(f"no row {first_cell!r} in section {section!r}")
+
+
+def test_summary_opens_with_the_model_to_ship(tmp_path):
+    from foldsoup.report.ship import ship_record
+
+    gsgs = {"method": "gsgs", "ingredients": ["greedy_fold0", "greedy_fold2"], "n_ingredients": 2, "folds": [0, 2],
+            "val_metric": "min", "val_acc": 0.83, "test_acc": 0.825}
+    ship = ship_record("gsgs", gsgs, "results/ship/model.safetensors", "results/soups/gsgs.safetensors", "0" * 64)
+    text = _write_summary(tmp_path, ship=ship)
+    title, statement, setup = text.split("\n\n", 3)[:3]
+    assert title == "# foldsoup summary" and setup.startswith("- dataset: digits")
+    assert statement.startswith("**The model to ship: `results/ship/model.safetensors`** (gsgs, set before the run by "
+                                "soups.ship; a copy of results/soups/gsgs.safetensors). Validation estimate: 83.00%, "
+                                "MinAcc over folds 0, 2, the folds its ingredients were validated on")
+    assert "the estimate is optimistic" in statement and "Test accuracy: 82.50%" in statement
+    assert "choosing among the other rows of tables/methods.csv by their test accuracy is not a fair selection" in statement
+    assert _write_summary(tmp_path).startswith("# foldsoup summary\n\n- dataset: digits")  # no ship.json: as before
 
 
 def test_summary_table1_rows(tmp_path):

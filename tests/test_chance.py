@@ -182,7 +182,11 @@ def test_lr_1000_explodes_without_nan_and_is_flagged_at_chance(run):
     assert bad["val_acc"] <= bad["chance_ceiling"] and bad["at_chance"]
     assert good["val_acc"] > good["chance_ceiling"] and not good["at_chance"]
     hp = run["hps"][ABSURD_LR]
-    warning = [line for line in run["logs"][ABSURD_LR].splitlines() if "WARNING" in line]
+    warnings = [line for line in run["logs"][ABSURD_LR].splitlines() if "WARNING" in line]
+    # Two warnings: its first epoch left the probe far behind (the first-step guard), and it ends at chance.
+    far = [line for line in warnings if "started far from its LP init" in line]
+    warning = [line for line in warnings if ": at chance: " in line]
+    assert len(warnings) == 2 and len(far) == 1 and bad["started_far"] and not good["started_far"]
     assert len(warning) == 1 and re.search(
         rf"WARNING {re.escape(hp)}/fold0: at chance: val acc {bad['val_acc']:.4f} is not above {bad['chance_ceiling']:.4f}, "
         rf"the most a model blind to its input plausibly reaches on fold 0's {len(val)} val images \(largest class "

@@ -138,6 +138,14 @@ CASES = [
     ({"device": "gpu"}, "device: 'gpu' is not allowed; did you mean 'cpu'? (allowed: one of 'auto', 'cpu', 'cuda')"),
     ({"finetune": {"on_divergence": "ignore"}}, "finetune.on_divergence: 'ignore' is not allowed (allowed: one of 'error', 'exclude')"),
     ({"soups": {"greedy_accept": "=>"}}, "soups.greedy_accept: '=>' is not allowed; did you mean '>'? (allowed: one of '>=', '>')"),
+    ({"soups": {"ship": "bgs"}}, "soups.ship: 'bgs' is not allowed; did you mean 'bgss'? (allowed: one of 'gsgs', 'bgss', "
+     "'greedy_soup', 'uniform_soup', 'best_on_val', 'best_uniform_per_split', 'greedy_soup_holdout', 'best_on_holdout')"),
+    ({"soups": {"ship": "ensemble_gsgs"}}, "soups.ship: 'ensemble_gsgs' is not allowed (allowed: one of 'gsgs', "),
+    # the base has no outer holdout (holdout_fraction 0)
+    ({"soups": {"ship": "greedy_soup_holdout"}},
+     "soups.ship: 'greedy_soup_holdout' is selected on the outer holdout, and folds.holdout_fraction is 0 (no holdout); "
+     "allowed: a method without it (e.g. 'gsgs'), or folds.holdout_fraction > 0"),
+    ({"soups": {"ship": "best_on_holdout"}}, "soups.ship: 'best_on_holdout' is selected on the outer holdout"),
     ({"data": {"test_fraction": 1.0}}, "data.test_fraction: 1.0 is out of range; allowed: a number > 0 and < 1"),
     ({"data": {"classes": [1, 2, 11]}}, "data.classes[2]: 11 is out of range; allowed: an integer >= 0 and <= 9"),
     ({"data": {"classes": [1, 2, 4]}},
@@ -208,6 +216,13 @@ def test_integral_floats_become_integers(base):
     assert cfg["finetune"]["epochs"] == 2 and type(cfg["finetune"]["epochs"]) is int
     assert type(cfg["folds"]["k"]) is int
     assert type(cfg["grid"]["lr"][0]) is float  # numbers stay numbers
+
+
+def test_the_method_to_ship_defaults_to_gsgs_and_holdout_methods_need_a_holdout(base):
+    assert validate(base, check_paths=False)["soups"]["ship"] == "gsgs"  # the paper's answer
+    for method in ("greedy_soup_holdout", "best_on_holdout"):
+        with_holdout = deep_update(base, {"soups": {"ship": method}, "folds": {"holdout_fraction": 0.2}})
+        assert validate(with_holdout, check_paths=False)["soups"]["ship"] == method
 
 
 def test_a_partial_augmentation_keeps_its_other_defaults(base):

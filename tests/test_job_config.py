@@ -55,3 +55,13 @@ def test_merge_puts_the_runtime_keys_back_where_the_schema_has_them(demo):
     assert merge({"device": "cuda", "finetune": {"compile": True}}, None)["finetune"] == {
         "compile": True, "eval_batch_size": 1024, "on_divergence": "error", "resume_every_s": 600}
     assert merge({"device": "cuda"}, None)["device"] == "cuda"
+
+
+def test_the_method_to_ship_reaches_only_the_ship_job(demo):
+    """soups.ship chooses among finished soups: editing it reruns the ship job (and the summary,
+    through ship.json), no soup; the soup jobs keep the config they had before the key existed."""
+    assert job_config(demo, "ship") == {"soups": {"ship": "gsgs"}}
+    for step in ("greedy_fold", "soup_all", "gsgs", "budget", "methods"):
+        assert "ship" not in job_config(demo, step).get("soups", {}), step
+    for step in ("greedy_fold", "soup_all", "gsgs"):
+        assert job_config(demo, step)["soups"] == {k: demo["soups"][k] for k in ("greedy_accept", "cross_fold_val", "early_exit")}

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # What a change of the fine-tuned models reruns after them: the soups and tables of the run
 # (2 folds, so 2 greedy_fold jobs and 2 budget fold counts; 3 soup_all with the holdout).
 AFTER_MODELS = {"greedy_fold": 2, "soup_all": 3, "gsgs": 1, "models_table": 1, "methods": 1, "reliability": 1,
-                "figures": 1, "summary": 1, "budget": 2, "budget_table": 1, "all": 1}
+                "figures": 1, "summary": 1, "ship": 1, "budget": 2, "budget_table": 1, "all": 1}
 
 
 def dry_run(smoke_run, tmp_path, overlay: dict | None) -> dict[str, int]:
@@ -95,6 +95,12 @@ def test_soup_settings_rerun_soups_and_not_models(smoke_run, tmp_path):
     stats = dry_run(smoke_run, tmp_path, {"soups": {"greedy_accept": ">"}})
     assert "finetune" not in stats and "uniform_subsets" not in stats
     assert stats["greedy_fold"] == 2 and stats["soup_all"] == 3 and stats["budget"] == 2
+
+
+@pytest.mark.parametrize("method", ["greedy_soup_holdout", "bgss"])
+def test_the_method_to_ship_reruns_only_the_ship_and_the_summary(smoke_run, tmp_path, method):
+    """soups.ship chooses among finished soups (the smoke run has an outer holdout)."""
+    assert dry_run(smoke_run, tmp_path, {"soups": {"ship": method}}) == {"ship": 1, "summary": 1, "all": 1}
 
 
 def test_a_checkpoint_file_is_an_input_of_pretrain(tmp_path):

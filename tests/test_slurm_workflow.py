@@ -66,7 +66,7 @@ GPU_RULES = {
     "gsgs": "soups",
     "budget": "soups",
 }
-LOCAL_RULES = {"prepare", "folds", "models_table", "methods", "reliability", "figures", "summary", "budget_table"}
+LOCAL_RULES = {"prepare", "folds", "models_table", "methods", "ship", "reliability", "figures", "summary", "budget_table"}
 # Tables that must match the local run's byte for byte (models.csv holds no timings: they are in
 # each model's metrics.json).
 EXACT_TABLES = ["models.csv", "methods.csv", "uniform_subsets.csv", "reliability.csv"]

@@ -57,6 +57,22 @@ def test_evaluate_reports_test_folds_and_holdout(saved):
         assert out[key] == pytest.approx(_acc(model, d.pool_images[mask], d.pool_labels[mask])), key
 
 
+def test_evaluate_prints_exact_fractions(saved, capsys):
+    """correct/total beside every accuracy, and the accuracy is that fraction (no float32 mean)."""
+    model, weights, data, folds, _ = saved
+    d = load_prepared(data)
+    fold_of = read_folds(folds, d.pool_labels)
+    assert cli.main(["evaluate", weights, "--data", data, "--folds", folds, "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key, images, labels in (("test_acc", d.test_images, d.test_labels),
+                                ("val_acc_fold1", d.pool_images[fold_of == 1], d.pool_labels[fold_of == 1]),
+                                ("holdout_acc", d.pool_images[fold_of == HOLDOUT], d.pool_labels[fold_of == HOLDOUT])):
+        correct = int((predict_logits(model, torch.from_numpy(images), SPEC, 64).argmax(1).numpy() == labels).sum())
+        assert out[f"{key}_exact"] == f"{correct}/{len(labels)}", key
+        assert out[key] == correct / len(labels), key
+    assert "ingredient_folds" not in out  # this file's metadata names no fold
+
+
 def test_predict_reads_pngs_like_the_prepared_images(saved, tmp_path, capsys):
     model, weights, data, _, _ = saved
     d = load_prepared(data)

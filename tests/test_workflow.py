@@ -32,7 +32,7 @@ def test_dry_run_of_the_default_config(tmp_path):
     assert stats == {
         "prepare": 1, "folds": 1, "pretrain": 1, "lp": 5, "finetune": 90, "uniform_subsets": 18,
         "greedy_fold": 5, "soup_all": 3, "gsgs": 1, "models_table": 1, "methods": 1, "reliability": 1,
-        "figures": 1, "summary": 1, "budget": 5, "budget_table": 1, "all": 1, "total": 137,
+        "figures": 1, "summary": 1, "ship": 1, "budget": 5, "budget_table": 1, "all": 1, "total": 138,
     }
 
 
@@ -125,6 +125,26 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert (r / "summary.md").read_text().strip()
 
 
+def test_smoke_run_ships_gsgs_and_says_so_at_its_end(smoke_run):
+    """soups.ship (default gsgs): ship/model.safetensors is a copy of the soup, ship.json and the
+    summary's first paragraph name it, and the run's last lines on the console say where it is."""
+    r = smoke_run.results
+    shipped, soup = r / "ship" / "model.safetensors", r / "soups" / "gsgs.safetensors"
+    assert not shipped.is_symlink() and shipped.read_bytes() == soup.read_bytes()
+    ship = json.loads((r / "ship" / "ship.json").read_text())
+    record = json.loads(soup.with_suffix(".json").read_text())
+    assert (ship["method"], ship["file"], ship["copy_of"]) == ("gsgs", str(shipped), str(soup))
+    assert (ship["val_acc"], ship["test_acc"], ship["val_metric"]) == (record["val_acc"], record["test_acc"], record["val_metric"])
+    methods = pd.read_csv(r / "tables" / "methods.csv").set_index("method")
+    assert methods.loc["gsgs", "test_acc"] == pytest.approx(ship["test_acc"], abs=1e-6)
+    summary = (r / "summary.md").read_text()
+    assert summary.split("\n\n")[1].startswith(f"**The model to ship: `{shipped}`** (gsgs, ")
+    assert "not a fair selection" in summary.split("\n\n")[1]
+    end = smoke_run.run.output[smoke_run.run.output.index(f"foldsoup: summary: {r / 'summary.md'}"):]
+    assert f"foldsoup: the model to ship: {shipped} (gsgs, " in end
+    assert f"test {100 * ship['test_acc']:.2f}%" in end and "not a fair selection" in end
+
+
 def test_smoke_run_every_job_wrote_a_log_and_every_gpu_job_a_benchmark(smoke_run):
     jobs = [j for j in smoke_run.jobs if j.rule != "all"]
     assert {j.rule for j in jobs} == set(_rule_blocks()) - {"all"}
@@ -186,7 +206,8 @@ def test_a_failed_finetune_keeps_going_and_the_rerun_redoes_only_it(smoke_run, t
     mtimes = {f: f.stat().st_mtime_ns for folder in others for f in folder.iterdir()}
 
     expected = {"finetune": 1, "uniform_subsets": 1, "greedy_fold": 1, "soup_all": 3, "gsgs": 1, "models_table": 1,
-                "methods": 1, "reliability": 1, "figures": 1, "summary": 1, "budget": 2, "budget_table": 1, "all": 1}
+                "methods": 1, "reliability": 1, "figures": 1, "summary": 1, "ship": 1, "budget": 2, "budget_table": 1,
+                "all": 1}
     dry = snakemake("-n", *args)
     assert dry.returncode == 0, dry.tail()
     assert dry.stats == {**expected, "total": sum(expected.values())}

@@ -53,10 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     step("gsgs", "greedy soup of the per-fold greedy soups", "config", "data", "folds", "fold_soups*", "out")
     step("methods", "tables/methods.csv, the selected soups, ensembles and intervals", "config", "data", "folds",
          "models_csv", "model_dir", "soups_dir", "out")
+    step("ship", "results/ship/: a copy of the soups.ship method's weights and ship.json", "config", "weights", "out",
+         "out_record")
     step("reliability", "tables/uniform_subsets.csv and tables/reliability.csv", "subsets*", "models_csv", "out_subsets", "out")
     step("figures", "figures 2-4 and the methods figure", "models_csv", "subsets", "reliability", "methods", "out*")
-    step("summary", "summary.md: tables 1-4 beside the paper", "config", "models_csv", "subsets", "reliability", "methods",
-         "out").add_argument("--budget", nargs="*", default=[], help="tables/budget.csv, for the summary's Budget section")
+    summary = step("summary", "summary.md: tables 1-4 beside the paper", "config", "models_csv", "subsets", "reliability",
+                   "methods", "out")
+    summary.add_argument("--budget", nargs="*", default=[], help="tables/budget.csv, for the summary's Budget section")
+    summary.add_argument("--ship", help="ship/ship.json, for the statement at the summary's top")
     step("budget", "budget cells of one fold count: methods on subsets of grid points and folds", "config", "data", "folds",
          "model_dir", "n_folds", "out")
     step("budget-table", "tables/budget.csv and figures/budget.png", "parts*", "out_table", "out_figure")
@@ -110,13 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             pl.gsgs(cfg, args.data, args.folds, args.fold_soups, args.out)
         elif c == "methods":
             pl.methods(cfg, args.data, args.folds, args.models_csv, args.model_dir, args.soups_dir, args.out)
+        elif c == "ship":
+            pl.ship(cfg, args.weights, args.out, args.out_record)
         elif c == "reliability":
             pl.reliability(args.subsets, args.models_csv, args.out_subsets, args.out)
         elif c == "figures":
             pl.figures(args.models_csv, args.subsets, args.reliability, args.methods, args.out)
         elif c == "summary":
             pl.summary(cfg, args.models_csv, args.subsets, args.reliability, args.methods, args.out,
-                       budget_csv=args.budget[0] if args.budget else None)
+                       budget_csv=args.budget[0] if args.budget else None, ship_json=args.ship)
         elif c == "budget":
             from foldsoup.steps import budget
 

@@ -13,7 +13,7 @@ from foldsoup.errors import WeightsError
 from foldsoup.models.build import build_classifier
 from foldsoup.models.classifier import load_full
 from foldsoup.storage.weights import load_weights
-from foldsoup.training.loop import ImageSpec, accuracy, predict_logits
+from foldsoup.training.loop import ImageSpec, predict_logits
 
 
 def load_model(path: str, device: str = "auto"):
@@ -52,11 +52,16 @@ def _load(path: str, device: str):
 
 
 def evaluate(model_path: str, data_path: str, folds_path: str | None = None, device: str = "auto") -> dict:
-    from foldsoup.data.folds import HOLDOUT, read_folds
+    """Accuracy of a saved model or soup on the test set (and each fold's val part and the outer
+    holdout, given the folds), each as an exact fraction beside it (`test_acc_exact`: "c/n"), and
+    what the file's metadata says of its folds: on a val fold its ingredients trained on, the
+    accuracy is no clean estimate (`trained_on_folds`)."""
+    from foldsoup.data.folds import HOLDOUT, num_folds, read_folds
     from foldsoup.data.prepared import load_prepared
     from foldsoup.errors import DataError
 
-    model, classes, spec = load_model(model_path, device)
+    model, meta, spec = _load(model_path, device)
+    classes = meta["classes"]
     data = load_prepared(data_path)
     channels = data.pool_images.shape[1]
     if data.classes != classes or channels != model_channels(spec):
@@ -65,19 +70,58 @@ def evaluate(model_path: str, data_path: str, folds_path: str | None = None, dev
         raise DataError(f"{data_path}: the model {model_path} was trained on {theirs}, this dataset has {ours}; "
                         f"evaluate it on the prepared dataset of the run that trained it")
     dev = next(model.parameters()).device
-    test_logits = predict_logits(model, torch.from_numpy(data.test_images).to(dev), spec, 1024)
-    out = {"model": model_path, "test_acc": accuracy(test_logits, torch.from_numpy(data.test_labels).to(dev)),
-           "test_images": int(len(data.test_labels))}
+    out: dict = {"model": model_path, **provenance(meta)}
+
+    def score(key: str, images: np.ndarray, labels: np.ndarray) -> None:
+        logits = predict_logits(model, torch.from_numpy(images).to(dev), spec, 1024)
+        correct, total = int((logits.argmax(1) == torch.from_numpy(labels).to(dev)).sum()), len(labels)
+        out[key] = correct / total if total else float("nan")  # the fraction itself, not a float32 mean
+        out[f"{key}_exact"] = f"{correct}/{total}"
+
+    score("test_acc", data.test_images, data.test_labels)
+    out["test_images"] = int(len(data.test_labels))
     if folds_path:
         fold_of = read_folds(folds_path, data.pool_labels)
-        parts = {f"val_acc_fold{i}": fold_of == i for i in range(int(fold_of.max()) + 1)}
+        k = num_folds(fold_of)
+        parts = {f"val_acc_fold{i}": fold_of == i for i in range(k)}
         if (fold_of == HOLDOUT).any():
             parts["holdout_acc"] = fold_of == HOLDOUT
         for key, mask in parts.items():
             idx = np.flatnonzero(mask)
-            logits = predict_logits(model, torch.from_numpy(data.pool_images[idx]).to(dev), spec, 1024)
-            out[key] = accuracy(logits, torch.from_numpy(data.pool_labels[idx]).to(dev))
+            score(key, data.pool_images[idx], data.pool_labels[idx])
+        if "ingredient_folds" in out:
+            out.update(trained_on(out["ingredient_folds"], k, "holdout_acc" in parts))
     return out
+
+
+def provenance(meta: dict) -> dict:
+    """What a weights file's metadata says of where it comes from: a fine-tune's grid point and
+    fold, a soup's method, ingredients and the folds they were validated on (F(soup))."""
+    from foldsoup.errors import SoupError
+    from foldsoup.soups.methods import ingredient_folds
+
+    if meta.get("kind") == "finetune":
+        return {"kind": "finetune", "hp": meta.get("hp"), "ingredient_folds": [int(meta["fold"])]}
+    if meta.get("kind") == "soup":
+        out = {"kind": "soup", "method": meta.get("method"), "n_ingredients": len(meta["ingredients"])}
+        try:
+            return {**out, "ingredient_folds": ingredient_folds(meta["ingredients"])}
+        except SoupError:  # ingredients named outside the workflow: their folds are not known
+            return out
+    return {}
+
+
+def trained_on(folds: list[int], k: int, holdout: bool) -> dict:
+    """The val folds whose images some ingredient trained on (an ingredient of fold i trained on
+    every fold but i), and the same in words."""
+    seen = [j for j in range(k) if any(i != j for i in folds)]
+    clean = [j for j in range(k) if j not in seen]
+    what = f"fold {folds[0]}" if len(folds) == 1 else f"folds {', '.join(map(str, folds))}"
+    note = (f"ingredients validated on {what}, each trained on the other folds: val_acc_fold<i> is on images they "
+            f"trained on for fold(s) {', '.join(map(str, seen)) or 'none'}"
+            + (f"; clean for fold {', '.join(map(str, clean))}" if clean else "; no fold is clean (MinAcc over them is optimistic)")
+            + f"; no model trained on the {'outer holdout or the ' if holdout else ''}test set")
+    return {"trained_on_folds": seen, "folds_note": note}
 
 
 def read_images(paths: list[str], channels: int, source: dict | None = None, size: int | None = None) -> list[torch.Tensor]:

@@ -48,6 +48,7 @@ rule summary:
         reliability=rules.reliability.output.reliability,
         methods=rules.methods.output.table,
         budget=rules.budget_table.output.table if config["budget"]["enabled"] else [],
+        ship=rules.ship.output.record,
     output:
         report(f"{R}/summary.md", caption="../report/summary.rst", category="Summary"),
     params:
@@ -58,4 +59,5 @@ rule summary:
         ENV
     shell:
         "python -m foldsoup summary --config-json {params.cfg:q} --models-csv {input.models} --subsets {input.subsets}"
-        " --reliability {input.reliability} --methods {input.methods} --budget {input.budget} --out {output} 2> {log}"
+        " --reliability {input.reliability} --methods {input.methods} --budget {input.budget} --ship {input.ship}"
+        " --out {output} 2> {log}"

@@ -1,6 +1,7 @@
 localrules:
     models_table,
     methods,
+    ship,
 
 
 rule models_table:
@@ -172,3 +173,23 @@ rule methods:
         "python -m foldsoup methods --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
         " --models-csv {input.models} --model-dir {params.model_dir} --soups-dir {params.soups_dir}"
         " --out {output.table} 2> {log}"
+
+
+# The model the run ships, named before the run (soups.ship): a copy at a stable path and what
+# it is worth. Its input is the method's weights and record, whichever rule makes them.
+rule ship:
+    input:
+        weights=f"{R}/soups/{config['soups']['ship']}.safetensors",
+        record=f"{R}/soups/{config['soups']['ship']}.json",
+    output:
+        model=f"{R}/ship/model.safetensors",
+        record=report(f"{R}/ship/ship.json", caption="../report/ship.rst", category="Summary"),
+    params:
+        cfg=job_params("ship"),
+    log:
+        f"{R}/logs/ship.log",
+    conda:
+        ENV
+    shell:
+        "python -m foldsoup ship --config-json {params.cfg:q} --weights {input.weights} --out {output.model}"
+        " --out-record {output.record} 2> {log}"

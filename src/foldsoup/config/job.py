@@ -58,17 +58,21 @@ FINETUNE_RECIPE = tuple(f"finetune.{k}" for k in ("epochs", "batch_size", "weigh
 # Soup jobs build the model, evaluate in the fine-tunes' precision and write the metadata.
 SOUP_MODEL = ("seed", *DATA_SPEC, "model", "finetune.precision")
 
+# How soups are made: every key of `soups` but ship, which chooses among the finished ones.
+SOUP_SETTINGS = ("soups.greedy_accept", "soups.cross_fold_val", "soups.early_exit")
+
 STEP_KEYS: dict[str, tuple[str, ...]] = {
     "folds": ("seed", "folds.k", "folds.holdout_fraction"),
     "lp": ("seed", *DATA_SPEC, "model", "lp", "finetune.precision"),
     "uniform_subsets": (*SOUP_MODEL, "analysis.max_subsets_per_n"),
-    "greedy_fold": (*SOUP_MODEL, "soups"),
-    "soup_all": (*SOUP_MODEL, "soups"),
-    "gsgs": (*SOUP_MODEL, "soups"),
+    "greedy_fold": (*SOUP_MODEL, *SOUP_SETTINGS),
+    "soup_all": (*SOUP_MODEL, *SOUP_SETTINGS),
+    "gsgs": (*SOUP_MODEL, *SOUP_SETTINGS),
     "methods": ("seed", "soups.cross_fold_val", "analysis.bootstrap_resamples", "analysis.ci_level"),
     # Budget draws grid points and folds from the configured grid; the rest as a soup job. It
     # writes no greedy steps, so soups.early_exit (the same decisions either way) is not its.
     "budget": (*SOUP_MODEL, "soups.greedy_accept", "soups.cross_fold_val", "grid", "folds.k", "budget"),
+    "ship": ("soups.ship",),
     "summary": ("data", "model", "folds", "grid", "analysis"),
 }
 

@@ -446,6 +446,20 @@ def _budget_problems(cfg: dict) -> list[str]:
     return problems
 
 
+# The methods the workflow makes only with an outer holdout (workflow/rules/common.smk, HOLDOUT).
+HOLDOUT_METHODS = ("greedy_soup_holdout", "best_on_holdout")
+
+
+def _ship_problem(cfg: dict) -> str | None:
+    """soups.ship naming a method this run does not make: refused before any job, not after
+    the fine-tunes."""
+    ship = cfg["soups"]["ship"]
+    if ship in HOLDOUT_METHODS and cfg["folds"]["holdout_fraction"] == 0:
+        return (f"soups.ship: {ship!r} is selected on the outer holdout, and folds.holdout_fraction is 0 (no holdout); "
+                f"allowed: a method without it (e.g. 'gsgs'), or folds.holdout_fraction > 0")
+    return None
+
+
 def _check_semantics(cfg: dict, check_paths: bool, raw: dict | None = None) -> None:
     """`raw`: the configuration as given, before defaults (what a timm model must set itself)."""
     problems = []
@@ -508,6 +522,9 @@ def _check_semantics(cfg: dict, check_paths: bool, raw: dict | None = None) -> N
                 if problem:
                     problems.append(problem)
     problems += _budget_problems(cfg)
+    problem = _ship_problem(cfg)
+    if problem:
+        problems.append(problem)
     if check_paths:
         problem = _results_problem(cfg["results"])
         if problem:

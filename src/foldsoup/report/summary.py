@@ -24,6 +24,7 @@ from foldsoup.analysis.reliability import (
     threshold_model,
     val_threshold,
 )
+from foldsoup.report.ship import statement
 from foldsoup.training.guard import FAR_RULE
 
 # The paper's published numbers, copied as printed (Suzuki & Matsuzawa, AI 2022, 3, 796-808).
@@ -327,7 +328,8 @@ def table3_section(methods_df: pd.DataFrame) -> str:
             "'—' in the this-run columns marks a method this run did not produce. Intervals are paired "
             "bootstrap percentile intervals over the test images (the same resamples for every method); a "
             "difference marked * has its whole interval on one side of zero, any other is not a win. "
-            "ensemble_* rows average the logits of the same ingredients: the accuracy a single model gives up.\n\n")
+            "ensemble_* rows average the logits of the same ingredients, weighted as the soup weighs them "
+            "(ensemble_gsgs: each per-fold soup's models, then the folds equally): the accuracy a single model gives up.\n\n")
     return text + md_table(headers, rows) + "\n"
 
 
@@ -423,11 +425,20 @@ def budget_section(budget_df: pd.DataFrame | None) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
+def ship_section(ship: dict | None) -> str:
+    """The statement at the top: the file to ship (ship/ship.json), chosen before the run."""
+    return "" if ship is None else statement(ship)
+
+
 def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, models_df: pd.DataFrame,
-                   subsets_df: pd.DataFrame, run_info: dict, budget: pd.DataFrame | None = None) -> str:
+                   subsets_df: pd.DataFrame, run_info: dict, budget: pd.DataFrame | None = None,
+                   ship: dict | None = None) -> str:
     """The Markdown text of summary.md (see `write_summary`)."""
+    title, _, header = header_section(run_info, models_df, subsets_df).partition("\n\n")
     parts = [
-        header_section(run_info, models_df, subsets_df),
+        title + "\n",
+        ship_section(ship),
+        header,
         figure2_section(models_df),
         table1_section(reliability_df),
         table2_section(reliability_df, models_df),
@@ -442,7 +453,7 @@ def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, model
 
 def write_summary(path: str | os.PathLike, reliability_df: pd.DataFrame, methods_df: pd.DataFrame,
                   models_df: pd.DataFrame, subsets_df: pd.DataFrame, run_info: dict,
-                  budget: pd.DataFrame | None = None) -> None:
+                  budget: pd.DataFrame | None = None, ship: dict | None = None) -> None:
     """Write summary.md atomically (temp file in the same folder, then os.replace).
 
     run_info keys, all optional: dataset, model, preset (name; "paper..." marks the paper
@@ -451,9 +462,10 @@ def write_summary(path: str | os.PathLike, reliability_df: pd.DataFrame, methods
     (alias grid_points), n_models (alias models), seed, max_subsets_per_n, sampled (bool;
     default from subsets_df["sampled"]), figures ({title: path relative to the summary}).
     Diverged models are read from models_df["diverged"], not from run_info. `budget`:
-    tables/budget.csv, for the Budget section (left out when None).
+    tables/budget.csv, for the Budget section (left out when None). `ship`: ship/ship.json, for
+    the statement at the top (left out when None).
     """
-    text = render_summary(reliability_df, methods_df, models_df, subsets_df, run_info, budget)
+    text = render_summary(reliability_df, methods_df, models_df, subsets_df, run_info, budget, ship)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden temp name in the same folder (same filesystem, so os.replace is atomic); the pid

@@ -19,6 +19,7 @@ and tables/models.csv lists the models in it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -64,6 +65,23 @@ class ModelResult:
         holdout = m.get("holdout_acc")
         holdout = None if holdout is None or (isinstance(holdout, float) and math.isnan(holdout)) else float(holdout)
         return cls(str(m["hp"]), int(m["fold"]), float(m["val_acc"]), float(m["test_acc"]), holdout, bool(m["diverged"]))
+
+
+_FOLD_OF_NAME = re.compile(r"fold(\d+)$")
+
+
+def ingredient_folds(ingredients: Iterable[str]) -> list[int]:
+    """F(soup): the folds a soup's ingredients were validated on, from their names ('<hp>/fold<i>'
+    for a fine-tune, 'greedy_fold<i>' for GSGS's per-fold soups). Each ingredient trained on
+    every other fold, so a val fold of F is clean only when F is that fold alone."""
+    folds = set()
+    for name in ingredients:
+        match = _FOLD_OF_NAME.search(name)
+        if match is None:
+            raise SoupError(f"ingredient {name!r}: its name does not say its fold (expected '<hp>/fold<i>' or "
+                            f"'greedy_fold<i>')")
+        folds.add(int(match.group(1)))
+    return sorted(folds)
 
 
 def candidates(models: Iterable[Scored], on_holdout: bool = False) -> list[Candidate]:

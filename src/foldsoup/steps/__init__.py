@@ -7,6 +7,7 @@ from foldsoup.steps.context import Context, log
 from foldsoup.steps.data import folds, prepare
 from foldsoup.steps.methods import methods
 from foldsoup.steps.report import figures, reliability, summary
+from foldsoup.steps.ship import ship
 from foldsoup.steps.soups import (
            greedy_all,
            greedy_per_fold,
@@ -18,5 +19,5 @@ from foldsoup.steps.soups import (
 from foldsoup.steps.train import finetune, linear_probe, pretrain
 
 __all__ = ["Context", "budget", "budget_table", "figures", "finetune", "folds", "greedy_all", "greedy_per_fold", "gsgs",
-           "linear_probe", "log", "methods", "models_table", "prepare", "pretrain", "reliability", "summary",
+           "linear_probe", "log", "methods", "models_table", "prepare", "pretrain", "reliability", "ship", "summary",
            "uniform_all", "uniform_subsets"]

@@ -41,7 +41,11 @@ def figures(models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv
 
 
 def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, out: str,
-            budget_csv: str | None = None) -> None:
+            budget_csv: str | None = None, ship_json: str | None = None) -> None:
+    """summary.md; `ship_json` (ship/ship.json) gives the statement at its top: the model to ship."""
+    import json
+    from pathlib import Path
+
     import pandas as pd
 
     from foldsoup.analysis.reliability import subsets_sampled
@@ -60,4 +64,5 @@ def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, 
     }
     write_summary(out, pd.read_csv(reliability_csv), pd.read_csv(methods_csv), models,
                   pd.read_csv(subsets_csv, dtype={"folds": str}), run_info,
-                  budget=pd.read_csv(budget_csv, dtype={"grid": str, "folds": str}) if budget_csv else None)
+                  budget=pd.read_csv(budget_csv, dtype={"grid": str, "folds": str}) if budget_csv else None,
+                  ship=json.loads(Path(ship_json).read_text()) if ship_json else None)
