@@ -177,7 +177,10 @@ def table(results: Path, minutes: float | None) -> str:
         soups = subsets[subsets["hp"].isin(group["hp"]) & (subsets["n"] == k)]["test_acc"]
         rows.append((f"  lr {lr:g}: models' val / test median; {k}-fold uniform soups' test",
                      f"{group['val_acc'].median():.3f} / {group['test_acc'].median():.3f}; {soups.mean():.3f}"))
-    below = int((models["val_acc"] < models["fold"].map(lp)).sum())
+    # Both sides as models.csv writes them (6 digits): a head's float32 val_acc read from its file
+    # would put a fine-tune that equals its probe below it.
+    probe = models["lp_val_acc"] if "lp_val_acc" in models else models["fold"].map(lambda f: float(f"{lp[f]:.6g}"))
+    below = int((models["val_acc"] < probe).sum())
     rows.append(("fine-tunes ending below their fold's LP val", f"{below} of {len(models)}"))
     if "lp_step_loss" in models:  # the first-step guard (after issue 23)
         rows.append(("LP init loss on the first batch, min / median / max", _stats(models["lp_step_loss"].tolist())))
