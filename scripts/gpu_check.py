@@ -16,7 +16,7 @@ Prints one JSON summary (and writes it to --json):
                checkpoint file (nothing downloaded): exit status, wall time, methods.csv rows.
 
 `--rehearse` runs every part on the CPU at toy sizes (checks the script, not the GPU).
-No test depends on a GPU; this script is how the GPU figures in README are measured.
+No test depends on a GPU; this script is how the GPU figures in docs/benchmarks.md are measured.
 """
 
 from __future__ import annotations

@@ -462,7 +462,7 @@ def test_local_openai_checkpoint_builds_the_tag_routes_network(tmp_path, vit_che
     from foldsoup.models.build import build_backbone
 
     # OpenAI's layout: the image tower under visual.*, the text tower's keys unprefixed beside it,
-    # fp16; as .safetensors, the conversion README's "Offline cluster" gives.
+    # fp16; as .safetensors, the conversion docs/gpus-and-clusters.md, "Offline cluster", gives.
     openai_like = {f"visual.{k}": v.half() for k, v in vit_checkpoints["state"].items()}
     openai_like.update({k: torch.zeros(shape, dtype=torch.half) for k, shape in (
         ("positional_embedding", (77, 512)), ("text_projection", (512, 512)), ("logit_scale", ()),
@@ -542,7 +542,7 @@ def test_tag_offline_fails_at_once_naming_the_way_out(tmp_path, cifar):
         f"foldsoup pretrain: error: model.pretrained: the 'openai' weights of 'ViT-B-32' are not in the Hugging Face "
         f"cache {hf_home / 'hub'} and HF_HUB_OFFLINE=1 forbids downloading them from the Hugging Face hub "
         f"(timm/vit_base_patch32_clip_224.openai); set model.pretrained to a local checkpoint file of 'ViT-B-32' with "
-        f"model.quick_gelu: true (README, \"Offline cluster\"), or fill that cache (HF_HOME) on a machine with "
+        f"model.quick_gelu: true (docs/gpus-and-clusters.md, \"Offline cluster\"), or fill that cache (HF_HOME) on a machine with "
         f"network and copy it here"], run.stderr
     assert run.stderr.splitlines()[-1] == ours[0]  # open_clip's own ERROR log of the failure is not repeated
     assert not any(word in run.stderr for word in ("Traceback", "Retrying", "ERROR"))

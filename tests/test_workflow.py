@@ -224,7 +224,7 @@ def test_a_failed_finetune_keeps_going_and_the_rerun_redoes_only_it(smoke_run, t
 
 
 def test_a_target_outside_the_configured_grid_or_folds_is_refused(tmp_path):
-    """README's --forcerun names a model by path; a grid point or fold the config does not have
+    """docs/reruns-and-crashes.md's --forcerun names a model by path; a grid point or fold the config does not have
     is refused by the dry run, before any job (the wildcards are constrained to the grid)."""
     results = tmp_path / "results"
     for target in (f"{results}/models/lr1e-05_medium_mixup/fold0/model.safetensors",  # not a grid point

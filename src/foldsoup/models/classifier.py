@@ -22,7 +22,7 @@ class Classifier(nn.Module):
 
     A convolutional backbone holds its weights, and takes its images, in channels_last (NHWC)
     layout: oneDNN on the CPU and cuDNN on the GPU run convolutions faster so (EfficientNet-Lite0,
-    a training step of 64 images at 64 px on 2 CPU threads: 0.50 s NCHW, 0.24 s NHWC; README,
+    a training step of 64 images at 64 px on 2 CPU threads: 0.60 s NCHW, 0.33 s NHWC; docs/benchmarks.md,
     Speed). State dicts are saved contiguous, so files do not depend on it."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, normalize_features: bool):
@@ -51,7 +51,7 @@ def digits_cnn(width: int, norm: str = "group") -> tuple[nn.Module, int]:
     """A small CNN for 8x8 grey images. norm "group" (default): GroupNorm, no running statistics,
     like the ViTs of the paper, so averaging weights is the whole story. "batch": BatchNorm2d in
     the same places, with running statistics and a step counter, like CLIP's ResNets and most timm
-    CNNs (what soups of BatchNorm models do: README, "BatchNorm models")."""
+    CNNs (what soups of BatchNorm models do: docs/batchnorm.md)."""
     if norm not in NORMS:
         raise ModelError(f"model.norm: {norm!r} is unknown; allowed: {', '.join(repr(n) for n in NORMS)}")
 

@@ -265,6 +265,6 @@ def _fetch_failure(arch: str, tag: str, tag_cfg: dict, exc: Exception) -> str:
         repo = os.path.split(tag_cfg.get("hf_hub", ""))[0]  # "org/name/" or "org/name/file", as open_clip splits it
         source = f"the Hugging Face hub ({repo})" if repo else tag_cfg.get("url", "its URL")
         return source, (f"set model.pretrained to a local checkpoint file of {arch!r} with model.quick_gelu: {quick} "
-                        f"(README, \"Offline cluster\")")
+                        f"(docs/gpus-and-clusters.md, \"Offline cluster\")")
 
     return fetch_failure("open_clip", arch, tag, exc, where)

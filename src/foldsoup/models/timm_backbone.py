@@ -287,8 +287,8 @@ def _fetch_failure(arch: str, tag: str, exc: Exception) -> str:
         cfg = get_pretrained_cfg(f"{arch}.{tag}")
         repo = getattr(cfg, "hf_hub_id", None)
         source = f"the Hugging Face hub ({repo})" if repo else (getattr(cfg, "url", None) or "its URL")
-        return source, (f"set model.pretrained to a local weights file of {arch!r} in timm's layout (README, \"timm "
-                        f"backbones\"; e.g. saved with safetensors.torch.save_file(timm.create_model('{arch}.{tag}', "
+        return source, (f"set model.pretrained to a local weights file of {arch!r} in timm's layout "
+                        f"(docs/timm-and-cpu-presets.md, \"timm backbones\"; e.g. saved with safetensors.torch.save_file(timm.create_model('{arch}.{tag}', "
                         f"pretrained=True).state_dict(), '{arch}.safetensors') on a machine with network)")
 
     return fetch_failure("timm", arch, tag, exc, where)

@@ -4,7 +4,7 @@ report reads it too.)
 A fine-tune "started far from its LP init" when its first epoch's mean loss exceeds FAR_FACTOR
 x the loss of the LP init on the first batch (same images, augmentation and mixup targets,
 eval mode) plus FAR_MARGIN nats; the margin keeps a near-zero LP loss from flagging noise.
-On real ImageNet weights (README, Recipe) train-mode BatchNorm put first epochs at 230-650
+On real ImageNet weights (README, "Recipe on real weights") train-mode BatchNorm put first epochs at 230-650
 nats; with the frozen default, the runs it flags are those whose learning rate carries them out
 of the probe's basin within the first epoch (lr 1e-3 there: their soups across folds fall below
 them, where the lower learning rates' soups beat their models).
