@@ -10,6 +10,7 @@ soups/*.json of a finished smoke run, recomputed in full and with early exit.
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 import random
 
 import pytest
@@ -165,16 +166,16 @@ def test_the_weakest_fold_is_evaluated_first_and_its_stop_is_recorded():
 
 def test_needed_correct_and_the_evaluation_order():
     # MinAcc: 1660/2000 is needed with >=, one more with >; other folds do not lower it.
-    assert needed_correct(3, 2000, {}, [3, 5], 0.83, ">=", "min") == 1660
-    assert needed_correct(3, 2000, {5: 0.99}, [3, 5], 0.83, ">", "min") == 1661
+    assert needed_correct(3, 2000, {}, [3, 5], Fraction(83, 100), ">=", "min") == 1660
+    assert needed_correct(3, 2000, {5: Fraction(99, 100)}, [3, 5], Fraction(83, 100), ">", "min") == 1661
     # AvgAcc: fold 0 known at 0.5 and best 0.75 need fold 1 perfect; > cannot be met (total + 1).
     assert needed_correct(1, 4, {0: 0.5}, [0, 1], 0.75, ">=", "avg") == 4
     assert needed_correct(1, 4, {0: 0.5}, [0, 1], 0.75, ">", "avg") == 5
     # A fold not yet evaluated counts as perfect: fold 1 alone then needs 2 of 4 for 0.75.
     assert needed_correct(1, 4, {}, [0, 1], 0.75, ">=", "avg") == 2
-    # The float formulas of the full decision decide: 0.9 + 0.94 falls just below 2 * 0.92.
-    assert (0.9 + fold_acc(94, 100)) / 2 < 0.92
-    assert needed_correct(1, 100, {0: 0.9}, [0, 1], 0.92, ">=", "avg") == 95
+    # Exact fractions decide: 0.9 + 0.94 is 2 * 0.92 (in floats it falls just below).
+    assert (0.9 + 94 / 100) / 2 < 0.92 and (fold_acc(90, 100) + fold_acc(94, 100)) / 2 == fold_acc(92, 100)
+    assert needed_correct(1, 100, {0: fold_acc(90, 100)}, [0, 1], fold_acc(92, 100), ">=", "avg") == 94
     # The soup's folds at its accuracies, a new fold (3) at the candidate's own val accuracy.
     assert evaluation_order({0: 0.9, 1: 0.8, 2: 0.8}, Candidate("c", {3}, 0.95), {3, 2, 1, 0}) == [1, 2, 0, 3]
     assert evaluation_order({0: 0.9, 1: 0.8, 2: 0.8}, Candidate("c", {3}, 0.85), {3, 2, 1, 0}) == [1, 2, 3, 0]

@@ -102,7 +102,7 @@ def test_the_workflow_step_is_the_library_gsgs_and_gives_the_guides_answer(fold_
 
     gsgs = json.loads(out.with_suffix(".json").read_text())
     assert gsgs["ingredients"] == [f"greedy_fold{f}" for f in accepted]
-    assert gsgs["val_acc"] == best and gsgs["val_metric"] == "min"
+    assert gsgs["val_acc"] == float(best) and gsgs["val_metric"] == "min"
     assert [s["candidate"] for s in gsgs["steps"]] == [f"greedy_fold{f}" for f in order]
     weights = load_weights(out)[0]
     expected = average(soups[f] for f in accepted)  # each soup weighs the same, whatever its models

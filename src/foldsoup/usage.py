@@ -72,10 +72,12 @@ def evaluate(model_path: str, data_path: str, folds_path: str | None = None, dev
     dev = next(model.parameters()).device
     out: dict = {"model": model_path, **provenance(meta)}
 
+    from foldsoup.soups.select import fold_acc
+
     def score(key: str, images: np.ndarray, labels: np.ndarray) -> None:
         logits = predict_logits(model, torch.from_numpy(images).to(dev), spec, 1024)
         correct, total = int((logits.argmax(1) == torch.from_numpy(labels).to(dev)).sum()), len(labels)
-        out[key] = correct / total if total else float("nan")  # the fraction itself, not a float32 mean
+        out[key] = float(fold_acc(correct, total))  # the fraction's float, as the run's tables hold it
         out[f"{key}_exact"] = f"{correct}/{total}"
 
     score("test_acc", data.test_images, data.test_labels)

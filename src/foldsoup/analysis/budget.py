@@ -111,7 +111,7 @@ class Model:
     hp: str
     grid_index: int
     fold: int
-    val_acc: float  # metrics.json's (full precision), as the greedy soups sort by it
+    val_acc: float  # exact, from metrics.json's counts (select.accuracy_of), as every selection compares it
     test_acc: float
     diverged: bool
     weights: str
@@ -222,7 +222,7 @@ class BudgetRun:
 
     def methods(self, sub: Subset) -> list[dict]:
         """One row per method on the models of `sub` (diverged ones left out); [] when none is left."""
-        from foldsoup.analysis.uncertainty import ensemble_logits, fold_accuracies
+        from foldsoup.analysis.uncertainty import correct_count, ensemble_logits, fold_accuracies
         from foldsoup.soups import methods, select
 
         members = [m for m in self.models if m.grid_index in sub.grid and m.fold in sub.folds and not m.diverged]
@@ -266,7 +266,7 @@ class BudgetRun:
         pool = ensemble_logits([self.logits[n]["pool_logits"] for n in names])
         val = self._score(fold_accuracies(pool, self.pool_labels, self.fold_of, folds))
         test_logits = ensemble_logits([self.logits[n]["test_logits"] for n in names])
-        row("ensemble_all", len(names), val, float((test_logits.argmax(1) == self.ctx.data.test_labels).mean()))
+        row("ensemble_all", len(names), val, float(select.fold_acc(*correct_count(test_logits, self.ctx.data.test_labels))))
 
         common = {"grid": join(sub.grid), "folds": join(sub.folds), "n_models": len(members),
                   "n_test": len(self.ctx.data.test_labels)}

@@ -27,9 +27,22 @@ def ensemble_of_groups(groups: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     return ensemble_logits([ensemble_logits(group) for group in groups])
 
 
-def fold_accuracies(pool_logits: np.ndarray, pool_labels: np.ndarray, fold_of: np.ndarray, folds) -> dict[int, float]:
+def fold_counts(pool_logits: np.ndarray, pool_labels: np.ndarray, fold_of: np.ndarray, folds) -> dict[int, tuple[int, int]]:
+    """fold -> (correct, total) of logits on the pool."""
     correct = pool_logits.argmax(1) == pool_labels
-    return {int(i): float(correct[fold_of == i].mean()) for i in sorted(folds)}
+    return {int(i): (int(correct[fold_of == i].sum()), int((fold_of == i).sum())) for i in sorted(folds)}
+
+
+def fold_accuracies(pool_logits: np.ndarray, pool_labels: np.ndarray, fold_of: np.ndarray, folds) -> dict:
+    """fold -> exact accuracy (`soups.select.fold_acc` of `fold_counts`)."""
+    from foldsoup.soups.select import fold_acc
+
+    return {i: fold_acc(*c) for i, c in fold_counts(pool_logits, pool_labels, fold_of, folds).items()}
+
+
+def correct_count(test_logits: np.ndarray, test_labels: np.ndarray) -> tuple[int, int]:
+    """(correct, total) on the test set."""
+    return int((test_logits.argmax(1) == test_labels).sum()), len(test_labels)
 
 
 def paired_bootstrap(

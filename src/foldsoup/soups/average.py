@@ -334,7 +334,7 @@ class RunningSoupScorer:
 
     def fold_accs_with(self, candidate: Candidate) -> dict[int, float]:
         soup = self._soup_with(candidate)
-        return {int(f): float(a) for f, a in self._evaluate(soup, self.folds | candidate.folds).items()}
+        return {int(f): a for f, a in self._evaluate(soup, self.folds | candidate.folds).items()}  # exact fractions
 
     def fold_size(self, fold: int) -> int:
         return self._fold_size(fold)

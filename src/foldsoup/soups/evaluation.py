@@ -4,7 +4,9 @@ soup.RunningSoupScorer, so each candidate is loaded once and nothing is re-read 
 
 Val accuracies are counted: correct answers batch by batch (batches of `batch_size` from the
 fold's first image, the same in full and early-exit evaluation, so both see the same answers),
-and `select.fold_acc(correct, total)` is the accuracy. `count` can stop a fold early (greedy
+and `select.fold_acc(correct, total)` is the accuracy, an exact fraction. Single models are
+scored with the same per-fold batching (`training.loop.fold_logits`), so the same weights get the
+same counts wherever they are scored. `count` can stop a fold early (greedy
 soups' early exit); `images_evaluated` counts the forward passes, on val folds (and the outer
 holdout) and on the test set."""
 
@@ -18,7 +20,7 @@ import torch
 from foldsoup.data.folds import HOLDOUT
 from foldsoup.models.classifier import Classifier, load_full
 from foldsoup.soups.average import RunningSoupScorer
-from foldsoup.soups.select import FoldCount
+from foldsoup.soups.select import FoldCount, fold_acc
 from foldsoup.training.loop import ImageSpec, predict_logits
 
 
@@ -86,14 +88,31 @@ class Evaluator:
         self.images_evaluated["val"] += seen
         return FoldCount(correct, seen, total)
 
-    def fold_accs(self, state: Mapping[str, torch.Tensor], folds) -> dict[int, float]:
-        """Acc(state, D_val,i) for i in folds; fold HOLDOUT is the outer holdout."""
+    def fold_accs(self, state: Mapping[str, torch.Tensor], folds) -> dict:
+        """Acc(state, D_val,i) for i in folds (exact fractions); fold HOLDOUT is the outer holdout."""
         self.evaluations += 1
         return {i: self.count(state, i).acc for i in sorted(folds)}
 
+    def counts_of(self, fold_accs: Mapping) -> dict[int, tuple[int, int]]:
+        """fold -> (correct, total) of exact accuracies on this evaluator's folds."""
+        out = {}
+        for fold, acc in fold_accs.items():
+            total = self.fold_size(fold)
+            correct = acc * total
+            if correct != int(correct):
+                raise ValueError(f"accuracy {acc!r} is no count of fold {fold}'s {total} images")
+            out[int(fold)] = (int(correct), total)
+        return out
+
+    def holdout_count(self, state: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+        """(correct, total) on the outer holdout; None when the split has none."""
+        return self.counts_of(self.fold_accs(state, [HOLDOUT]))[HOLDOUT] if self.has_holdout else None
+
     def holdout_acc(self, state: Mapping[str, torch.Tensor]) -> float | None:
-        """Accuracy on the outer holdout; None when the split has none."""
-        return self.fold_accs(state, [HOLDOUT])[HOLDOUT] if self.has_holdout else None
+        """Accuracy on the outer holdout, the fraction's float as records hold it (reporting; a
+        selection on the holdout compares fold_accs' exact values); None when the split has none."""
+        count = self.holdout_count(state)
+        return None if count is None else float(fold_acc(*count))
 
     def test_logits(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Reporting only: no selection decision ever calls this (or test_acc)."""
@@ -101,8 +120,12 @@ class Evaluator:
         self.images_evaluated["test"] += len(self.test_labels)
         return predict_logits(self.model, self.test_images, self.spec, self.batch_size, self.precision)
 
+    def test_count(self, state: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+        """(correct, total) on the test set (reporting only)."""
+        return int((self.test_logits(state).argmax(1) == self.test_labels).sum()), len(self.test_labels)
+
     def test_acc(self, state: Mapping[str, torch.Tensor]) -> float:
-        return (self.test_logits(state).argmax(1) == self.test_labels).float().mean().item()
+        return float(fold_acc(*self.test_count(state)))
 
 
 def greedy_scorer(ev, load):

@@ -18,10 +18,9 @@ and tables/models.csv lists the models in it.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from foldsoup.data.folds import HOLDOUT
@@ -50,10 +49,11 @@ class ModelResult:
 
     hp: str
     fold: int
-    val_acc: float  # on its own fold's val part
+    val_acc: float  # on its own fold's val part; from a record, exact (select.accuracy_of)
     test_acc: float
     holdout_acc: float | None = None  # None: the split has no outer holdout
     diverged: bool = False
+    counts: Mapping = field(default_factory=dict, compare=False)  # the record's *_correct / *_total
 
     @property
     def name(self) -> str:
@@ -61,10 +61,15 @@ class ModelResult:
 
     @classmethod
     def from_record(cls, m: Mapping) -> ModelResult:
-        """From metrics.json or a models.csv row (NaN in an empty holdout cell)."""
-        holdout = m.get("holdout_acc")
-        holdout = None if holdout is None or (isinstance(holdout, float) and math.isnan(holdout)) else float(holdout)
-        return cls(str(m["hp"]), int(m["fold"]), float(m["val_acc"]), float(m["test_acc"]), holdout, bool(m["diverged"]))
+        """From metrics.json or a models.csv row (NaN in an empty holdout cell): accuracies from
+        the counts, exact, so best_on_val compares what the greedy soups compare (metrics
+        from before the counts: their floats)."""
+        counts = {key: int(m[key]) for key in COUNT_KEYS if not select.is_missing(m.get(key))}
+        return cls(str(m["hp"]), int(m["fold"]), select.accuracy_of(m, "val_acc"), float(select.accuracy_of(m, "test_acc")),
+                   select.accuracy_of(m, "holdout_acc"), bool(m["diverged"]), counts)
+
+
+COUNT_KEYS = ("val_correct", "val_total", "holdout_correct", "holdout_total", "test_correct", "test_total")
 
 
 _FOLD_OF_NAME = re.compile(r"fold(\d+)$")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Any, Protocol
 
 ACCEPT_RULES = (">=", ">")
@@ -29,7 +30,7 @@ class Candidate:
 
     name: str  # e.g. "lr0.001_medium_mixup/fold2" or "greedy_fold2"
     folds: frozenset[int]  # F(candidate): folds whose val parts it was validated on
-    val_acc: float  # its own val accuracy, used for sorting (a soup: its score)
+    val_acc: float  # its own val accuracy, used for sorting (a soup: its score); exact: a Fraction
 
     def __post_init__(self) -> None:
         folds = frozenset(int(f) for f in self.folds)
@@ -58,10 +59,29 @@ def cross_fold_score(fold_accs: Mapping[int, float], cross_fold: str = "min") ->
     return min_acc(fold_accs) if cross_fold == "min" else avg_acc(fold_accs)
 
 
-def fold_acc(correct: int, total: int) -> float:
-    """Accuracy from integer counts: the one formula behind every recorded val accuracy, so
-    early exit compares counts with exactly what full evaluation would compute."""
-    return correct / total if total else math.nan
+def fold_acc(correct: int, total: int) -> Fraction | float:
+    """Accuracy from integer counts, the exact fraction: the one formula behind every accuracy
+    recorded or compared, so two models tie where their fractions do, wherever they are read,
+    and early exit compares counts with exactly what full evaluation computes. Records store
+    float(fold_acc(...)), the correctly rounded float of the fraction (NaN without images)."""
+    return Fraction(int(correct), int(total)) if total else math.nan
+
+
+def accuracy_of(record: Mapping, key: str) -> Fraction | float | None:
+    """The exact accuracy `key` ("val_acc", "test_acc", "holdout_acc") of a metrics.json, a
+    models.csv row or a soup record, from its counts (`<name>_correct`, `<name>_total`). A file
+    written before counts were recorded gives its float (compared as read: not exact); None
+    where it has no such accuracy (None or NaN)."""
+    name = key.removesuffix("_acc")
+    correct, total = record.get(f"{name}_correct"), record.get(f"{name}_total")
+    if not (is_missing(correct) or is_missing(total)):
+        return fold_acc(int(correct), int(total))
+    value = record.get(key)
+    return None if is_missing(value) else float(value)
+
+
+def is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 @dataclass(frozen=True)
@@ -157,8 +177,14 @@ class GreedyResult:
 
 def step_record(step: GreedyStep) -> dict[str, Any]:
     """A step as soups/*.json records it (fold keys as strings; `images` in evaluation order)."""
-    return {**asdict(step), "fold_accs": {str(f): a for f, a in sorted(step.fold_accs.items())},
+    return {**asdict(step), "fold_accs": {str(f): float(a) for f, a in sorted(step.fold_accs.items())},
+            "score": as_float(step.score), "best_before": as_float(step.best_before),
             "images": {str(f): n for f, n in step.images.items()}}
+
+
+def as_float(value) -> float | None:
+    """An exact accuracy as JSON and tables hold it: the fraction's float (None stays None)."""
+    return None if value is None else float(value)
 
 
 def _check_option(label: str, value: str, allowed: Sequence[str]) -> None:
@@ -182,7 +208,7 @@ def _improves(score: float, best: float, accept: str) -> bool:
 
 def _rejection(score: float, best: float, accept: str, cross_fold: str) -> str:
     label = "MinAcc" if cross_fold == "min" else "AvgAcc"
-    return f"{label} {score:.6g} {'<' if accept == '>=' else '<='} best {best:.6g}"
+    return f"{label} {float(score):.6g} {'<' if accept == '>=' else '<='} best {float(best):.6g}"
 
 
 def _accs_over(fold_accs: Mapping[int, float], folds: frozenset[int], name: str) -> dict[int, float]:
@@ -190,7 +216,7 @@ def _accs_over(fold_accs: Mapping[int, float], folds: frozenset[int], name: str)
     missing = folds - set(fold_accs)
     if missing:
         raise ValueError(f"scorer gave no accuracy for folds {sorted(missing)} of candidate {name!r}")
-    return {f: float(fold_accs[f]) for f in sorted(folds)}
+    return {f: fold_accs[f] for f in sorted(folds)}  # exact accuracies stay exact
 
 
 def evaluation_order(soup_accs: Mapping[int, float], cand: Candidate, folds: Iterable[int]) -> list[int]:
@@ -206,13 +232,13 @@ def needed_correct(fold: int, total: int, known: Mapping[int, float], folds: Ite
                    accept: str, cross_fold: str) -> int:
     """The fewest correct answers on `fold` (of `total` images) with which the soup can still
     reach `best`: folds in `known` at their exact accuracy, the other folds not yet evaluated at
-    1.0. total + 1 when none is enough. Computed through the same float formulas as the full
+    1.0. total + 1 when none is enough. Computed through the same formulas as the full
     decision (`fold_acc`, `cross_fold_score` over folds in ascending order), which are
     non-decreasing in each fold's count, so stopping below it never changes a decision."""
     folds = sorted(folds)
 
     def reaches(correct: int) -> bool:
-        accs = {f: fold_acc(correct, total) if f == fold else known.get(f, 1.0) for f in folds}
+        accs = {f: fold_acc(correct, total) if f == fold else known.get(f, 1) for f in folds}
         return _improves(cross_fold_score(accs, cross_fold), best, accept)
 
     lo, hi = 0, total + 1  # reaches(hi) is taken as true: the answer lies in [lo, hi]

@@ -10,7 +10,7 @@ from foldsoup.data.folds import HOLDOUT, num_folds, read_folds
 from foldsoup.soups import methods as pick
 from foldsoup.soups import select
 from foldsoup.steps.context import log
-from foldsoup.steps.soups import predictions_path, soup_record
+from foldsoup.steps.soups import predictions_path, record_val, soup_record
 from foldsoup.storage.weights import atomic_write_json
 
 
@@ -38,8 +38,9 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
     from safetensors.numpy import load_file
 
     from foldsoup.analysis.uncertainty import (
+        correct_count,
         ensemble_of_groups,
-        fold_accuracies,
+        fold_counts,
         paired_bootstrap,
     )
     from foldsoup.data.prepared import load_prepared
@@ -72,9 +73,14 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
     models = [pick.ModelResult.from_record(r) for r in table_rows]
     has_holdout = "holdout_acc" in table_rows[0] if table_rows else False
 
-    def single(m: pick.ModelResult, method: str, folds: list[int], metric: str, val_acc: float) -> dict:
-        rec = {"ingredients": [m.name], "n_ingredients": 1, "folds": folds, "val_metric": metric, "val_acc": val_acc,
-               "test_acc": m.test_acc, **({"holdout_acc": m.holdout_acc} if has_holdout else {})}
+    def single(m: pick.ModelResult, method: str, folds: list[int], metric: str, val_acc) -> dict:
+        rec = {"ingredients": [m.name], "n_ingredients": 1, "folds": folds, "val_metric": metric, "val_acc": float(val_acc),
+               "test_acc": m.test_acc, **({"holdout_acc": select.as_float(m.holdout_acc)} if has_holdout else {}),
+               **m.counts}
+        name = "holdout" if metric == "holdout" else "val"  # the counts behind val_acc
+        if f"{name}_correct" in m.counts:
+            count = [m.counts[f"{name}_correct"], m.counts[f"{name}_total"]]
+            rec.update(val_correct=count[0], val_total=count[1], fold_counts={str(folds[0]): count})
         return adopt(model_file(m.name, "model.safetensors"), method, rec)
 
     best = pick.best_on_val(models)
@@ -84,11 +90,11 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
         rows.append(single(top, "best_on_holdout", [HOLDOUT], "holdout", top.holdout_acc))
     rows += [record("uniform_soup"), record("greedy_soup")] + ([record("greedy_soup_holdout")] if has_holdout else [])
     per_fold = {i: record(f"greedy_fold{i}") for i in range(k)}
-    chosen = per_fold[select.bgss({i: r["val_acc"] for i, r in per_fold.items()})]
+    chosen = per_fold[select.bgss({i: record_val(r) for i, r in per_fold.items()})]
     rows.append(adopt(soups / f"{chosen['method']}.safetensors", "bgss", chosen))
     rows.append(record("gsgs"))
     uniform = {i: record(f"uniform_fold{i}") for i in range(k)}
-    chosen = uniform[select.best_uniform_per_split({i: r["val_acc"] for i, r in uniform.items()})]
+    chosen = uniform[select.best_uniform_per_split({i: record_val(r) for i, r in uniform.items()})]
     rows.append(adopt(soups / f"{chosen['method']}.safetensors", "best_uniform_per_split", chosen))
     test_logits = {r["method"]: load_file(predictions_path(soups / f"{r['method']}.safetensors"))["test_logits"] for r in rows}
 
@@ -100,19 +106,20 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
         groups (each group weighs the same; one group: each model does)."""
         members = [m for group in groups for m in group]
         pool = ensemble_of_groups([[logits[m]["pool_logits"] for m in group] for group in groups])
-        accs = fold_accuracies(pool, data.pool_labels, fold_of, folds)
-        rec = soup_record(method, members, accs, cross_fold)
+        rec = soup_record(method, members, {}, cross_fold, fold_counts(pool, data.pool_labels, fold_of, folds))
         if has_holdout:
-            rec["holdout_acc"] = fold_accuracies(pool, data.pool_labels, fold_of, [HOLDOUT])[HOLDOUT]
+            correct, total = fold_counts(pool, data.pool_labels, fold_of, [HOLDOUT])[HOLDOUT]
+            rec.update(holdout_acc=float(select.fold_acc(correct, total)), holdout_correct=correct, holdout_total=total)
         test_logits[method] = ensemble_of_groups([[logits[m]["test_logits"] for m in group] for group in groups])
-        rec["test_acc"] = float((test_logits[method].argmax(1) == data.test_labels).mean())
+        correct, total = correct_count(test_logits[method], data.test_labels)
+        rec.update(test_acc=float(select.fold_acc(correct, total)), test_correct=correct, test_total=total)
         return rec
 
     def folds_of(members: list[str]) -> set[int]:
         return {int(name.rsplit("/fold", 1)[1]) for name in members}
 
     fold_ensembles = [ensemble(f"ensemble_fold{i}", [[n for n in logits if folds_of([n]) == {i}]], [i]) for i in range(k)]
-    best_fold = fold_ensembles[select.bgss({i: r["val_acc"] for i, r in enumerate(fold_ensembles)})]  # an ensemble's BGSS
+    best_fold = fold_ensembles[select.bgss({i: record_val(r) for i, r in enumerate(fold_ensembles)})]  # an ensemble's BGSS
     test_logits["ensemble_best_fold"] = test_logits[best_fold["method"]]
     greedy_members = record("greedy_soup")["ingredients"]
     # GSGS weighs each per-fold soup the same: so does its ensemble (each soup's models' mean, then

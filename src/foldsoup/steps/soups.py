@@ -13,6 +13,9 @@ from foldsoup.steps.context import Context, log
 from foldsoup.storage.weights import atomic_write_json, save_weights
 
 
+COUNT_COLUMNS = ("val_correct", "val_total", "holdout_correct", "holdout_total", "test_correct", "test_total")
+
+
 def models_table(metrics_paths: list[str], out: str) -> None:
     """tables/models.csv: one row per fine-tune, in the order of `metrics_paths` (the workflow's:
     grid order, then fold), which is the tie order of every selection (soups.methods)."""
@@ -34,8 +37,13 @@ def models_table(metrics_paths: list[str], out: str) -> None:
         row.update({f"acc_fold{i}": a for i, a in m["fold_accs"].items()})
         if m.get("holdout_acc") is not None:
             row["holdout_acc"] = m["holdout_acc"]
+        # The counts every selection compares (select.accuracy_of); absent in metrics from before them.
+        row.update({key: m[key] for key in COUNT_COLUMNS if key in m})
         rows.append(row)  # no timings: two identical runs give the same file (they are in metrics.json)
     table = pd.DataFrame(rows)
+    for key in COUNT_COLUMNS:
+        if key in table:
+            table[key] = table[key].astype("Int64")  # integers, never rounded by the float format
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log(f"{len(table)} models, val acc {table.val_acc.min():.4f}..{table.val_acc.max():.4f}")
     from foldsoup.analysis.reliability import at_chance_mask, diverged_mask, flag_mask, model_name
@@ -69,14 +77,37 @@ def _model_metrics(paths: list[str]) -> list[dict]:
     return out
 
 
-def soup_record(method: str, ingredients: list[str], fold_accs: dict[int, float], cross_fold: str, **extra) -> dict:
-    from foldsoup.soups.select import avg_acc, min_acc
+def soup_record(method: str, ingredients: list[str], fold_accs: dict[int, float], cross_fold: str,
+                counts: dict[int, tuple[int, int]] | None = None, **extra) -> dict:
+    """A soup's (or an ensemble's) record. With `counts` (fold -> (correct, total)) every accuracy
+    is derived from them (select.fold_acc) and they are kept (`fold_counts`, `val_correct` and
+    `val_total` where the score is one fold's), so readers compare exact values."""
+    from foldsoup.soups.select import as_float, cross_fold_score, fold_acc
 
-    val = min_acc(fold_accs) if cross_fold == "min" else avg_acc(fold_accs)
+    if counts is not None:
+        fold_accs = {int(i): fold_acc(*c) for i, c in counts.items()}
+    val = cross_fold_score(fold_accs, cross_fold)
     metric = "holdout" if set(fold_accs) == {HOLDOUT} else cross_fold if len(fold_accs) > 1 else "own"
-    return {"method": method, "ingredients": ingredients, "n_ingredients": len(ingredients),
-            "folds": sorted(int(i) for i in fold_accs), "fold_accs": {str(i): a for i, a in fold_accs.items()},
-            "val_metric": metric, "val_acc": val, **extra}
+    record = {"method": method, "ingredients": ingredients, "n_ingredients": len(ingredients),
+              "folds": sorted(int(i) for i in fold_accs), "fold_accs": {str(i): float(a) for i, a in fold_accs.items()},
+              "val_metric": metric, "val_acc": as_float(val)}
+    if counts is not None:
+        record["fold_counts"] = {str(i): [int(c), int(t)] for i, (c, t) in counts.items()}
+        if len(counts) == 1:
+            ((correct, total),) = counts.values()
+            record.update(val_correct=int(correct), val_total=int(total))
+    return {**record, **extra}
+
+
+def record_val(rec: dict):
+    """A soup record's val score, exact from its `fold_counts` (MinAcc or AvgAcc as recorded);
+    records from before counts: their float."""
+    from foldsoup.soups.select import cross_fold_score, fold_acc
+
+    if "fold_counts" not in rec:
+        return float(rec["val_acc"])
+    accs = {int(i): fold_acc(*c) for i, c in rec["fold_counts"].items()}
+    return cross_fold_score(accs, "avg" if rec["val_metric"] == "avg" else "min")
 
 
 def predictions_path(weights_path: str | Path) -> Path:
@@ -87,9 +118,15 @@ def predictions_path(weights_path: str | Path) -> Path:
 def _save_soup(ctx: Context, ev, out_weights: str, state, record: dict) -> None:
     """Weights, test logits and the record; test (and holdout) accuracy is measured here, after
     every decision."""
+    from foldsoup.soups.select import fold_acc
+
     test_logits = ev.test_logits(state)
-    record["test_acc"] = (test_logits.argmax(1) == ev.test_labels).float().mean().item()
-    record["holdout_acc"] = ev.holdout_acc(state)
+    correct, total = int((test_logits.argmax(1) == ev.test_labels).sum()), len(ev.test_labels)
+    record.update(test_acc=float(fold_acc(correct, total)), test_correct=correct, test_total=total)
+    holdout = ev.holdout_count(state)
+    record["holdout_acc"] = None if holdout is None else float(fold_acc(*holdout))
+    if holdout is not None:
+        record.update(holdout_correct=holdout[0], holdout_total=holdout[1])
     save_weights(out_weights, state, ctx.metadata(kind="soup", method=record["method"], ingredients=record["ingredients"]))
     save_weights(predictions_path(out_weights), {"test_logits": test_logits}, {"method": record["method"]})
     atomic_write_json(Path(out_weights).with_suffix(".json"), record)
@@ -108,7 +145,7 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
         subsets_sampled,
     )
     from foldsoup.soups.average import average
-    from foldsoup.soups.select import avg_acc, min_acc
+    from foldsoup.soups.select import as_float, avg_acc, min_acc
     from foldsoup.storage.weights import atomic_write_text
 
     ctx = Context(cfg, data_path, folds_path)
@@ -124,10 +161,10 @@ def uniform_subsets(cfg: dict, data_path: str, folds_path: str, hp: str, model_p
             continue  # a diverged model is never averaged in
         soup = average(states[i] for i in subset)
         accs = ev.fold_accs(soup, subset)
-        holdout_acc = ev.holdout_acc(soup)  # None (an empty cell) without an outer holdout
-        rows.append({"hp": hp, "folds": format_folds(subset), "n": len(subset), "avg_acc": avg_acc(accs),
-                     "min_acc": min_acc(accs), "holdout_acc": holdout_acc, "test_acc": ev.test_acc(soup), "sampled": subsets_sampled(k, cap),
-                     **{f"acc_fold{i}": a for i, a in accs.items()}})
+        holdout_acc = as_float(ev.holdout_acc(soup))  # None (an empty cell) without an outer holdout
+        rows.append({"hp": hp, "folds": format_folds(subset), "n": len(subset), "avg_acc": float(avg_acc(accs)),
+                     "min_acc": float(min_acc(accs)), "holdout_acc": holdout_acc, "test_acc": ev.test_acc(soup), "sampled": subsets_sampled(k, cap),
+                     **{f"acc_fold{i}": float(a) for i, a in accs.items()}})
     columns = ["hp", "folds", "n", "avg_acc", "min_acc", "holdout_acc", "test_acc", "sampled", *(f"acc_fold{i}" for i in range(k))]
     table = pd.DataFrame(rows, columns=columns)  # the header even when every model diverged
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
@@ -156,7 +193,7 @@ def _save_greedy(ctx: Context, ev, method: str, result, scorer, out: str) -> Non
     rejected = sum(1 for s in result.steps if s.score is None)
     log(f"{method}: {len(result.steps)} candidates, {result.images} val images evaluated, {rejected} rejected early")
     _save_soup(ctx, ev, out, scorer.mean(), soup_record(method, [c.name for c in result.ingredients], dict(result.fold_accs),
-                                                         ctx.cfg["soups"]["cross_fold_val"],
+                                                         ctx.cfg["soups"]["cross_fold_val"], ev.counts_of(result.fold_accs),
                                                          steps=[select.step_record(s) for s in result.steps]))
 
 
@@ -179,7 +216,7 @@ def greedy_per_fold(cfg: dict, data_path: str, folds_path: str, fold: int, model
     uniform = average(store.get(paths[c.name]) for c in cands)  # resident: not read again
     accs = ev.fold_accs(uniform, {fold})
     _save_soup(ctx, ev, out_uniform, uniform, soup_record(f"uniform_fold{fold}", [c.name for c in cands], accs,
-                                                            cfg["soups"]["cross_fold_val"]))
+                                                            cfg["soups"]["cross_fold_val"], ev.counts_of(accs)))
     return log_cost(store, ev)
 
 
@@ -193,7 +230,8 @@ def uniform_all(cfg: dict, data_path: str, folds_path: str, model_paths: list[st
     store = ctx.ingredients(paths.values(), keep=False)
     state = average(store.stream(paths[c.name]) for c in cands)  # each used once: none kept
     accs = ev.fold_accs(state, range(ctx.k))
-    _save_soup(ctx, ev, out, state, soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"]))
+    _save_soup(ctx, ev, out, state, soup_record("uniform_soup", [c.name for c in cands], accs, cfg["soups"]["cross_fold_val"],
+                                                ev.counts_of(accs)))
     return log_cost(store, ev)
 
 
@@ -224,7 +262,7 @@ def gsgs(cfg: dict, data_path: str, folds_path: str, fold_soup_paths: list[str],
         if len(rec["folds"]) != 1:
             raise SoupError(f"{path}: a per-fold greedy soup spans folds {rec['folds']}; GSGS takes one soup per fold")
         (fold,) = rec["folds"]
-        scores[fold], paths[f"greedy_fold{fold}"] = rec["val_acc"], path
+        scores[fold], paths[f"greedy_fold{fold}"] = record_val(rec), path  # exact, from its counts
     ev = ctx.evaluator()
     store = ctx.ingredients(paths.values())
     scorer = greedy_scorer(ev, lambda c: store.get(paths[c.name]))  # a candidate is named as its soup

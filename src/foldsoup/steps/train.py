@@ -50,7 +50,8 @@ def pretrain(cfg: dict, data_path: str, out: str) -> None:
 
 def linear_probe(cfg: dict, data_path: str, folds_path: str, backbone_path: str, fold: int, out: str) -> None:
     from foldsoup.models.classifier import load_backbone
-    from foldsoup.training.loop import accuracy, predict_logits
+    from foldsoup.soups.select import fold_acc
+    from foldsoup.training.loop import count, predict_logits
     from foldsoup.training.loop import linear_probe as fit_head
 
     ctx = Context(cfg, data_path, folds_path)
@@ -62,7 +63,7 @@ def linear_probe(cfg: dict, data_path: str, folds_path: str, backbone_path: str,
     head, fit = fit_head(model, ctx.tensor(d.pool_images[train_idx]), ctx.tensor(d.pool_labels[train_idx]), ctx.spec,
                          cfg["lp"], cfg["finetune"]["precision"], cfg["seed"], log)
     val_logits = predict_logits(model, ctx.tensor(d.pool_images[val_idx]), ctx.spec, cfg["finetune"]["eval_batch_size"])
-    val_acc = accuracy(val_logits, ctx.tensor(d.pool_labels[val_idx]))
+    val_acc = float(fold_acc(*count(val_logits, ctx.tensor(d.pool_labels[val_idx]))))
     log(f"fold {fold}: linear probe val acc {val_acc:.4f}")
     save_weights(out, head, {"kind": "head", "fold": fold, "val_acc": val_acc, "fit": fit})
 
@@ -80,11 +81,14 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
 
     from foldsoup.errors import Diverged, Interrupted
     from foldsoup.models.classifier import load_backbone
+    from foldsoup.soups.select import fold_acc
     from foldsoup.training.loop import (
         LoopConfig,
         ResumeStore,
         SigtermTrap,
-        fold_accuracies,
+        count,
+        fold_counts,
+        fold_logits,
         predict_logits,
         train,
     )
@@ -125,13 +129,18 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
             if dtype != torch.float32:
                 model.load_state_dict(state)
             batch = ft["eval_batch_size"]
-            pool_logits = predict_logits(model, ctx.tensor(d.pool_images), ctx.spec, batch, ft["precision"])
+            # Counted as the soups are (Evaluator's per-fold batches), every accuracy from the counts.
+            fold_of = ctx.tensor(ctx.fold_of)
+            pool_logits = fold_logits(model, ctx.tensor(d.pool_images), fold_of, ctx.spec, batch, ft["precision"])
             test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
             labels = ctx.tensor(d.pool_labels)
-            accs = fold_accuracies(pool_logits, labels, ctx.tensor(ctx.fold_of), ctx.k)
+            counts = fold_counts(pool_logits, labels, fold_of, range(ctx.k))
+            accs = {i: float(fold_acc(*c)) for i, c in counts.items()}
             holdout = ctx.tensor(holdout_indices(ctx.fold_of))
-            holdout_acc = (pool_logits[holdout].argmax(1) == labels[holdout]).float().mean().item() if len(holdout) else None
-            test_acc = (test_logits.argmax(1) == ctx.tensor(d.test_labels)).float().mean().item()
+            holdout_count = count(pool_logits[holdout], labels[holdout]) if len(holdout) else None
+            holdout_acc = float(fold_acc(*holdout_count)) if holdout_count else None
+            test_count = count(test_logits, ctx.tensor(d.test_labels))
+            test_acc = float(fold_acc(*test_count))
             out = Path(out_dir)
             meta = ctx.metadata(kind="finetune", **point.as_dict(), fold=fold)
             save_weights(out / "model.safetensors", state, meta)
@@ -150,7 +159,12 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
             majority, n_val = majority_rate(val_labels), len(val_labels)
             chance, ceiling = at_chance(accs[fold], n_val, majority), chance_ceiling(n_val, majority)
             metrics = {**point.as_dict(), "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
-                       "fold_accs": {str(i): a for i, a in accs.items()}, "holdout_acc": holdout_acc, "diverged": diverged,
+                       "val_correct": counts[fold][0], "val_total": counts[fold][1],
+                       "test_correct": test_count[0], "test_total": test_count[1],
+                       "fold_accs": {str(i): a for i, a in accs.items()},
+                       "fold_counts": {str(i): list(c) for i, c in counts.items()}, "holdout_acc": holdout_acc,
+                       **({"holdout_correct": holdout_count[0], "holdout_total": holdout_count[1]} if holdout_count else {}),
+                       "diverged": diverged,
                        "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val,
                        "lp_val_acc": head_meta.get("val_acc"), **stats}
             atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished

@@ -137,7 +137,7 @@ def linear_probe(
     grid fits every backbone (CLIP's features are unit-norm, CNNs' are not) while the penalty
     stays isotropic in the raw features. Dividing each dimension by its own deviation (what this
     did before) put large weights on near-constant features: on real ImageNet weights, head
-    weights up to 800 and, with train-mode BatchNorm, first-epoch losses of 230-650 (README, Recipe).
+    weights up to 800 and, with train-mode BatchNorm, first-epoch losses of 230-650 (docs/benchmarks.md).
     The centring and scale are folded into the head (W' = W / s, b' = b - W' m): the same
     function of the raw features.
     """
@@ -210,7 +210,7 @@ def set_train_mode(model: torch.nn.Module, batchnorm: str) -> None:
     mode: it normalises with its running (pretrained) statistics and leaves them unchanged,
     while its affine weight and bias are still trained (DiWA's and Model Ratatouille's practice).
     Batch statistics differ from the pretrained ones the linear probe was fit on: on real
-    ImageNet weights they made the first fine-tune step start from chance (README, Recipe)."""
+    ImageNet weights they made the first fine-tune step start from chance (README, "Recipe on real weights")."""
     if batchnorm not in BATCHNORM_MODES:
         raise ConfigError(f"finetune.batchnorm: {batchnorm!r} is unknown; allowed: {', '.join(BATCHNORM_MODES)}")
     model.train()
@@ -462,11 +462,27 @@ def train(
             "started_far": started_far(guard.get("first_epoch_loss"), guard.get("lp_step_loss"))}
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
+def count(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, total): what every accuracy is derived from (`soups.select.fold_acc`)."""
+    return int((logits.argmax(1) == labels).sum()), len(labels)
 
 
-def fold_accuracies(pool_logits: torch.Tensor, pool_labels: torch.Tensor, fold_of: torch.Tensor, k: int) -> dict[int, float]:
-    """Acc(model, D_val,i) for every fold i, from logits on the whole pool."""
-    correct = (pool_logits.argmax(1) == pool_labels).float()
-    return {i: correct[fold_of == i].mean().item() for i in range(k)}
+def fold_logits(model: Classifier, pool_images: torch.Tensor, fold_of: torch.Tensor, spec: ImageSpec, batch_size: int,
+                precision: str = "fp32") -> torch.Tensor:
+    """Logits on the whole pool, predicted fold by fold in batches from each fold's first image:
+    the batching of `soups.evaluation.Evaluator`, so a single model's counts are those of the
+    same weights scored as a soup (batched kernels need not give the same answers on
+    differently cut batches, in bf16 on a GPU least of all)."""
+    out = torch.zeros(0)
+    for fold in torch.unique(fold_of).tolist():
+        idx = torch.nonzero(fold_of == fold).flatten()
+        logits = predict_logits(model, pool_images[idx], spec, batch_size, precision)
+        if out.numel() == 0:
+            out = torch.zeros(len(pool_images), logits.shape[1], dtype=logits.dtype, device=logits.device)
+        out[idx] = logits
+    return out
+
+
+def fold_counts(pool_logits: torch.Tensor, pool_labels: torch.Tensor, fold_of: torch.Tensor, folds) -> dict[int, tuple[int, int]]:
+    """(correct, total) of the model on D_val,i for every fold i in `folds`, from logits on the pool."""
+    return {int(i): count(pool_logits[fold_of == i], pool_labels[fold_of == i]) for i in folds}
