@@ -91,10 +91,18 @@ onstart:
         os.environ.update(FOLDSOUP_JOB_SERVER=socket_path)
 
 
-# The run's last word on the console: where summary.md is and the model to ship (path, method,
-# val with what it is worth, test). Runs after a successful real run, never after a dry run.
+# The run's last word on the console: where summary.md is, the model to ship (path, method, val
+# with what it is worth, test) and the warnings that matter (models at chance, diverged, ...);
+# after a failure, how to resume. Never after a dry run.
 onsuccess:
-    from foldsoup.report.ship import console_lines
+    from foldsoup.report.console import end_of_run
 
-    for line in console_lines(f"{R}/ship/ship.json", f"{R}/summary.md", config["soups"]["ship"]):
+    for line in end_of_run(R, config["soups"]["ship"]):
         print(line)
+
+
+onerror:
+    from foldsoup.report.console import end_of_run
+
+    for line in end_of_run(R, config["soups"]["ship"], failed=True):
+        print(line, file=sys.stderr)

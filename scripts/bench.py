@@ -264,7 +264,8 @@ def soup_jobs(cfg: dict, results: str, out: Path, early_exit: bool | None) -> li
 
 
 def _soup_cfg(results: str, config_files: list[str]) -> dict:
-    from foldsoup.config.schema import deep_update, load_yaml_files, validate
+    from foldsoup.config.schema import validate
+    from foldsoup.config.yaml_files import deep_update, load_yaml_files
 
     return validate(deep_update(load_yaml_files(*config_files), {"results": results}), check_paths=False)
 

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from foldsoup import steps  # noqa: E402
 from foldsoup.training.augment import eval_transform  # noqa: E402
-from foldsoup.config.schema import deep_update, grid_points, load_yaml_files, validate  # noqa: E402
+from foldsoup.config.schema import grid_points, validate  # noqa: E402
+from foldsoup.config.yaml_files import deep_update, load_yaml_files  # noqa: E402
 from foldsoup.data.folds import HOLDOUT, train_indices  # noqa: E402
 from foldsoup.models.classifier import load_full  # noqa: E402
 from foldsoup.storage.weights import load_weights  # noqa: E402

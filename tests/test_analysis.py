@@ -12,6 +12,7 @@ import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -191,8 +192,10 @@ def test_pearson_degenerate_inputs_are_nan():
 
 
 def test_method_order():
-    names = ["gsgs", "zero_shot", "best_uniform_per_split", "best_on_val", "bgss", "uniform_soup", "greedy_soup"]
-    assert analysis.order_methods(names) == [
+    from foldsoup.config import methods
+
+    names = ["gsgs", "zero_shot", "best_uniform_per_split", "best_on_val", "bgss", "uniform_soup", "greedy_soup", "gsgs"]
+    assert methods.order(names) == [
         "best_on_val", "uniform_soup", "greedy_soup", "bgss", "gsgs", "best_uniform_per_split", "zero_shot",
     ]
 
@@ -232,30 +235,93 @@ def _check_png(path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
 
 
+def _scattered(ax, label: str | None = None) -> np.ndarray:
+    """The (x, y) points of the scatter plots on `ax` (those labelled `label`, or all unlabelled
+    ones), sorted: what the figure shows, read back from the Axes the plot function built."""
+    from matplotlib.collections import PathCollection
+
+    mine = [c for c in ax.collections if isinstance(c, PathCollection)
+            and (c.get_label() == label if label is not None else c.get_label().startswith("_"))]
+    return np.array(sorted((float(x), float(y)) for c in mine for x, y in c.get_offsets()))
+
+
+def _pct_points(df: pd.DataFrame, x: str, y: str) -> np.ndarray:
+    return np.array(sorted(zip(100.0 * df[x].astype(float), 100.0 * df[y].astype(float))))
+
+
 def test_plot_models_val_test(tmp_path):
     path = tmp_path / "figure2.png"
-    plots.plot_models_val_test(_models_with_lr(), path)
+    fig = plots.plot_models_val_test(_models_with_lr(), path)
     _check_png(path)
     assert _png_size(path) == (1020, 900)  # 6.8 x 6.0 in at 150 dpi
+    (ax,) = fig.axes
+    kept = MODELS[~MODELS.diverged]
+    # Every model that did not diverge, at (own-fold val, test) in %, and no other point.
+    assert _scattered(ax) == pytest.approx(_pct_points(kept, "val_acc", "test_acc"))
+    best = kept.loc[kept.val_acc.idxmax()]
+    assert _scattered(ax, "best on val") == pytest.approx(np.array([[100 * best.val_acc, 100 * best.test_acc]]))
+    assert ax.get_title() == "Figure 2: single fine-tuned models (6 models)\n1 diverged model(s) not shown"
 
 
 def test_plot_models_without_lr_column(tmp_path):
     path = tmp_path / "figure2.png"
-    plots.plot_models_val_test(MODELS, path)
+    fig = plots.plot_models_val_test(MODELS, path)
     _check_png(path)
+    (ax,) = fig.axes
+    kept = MODELS[~MODELS.diverged]
+    assert _scattered(ax) == pytest.approx(_pct_points(kept, "val_acc", "test_acc"))
+    # Colour by grid point: one colour per hp.
+    colour_of = {}
+    for c in ax.collections:
+        if c.get_label().startswith("_"):
+            (x, y), = c.get_offsets()
+            hp = kept.loc[(100 * kept.val_acc - x).abs().lt(1e-9) & (100 * kept.test_acc - y).abs().lt(1e-9), "hp"].item()
+            colour_of.setdefault(hp, set()).add(tuple(c.get_facecolor()[0]))
+    assert sorted(colour_of) == ["a", "b"] and all(len(v) == 1 for v in colour_of.values())
+    assert colour_of["a"] != colour_of["b"]
 
 
 def test_plot_subsets_figure3_and_figure4(tmp_path):
+    subsets = _subsets().assign(sampled=False)
     for name, threshold in (("figure3.png", None), ("figure4.png", 0.78)):
         folder = tmp_path / name.removesuffix(".png")
-        plots.plot_subsets_val_test(_subsets().assign(sampled=False), folder / name, threshold=threshold)
+        fig = plots.plot_subsets_val_test(subsets, folder / name, threshold=threshold)
         _check_png(folder / name)
+        (ax,) = fig.axes
+        shown = subsets if threshold is None else subsets[subsets.min_acc >= threshold]
+        for n in sorted(subsets.n.unique()):
+            # One series per soup size n: its soups at (MinAcc, test) in %, counted in the legend.
+            part = shown[shown.n == n]
+            (label,) = [c.get_label() for c in ax.collections if c.get_label().startswith(f"n = {n} ")]
+            assert label.startswith(f"n = {n} ({len(part)} soups, r = ")
+            assert _scattered(ax, label) == pytest.approx(_pct_points(part, "min_acc", "test_acc"))
+        thresholds = [line.get_xdata() for line in ax.lines if line.get_label().startswith("threshold")]
+        assert thresholds == ([] if threshold is None else [pytest.approx([78.0, 78.0])])
+    assert len(shown) == len(subsets) - 3  # figure 4 leaves out the three soups below the threshold
 
 
 def test_plot_methods(tmp_path):
+    from foldsoup.config import methods as method_table
+
     path = tmp_path / "nested" / "methods.png"  # the folder is created
-    plots.plot_methods(METHODS, _models_with_lr(), path)
+    fig = plots.plot_methods(METHODS, _models_with_lr(), path)
     _check_png(path)
+    ax = fig.axes[0]
+    order = method_table.order(METHODS.method)
+    by_name = METHODS.set_index("method").loc[order]
+    positions = [float(i) for i in range(1, len(order) + 1)]
+    assert _scattered(ax, "test accuracy") == pytest.approx(np.array(sorted(zip(positions, 100 * by_name.test_acc))))
+    assert _scattered(ax, "val accuracy (MinAcc for soups spanning folds)") == pytest.approx(
+        np.array(sorted(zip(positions, 100 * by_name.val_acc))))
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[0] == "single models\n(6, 1 diverged\nnot shown)"
+    assert labels[1:] == [f"{method_table.label(m)}\n({n} ingredient{'' if n == 1 else 's'})"
+                          for m, n in zip(order, by_name.n_ingredients)]
+    # The single models' column: every non-diverged model's test accuracy (jittered around x = 0).
+    singles = [c for c in ax.collections if c.get_label().startswith("_") and len(c.get_offsets()) == 6]
+    (points,) = [c.get_offsets() for c in singles]
+    assert sorted(points[:, 1]) == pytest.approx(sorted(100 * MODELS[~MODELS.diverged].test_acc))
+    assert (abs(points[:, 0]) < 0.2).all()
 
 
 def test_plot_replaces_existing_file(tmp_path):

@@ -52,9 +52,6 @@ class Run(TinyRun):
             "grid": {"lr": [0.003, 0.001], "aug": ["minimal"], "mixup": [False]},
         })
 
-    def model_dir(self, hp: str, fold: int) -> Path:
-        return self.root / "models" / hp / f"fold{fold}"
-
     def lists(self, fold: int | None = None) -> tuple[list[str], list[str]]:
         dirs = [self.model_dir(hp, f) for hp in self.hps for f in range(K) if fold is None or f == fold]
         return [str(d / "model.safetensors") for d in dirs], [str(d / "metrics.json") for d in dirs]

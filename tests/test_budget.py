@@ -25,7 +25,8 @@ from foldsoup.analysis.budget import (
     n_subsets,
 )
 from foldsoup.errors import ConfigError
-from foldsoup.config.schema import deep_update, load_yaml_files, validate
+from foldsoup.config.schema import validate
+from foldsoup.config.yaml_files import deep_update, load_yaml_files
 
 # ------------------------------------------------------------------------ cells and draws
 
@@ -138,8 +139,21 @@ def test_summary_section_and_figure(tmp_path):
     assert "At the largest budget reached two ways, 4 fine-tunes, more folds did best on average" in text
     assert "best per method: 0 of 2 for 4 × 1, 2 of 2 for 2 × 2." in text
     assert budget_section(None) == "" and budget_section(table.iloc[:0]) == ""
-    plot_budget(table, tmp_path / "budget.png")
+    fig = plot_budget(table, tmp_path / "budget.png")
     assert (tmp_path / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # What is drawn: per method a heatmap (rows g, columns f) and lines against g*f, one per f,
+    # of the mean test accuracy over the draws of each cell, in %.
+    means = 100 * table.groupby(["method", "grid_points", "n_folds"]).test_acc.mean()
+    panels = [ax for ax in fig.axes if ax.images or ax.lines]
+    assert [ax.get_title() for ax in panels[::2]] == ["Best on val: mean test acc (%)", "GSGS: mean test acc (%)"]
+    for method, heat, lines in zip(("best_on_val", "gsgs"), panels[::2], panels[1::2]):
+        grid = heat.images[0].get_array()
+        assert grid.shape == (3, 2)  # g = 1, 2, 4 by f = 1, 2
+        assert grid.ravel().tolist() == pytest.approx([means[(method, g, f)] for g in (1, 2, 4) for f in (1, 2)])
+        assert [line.get_label() for line in lines.lines] == ["f = 1", "f = 2"]
+        for f, line in zip((1, 2), lines.lines):
+            assert list(line.get_xdata()) == [g * f for g in (1, 2, 4)]
+            assert list(line.get_ydata()) == pytest.approx([means[(method, g, f)] for g in (1, 2, 4)])
 
 
 # ------------------------------------------------------------------------ configuration

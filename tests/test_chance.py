@@ -199,7 +199,7 @@ def test_models_csv_and_reliability_csv_name_it(run):
     root, hp = run["root"], run["hps"][ABSURD_LR]
     models = pd.read_csv(root / "tables" / "models.csv")
     assert dict(zip(models.hp, models.at_chance)) == {hp: True, run["hps"][GOOD_LR]: False}
-    assert f"WARNING 1 model(s) at chance (val acc not above their fold's largest class, binomial test): {hp}/fold0" in run["models_log"]
+    assert f"foldsoup: warning: 1 of 2 models are at chance (they learned nothing, yet stay in the soups): {hp}/fold0" in run["models_log"]
     rel = pd.read_csv(root / "tables" / "reliability.csv")
     assert (rel.threshold_model == f"{hp}/fold0").all() and rel.threshold_at_chance.all()
     assert rel.threshold.iloc[0] == pytest.approx(run["metrics"][ABSURD_LR]["val_acc"], abs=1e-6)

@@ -4,6 +4,8 @@ out-of-memory as one line naming the keys to lower, with the traceback too."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ def run_with(monkeypatch, capsys, exc: BaseException) -> tuple[int, str]:
     def step(*args, **kwargs):
         raise exc
 
-    monkeypatch.setattr(steps, "models_table", step)
+    monkeypatch.setitem(steps.STEPS, "models-table", dataclasses.replace(steps.STEPS["models-table"], run=step))
     status = cli.main(ARGV)
     out = capsys.readouterr()
     assert out.out == ""

@@ -16,15 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from foldsoup.config.schema import (
-    DIGITS_CLASS_COUNTS,
-    ConfigError,
-    deep_update,
-    load_schema,
-    load_yaml_files,
-    smallest_class_bound,
-    validate,
-)
+from foldsoup.config.data_checks import DIGITS_CLASS_COUNTS, smallest_class_bound
+from foldsoup.config.schema import load_schema, validate
+from foldsoup.config.yaml_files import deep_update, load_yaml_files
+from foldsoup.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
@@ -126,8 +121,8 @@ CASES = [
      "folds.k: 5 is larger than the smallest class of the training pool: data.max_pool = 20 leaves at most 4 pool "
      "image(s) in the smallest of 5 classes; every fold needs at least one image of every class, allowed: 2 <= k <= 4"),
     # unknown dataset or model names
-    ({"data": {"name": "mnist"}}, "data.name: 'mnist' is not allowed; did you mean 'medmnist'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')"),
-    ({"data": {"name": "cifar"}}, "data.name: 'cifar' is not allowed; did you mean 'cifar10'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')"),
+    ({"data": {"name": "mnist"}}, "data.name: 'mnist' is not allowed; did you mean 'medmnist'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist', 'csv')"),
+    ({"data": {"name": "cifar"}}, "data.name: 'cifar' is not allowed; did you mean 'cifar10'? (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist', 'csv')"),
     ({"model": {"name": "resnet50"}}, "model.name: 'resnet50' is not allowed (allowed: one of 'digits_cnn', 'open_clip', 'timm')"),
     ({"model": {"norm": "layer"}}, "model.norm: 'layer' is not allowed (allowed: one of 'group', 'batch')"),
     ({"data": {"name": "cifar10", "download": True}, "model": {"name": "open_clip", "arch": "ViT-B/32"}},
@@ -138,9 +133,9 @@ CASES = [
     ({"device": "gpu"}, "device: 'gpu' is not allowed; did you mean 'cpu'? (allowed: one of 'auto', 'cpu', 'cuda')"),
     ({"finetune": {"on_divergence": "ignore"}}, "finetune.on_divergence: 'ignore' is not allowed (allowed: one of 'error', 'exclude')"),
     ({"soups": {"greedy_accept": "=>"}}, "soups.greedy_accept: '=>' is not allowed; did you mean '>'? (allowed: one of '>=', '>')"),
-    ({"soups": {"ship": "bgs"}}, "soups.ship: 'bgs' is not allowed; did you mean 'bgss'? (allowed: one of 'gsgs', 'bgss', "
-     "'greedy_soup', 'uniform_soup', 'best_on_val', 'best_uniform_per_split', 'greedy_soup_holdout', 'best_on_holdout')"),
-    ({"soups": {"ship": "ensemble_gsgs"}}, "soups.ship: 'ensemble_gsgs' is not allowed (allowed: one of 'gsgs', "),
+    ({"soups": {"ship": "bgs"}}, "soups.ship: 'bgs' is not allowed; did you mean 'bgss'? (allowed: one of 'best_on_val', "
+     "'uniform_soup', 'greedy_soup', 'bgss', 'gsgs', 'best_uniform_per_split', 'best_on_holdout', 'greedy_soup_holdout')"),
+    ({"soups": {"ship": "ensemble_gsgs"}}, "soups.ship: 'ensemble_gsgs' is not allowed (allowed: one of 'best_on_val', "),
     # the base has no outer holdout (holdout_fraction 0)
     ({"soups": {"ship": "greedy_soup_holdout"}},
      "soups.ship: 'greedy_soup_holdout' is selected on the outer holdout, and folds.holdout_fraction is 0 (no holdout); "
@@ -179,14 +174,15 @@ def test_missing_required_keys(base):
     message = error_of({}, {})
     assert message.splitlines()[1:] == [
         "  - data: missing; it is required (allowed: a mapping (key: value) with keys name, root, download, image_size, "
-        "mean, std, interpolation, image_settings, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test, class_names, resize)",
+        "mean, std, interpolation, image_settings, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test, class_names, resize, "
+        "background, manifest, columns, group_pattern)",
         "  - model: missing; it is required (allowed: a mapping (key: value) with keys name, width, norm, arch, pretrained, "
         "quick_gelu, normalize_features)",
     ]
     assert only_problem(error_of({"data": {}, "model": {"name": "digits_cnn"}}, {})) == (
-        "data.name: missing; it is required (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')")
+        "data.name: missing; it is required (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist', 'csv')")
     assert only_problem(error_of(base, {"data": {"name": None}})) == (
-        "data.name: None is not allowed (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist')")
+        "data.name: None is not allowed (allowed: one of 'digits', 'cifar10', 'imagefolder', 'medmnist', 'csv')")
 
 
 def test_normalisation_of_the_wrong_number_of_channels(base, tmp_path, monkeypatch):
@@ -336,6 +332,18 @@ def test_k_between_bound_and_real_class_size_fails_at_the_folds_step(base, tmp_p
     assert not os.path.exists(folds)
 
 
+def test_parse_time_checks_import_no_torch():
+    """What the Snakefile imports and runs at parse time (validate, with open_clip's and timm's
+    names read lazily) imports neither torch nor open_clip nor timm: seconds at every parse."""
+    code = ("import sys; from foldsoup.config import results_folder; from foldsoup.config.schema import validate; "
+            "from foldsoup.config.yaml_files import deep_update, load_yaml_files; cfg = load_yaml_files('config.yaml'); "
+            "validate(cfg, check_paths=False); validate(deep_update(cfg, {'data': {'name': 'cifar10'}, "
+            "'model': {'name': 'open_clip'}}), check_paths=False); "
+            "heavy = sorted({'torch', 'open_clip', 'timm'} & set(sys.modules)); assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 # ---------------------------------------------------------------- through the real snakemake
 
 
@@ -406,3 +414,11 @@ def test_snakemake_fails_at_the_folds_job_naming_the_class(tmp_path, no_slurm_pr
     assert expected in result.stderr  # show-failed-logs (profiles/default) prints it too
     assert not (tmp_path / "results" / "folds.csv").exists()
     assert not (tmp_path / "results" / "lp").exists() and not (tmp_path / "results" / "models").exists()
+
+
+def test_the_bad_inputs_page_shows_todays_messages():
+    """docs/bad-inputs.md is generated from CASES above (scripts/bad_inputs_page.py); a message
+    changed without regenerating it fails here."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bad_inputs_page.py"), "--check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -18,7 +18,8 @@ import pytest
 
 from foldsoup.errors import ConfigError
 
-from foldsoup.config.schema import deep_update, fill_defaults, load_schema, load_yaml_files, validate
+from foldsoup.config.schema import fill_defaults, load_schema, validate
+from foldsoup.config.yaml_files import deep_update, load_yaml_files
 from foldsoup.errors import DataError
 from foldsoup.data.prepared import prepare
 
@@ -450,8 +451,8 @@ def test_new_keys_are_validated(base, tmp_path, own_data, monkeypatch):
         "data.download: true only fetches CIFAR-10; for data.name 'medmnist' put the .npz file at data.root yourself, "
         "allowed: false"]
     assert problems_of(deep_update(imagefolder, {"data": {"class_names": ["a", "b"]}})) == [
-        "data.class_names: only for data.name 'medmnist' (imagefolder takes its class names from its folder names); "
-        "allowed: null"]
+        "data.class_names: only for data.name 'medmnist' or 'csv' (imagefolder takes its class names from its folder "
+        "names); allowed: null"]
     assert problems_of(deep_update(medmnist, {"data": {"class_names": ["a"]}})) == [
         "data.class_names: ['a'] has 1 item(s); allowed: a list of strings (at least 2 item(s), no duplicates) or null"]
     assert problems_of(deep_update(medmnist, {"data": {"class_names": ["a", "a"]}})) == [
@@ -464,7 +465,7 @@ def test_new_keys_are_validated(base, tmp_path, own_data, monkeypatch):
         "channel) or 3"]
     assert problems_of(deep_update(base, {"data": {"name": "medmnst"}})) == [
         "data.name: 'medmnst' is not allowed; did you mean 'medmnist'? (allowed: one of 'digits', 'cifar10', "
-        "'imagefolder', 'medmnist')"]
+        "'imagefolder', 'medmnist', 'csv')"]
     # paths: the .npz file, the image folder
     zipped = str(own_data["medmnist"].with_suffix(".zip"))
     assert problems_of(deep_update(medmnist, {"data": {"root": zipped}}), check_paths=False) == [
@@ -586,12 +587,12 @@ def test_towers_without_gelu_ignore_quick_gelu():
     from open_clip.transformer import QuickGELU
 
     from foldsoup.models.clip import open_clip_visual
-    from foldsoup.config.schema import _open_clip_arch_config, activation_matters
+    from foldsoup.config.open_clip_names import activation_matters, model_config
 
     for arch in ("RN50", "convnext_base_w", "ViT-S-32"):
         with torch.device("meta"):  # module classes only
             kinds = [[type(m) for m in open_clip_visual(arch, None, quick)[0].modules()] for quick in (False, True)]
-        matters = activation_matters(_open_clip_arch_config(arch))
+        matters = activation_matters(model_config(arch))
         assert (kinds[0] != kinds[1]) == matters == (arch == "ViT-S-32"), arch
         assert (QuickGELU in kinds[1]) == matters, arch
 
@@ -670,18 +671,18 @@ def test_parse_time_tables_equal_open_clip():
     from foldsoup.errors import ClipError
 
     from foldsoup.models.clip import pretrained_tag_cfg
-    from foldsoup.config.schema import _open_clip_arch_config, _open_clip_archs, _open_clip_tag_table, _open_clip_tags
+    from foldsoup.config import open_clip_names
 
-    assert _open_clip_archs() == sorted(open_clip.list_models())
+    assert open_clip_names.list_models() == sorted(open_clip.list_models())
     expected: dict[str, list[str]] = {}
     for arch, tag in open_clip.list_pretrained():
         expected.setdefault(arch, []).append(tag)
-    assert _open_clip_tags() == expected
+    assert open_clip_names.pretrained_tags() == expected
     # and the activation each tag was trained with, which fills model.quick_gelu
-    assert _open_clip_tag_table() == {arch: {tag: bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
-                                             for tag in tags} for arch, tags in expected.items()}
+    assert open_clip_names.tag_table() == {arch: {tag: bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
+                                                     for tag in tags} for arch, tags in expected.items()}
     for arch in ("ViT-B-32", "RN50", "ViT-B-32-quickgelu"):
-        assert _open_clip_arch_config(arch) == open_clip.get_model_config(arch)
+        assert open_clip_names.model_config(arch) == open_clip.get_model_config(arch)
     assert all(open_clip.list_pretrained_tags_by_model(a) == t for a, t in expected.items())
     with pytest.raises(ClipError, match=r"pretrained tag of 'ViT-B-32' \(tags for 'ViT-B-32': openai, .*\); "
                                         r"did you mean 'openai'\?$"):

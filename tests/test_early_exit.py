@@ -322,7 +322,8 @@ def test_smoke_run_steps_are_those_of_full_evaluation(smoke_run):
 
     from foldsoup import steps as pl
     from foldsoup.soups.evaluation import greedy_scorer
-    from foldsoup.config.schema import deep_update, load_yaml_files, validate
+    from foldsoup.config.schema import validate
+    from foldsoup.config.yaml_files import deep_update, load_yaml_files
     from foldsoup.data.folds import HOLDOUT
     from foldsoup.soups.select import Candidate as C
 

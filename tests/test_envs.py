@@ -12,12 +12,21 @@ def _pins(lines):
     return {re.split(r"==", line)[0].lower().replace("_", "-"): line.split("==")[1] for line in lines if "==" in line}
 
 
-def test_conda_env_pins_equal_requirements():
+def _env() -> tuple[list[str], list[str]]:
+    """envs/foldsoup.yaml parsed: (its conda dependencies, its pip requirements)."""
     env = yaml.safe_load((ROOT / "envs" / "foldsoup.yaml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert env["name"] == "foldsoup" and "conda-forge" in env["channels"]
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    sections = [d for d in env["dependencies"] if not isinstance(d, str)]
+    assert len(sections) == 1 and list(sections[0]) == ["pip"], sections
+    return conda, sections[0]["pip"]
+
+
+def test_conda_env_pins_equal_requirements():
+    conda, pip = _env()
     reqs = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert _pins(pip) == _pins(reqs)
-    assert "python=3.11" in env["dependencies"]
+    assert "python=3.11" in conda and "pip" in conda
 
 
 def test_every_rule_names_an_existing_conda_env():
@@ -45,4 +54,5 @@ def test_conda_jobs_keep_the_library_path():
     for profile in ("default", "slurm"):
         cfg = yaml.safe_load((ROOT / "profiles" / profile / "config.yaml").read_text())
         assert cfg.get("conda-not-block-search-path-envvars") is True, profile
-    assert "foldsoup" not in (ROOT / "envs" / "foldsoup.yaml").read_text().split("pip:")[1]
+    conda, pip = _env()
+    assert [d for d in conda + pip if "foldsoup" in d.lower() or d.startswith(("-e", ".", "/"))] == []

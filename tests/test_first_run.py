@@ -11,7 +11,8 @@ from conftest import ROOT, SMOKE, clean_env, snakemake
 
 from foldsoup.config import results_folder
 from foldsoup.errors import ConfigError
-from foldsoup.config.schema import load_yaml_files, validate
+from foldsoup.config.schema import validate
+from foldsoup.config.yaml_files import load_yaml_files
 from foldsoup.devices import start_check
 
 PAPER = ROOT / "presets" / "paper-cifar10.yaml"

@@ -226,7 +226,8 @@ def test_model_file_into_mismatched_model_names_file_and_tensor(tmp_path):
         load_full(model, load_weights(path)[0], str(path))
     # A backbone file (no head) given where a full model is expected.
     save_weights(path, {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
-    with pytest.raises(ValueError, match=re.escape(f"{path}: weights do not fit the configured model: missing ['head.bias', 'head.weight']")):
+    with pytest.raises(ValueError, match=re.escape(f"{path}: tensor 'head.weight' of the model is missing (2 of 14 missing: "
+                                                   f"'head.weight', 'head.bias')")):
         load_full(model, load_weights(path)[0], str(path))
 
 
@@ -251,8 +252,8 @@ def test_load_weights_checks_keys_and_shapes_against_the_model(tmp_path):
     save_weights(path, {k: v for k, v in state.items() if k != "head.weight"} | {"head.wieght": torch.zeros(5, 16)})
     with pytest.raises(WeightsError) as info:
         load_weights(path, expect={k: tuple(v.shape) for k, v in model.state_dict().items()})
-    assert str(info.value) == (f"weight file {path} does not fit the configured model: missing tensor(s) 'head.weight'; "
-                               f"unexpected tensor(s) 'head.wieght'")
+    assert str(info.value) == (f"weight file {path}: tensor 'head.weight' of the configured model is missing (1 of 14 "
+                               f"missing; unexpected instead: 'head.wieght')")
 
 
 # ---------------------------------------------------------------- nothing is unpickled

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from foldsoup.config.schema import load_yaml_files, validate
+from foldsoup.config.schema import validate
+from foldsoup.config.yaml_files import load_yaml_files
 from foldsoup.config.job import RUNTIME_KEYS, STEP_KEYS, job_config, merge, runtime_config, step_keys
 
 from conftest import ROOT

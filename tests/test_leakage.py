@@ -30,10 +30,10 @@ torch = pytest.importorskip("torch")
 from foldsoup import steps  # noqa: E402
 
 try:
-    from tiny_runs import train_tiny_run  # noqa: E402
+    from tiny_runs import TinyRun, train_tiny_run  # noqa: E402
 except ImportError:  # tests/ imported as a package
-    from tests.tiny_runs import train_tiny_run  # noqa: E402
-from foldsoup.config.schema import grid_points, validate  # noqa: E402
+    from tests.tiny_runs import TinyRun, train_tiny_run  # noqa: E402
+from foldsoup.config.schema import grid_points  # noqa: E402
 from foldsoup.data.prepared import load_prepared, save_prepared  # noqa: E402
 from foldsoup.storage.weights import load_weights, save_weights  # noqa: E402
 
@@ -42,13 +42,12 @@ DIVERGING_LR = 1e30
 K = 2
 
 
-class Run:
-    """Paths of one tiny run; `cfg` is validated like the Snakefile does."""
+class Run(TinyRun):
+    """The tiny run of this module: three good learning rates and a diverging one."""
 
     def __init__(self, root: Path, on_divergence: str = "error"):
-        self.root = root
-        self.cfg = validate({
-            "results": str(root), "seed": 0, "device": "cpu",
+        super().__init__(root, {
+            "seed": 0, "device": "cpu",
             "data": {"name": "digits", "classes": [1, 2, 3, 5, 7], "pretrain_classes": [0, 4, 6, 8, 9], "test_fraction": 0.5},
             "model": {"name": "digits_cnn", "width": 8},
             "pretrain": {"epochs": 3},
@@ -57,25 +56,9 @@ class Run:
             "finetune": {"epochs": 1, "batch_size": 32, "warmup_steps": 2, "on_divergence": on_divergence},
             "grid": {"lr": [*GOOD_LRS, DIVERGING_LR], "aug": ["minimal"], "mixup": [False]},
         })
-        self.data = str(root / "prepared" / "dataset.safetensors")
-        self.folds = str(root / "folds.csv")
-        self.backbone = str(root / "pretrained" / "backbone.safetensors")
         points = grid_points(self.cfg)
         self.good = [p.name for p in points if p.lr != DIVERGING_LR]
         self.diverging = next(p.name for p in points if p.lr == DIVERGING_LR)
-
-    def head(self, fold: int) -> str:
-        return str(self.root / "lp" / f"fold{fold}" / "head.safetensors")
-
-    def model_dir(self, hp: str, fold: int, models: Path | None = None) -> Path:
-        return (models or self.root / "models") / hp / f"fold{fold}"
-
-    def finetune(self, hp: str, fold: int, data: str | None = None, models: Path | None = None) -> Path:
-        out = self.model_dir(hp, fold, models)
-        resume = out.parent.parent.parent / ".resume" / hp / f"fold{fold}"
-        steps.finetune(self.cfg, data or self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
-                          str(resume))
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -286,69 +269,39 @@ def test_diverged_models_are_in_no_soup(diverged, tmp_path):
 # ---------------------------------------------------------------- mismatched ingredients
 
 
-def _reshaped_copy(r: Run, src: Path, dst: Path) -> str:
-    """A model file whose head has one class too many (a model of another config)."""
+def _with_reshaped_model(run: Run, tmp_path: Path, at: int, val_acc: float | None) -> tuple[list[str], list[str]]:
+    """The good models' files, the one at `at` replaced by a copy whose head has one class too
+    many (a model of another config), its metrics' val accuracy set to `val_acc` (None: kept)."""
+    models, metrics = _model_lists(run, run.root / "models", run.good)
+    src, dst = Path(models[at]).parent, tmp_path / "odd"
     state, meta = load_weights(src / "model.safetensors")
     state["head.weight"] = torch.cat([state["head.weight"], state["head.weight"][:1]])
     state["head.bias"] = torch.cat([state["head.bias"], state["head.bias"][:1]])
     dst.mkdir(parents=True)
     save_weights(dst / "model.safetensors", state, meta)
-    shutil.copy(src / "metrics.json", dst / "metrics.json")
-    return str(dst / "model.safetensors")
-
-
-# SoupError (averaging) and WeightsError (loading against the model) are both ValueErrors.
-
-
-@pytest.mark.slow
-def test_uniform_all_with_mismatched_ingredient_names_the_tensor(run, tmp_path):
-    models, metrics = _model_lists(run, run.root / "models", run.good)
-    models[-1] = _reshaped_copy(run, Path(models[-1]).parent, tmp_path / "odd")
-    metrics[-1] = str(tmp_path / "odd" / "metrics.json")
-    with pytest.raises(ValueError, match=r"tensor 'head\.(weight|bias)' has shape [\[(]6\b"):
-        steps.uniform_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
-    assert not (tmp_path / "soup.safetensors").exists()
-
-
-@pytest.mark.slow
-def test_uniform_all_with_mismatched_ingredient_names_the_file(run, tmp_path):
-    models, metrics = _model_lists(run, run.root / "models", run.good)
-    models[-1] = _reshaped_copy(run, Path(models[-1]).parent, tmp_path / "odd")
-    metrics[-1] = str(tmp_path / "odd" / "metrics.json")
-    with pytest.raises(ValueError) as info:
-        steps.uniform_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
-    assert models[-1] in str(info.value) and "head.weight" in str(info.value)
-
-
-def _odd_model_lists(run: Run, tmp_path: Path, val_acc: float) -> tuple[list[str], list[str]]:
-    models, metrics = _model_lists(run, run.root / "models", run.good)
-    models[0] = _reshaped_copy(run, Path(models[0]).parent, tmp_path / "odd")
-    m = json.loads(Path(metrics[0]).read_text())
-    (tmp_path / "odd" / "metrics.json").write_text(json.dumps({**m, "val_acc": val_acc}))
-    metrics[0] = str(tmp_path / "odd" / "metrics.json")
+    m = json.loads((src / "metrics.json").read_text())
+    (dst / "metrics.json").write_text(json.dumps(m if val_acc is None else {**m, "val_acc": val_acc}))
+    models[at], metrics[at] = str(dst / "model.safetensors"), str(dst / "metrics.json")
     return models, metrics
 
 
+# SoupError (averaging) and WeightsError (loading against the model) are both ValueErrors.
 @pytest.mark.slow
-def test_greedy_all_with_mismatched_ingredient_names_model_and_tensor(run, tmp_path):
-    # The odd model sorts last: it is checked against the soup of the models before it.
-    models, metrics = _odd_model_lists(run, tmp_path, val_acc=0.0)
+@pytest.mark.parametrize("step, at, val_acc", [
+    ("uniform_all", -1, None),  # the last file of the uniform soup
+    ("greedy_all", 0, 0.0),  # sorts last: checked against the soup of the models before it
+    ("greedy_all", 0, 1.0),  # sorts first: the first candidate
+], ids=["uniform", "greedy-last-candidate", "greedy-first-candidate"])
+def test_a_mismatched_ingredient_is_refused_naming_model_and_tensor(run, tmp_path, step, at, val_acc):
+    models, metrics = _with_reshaped_model(run, tmp_path, at, val_acc)
     with pytest.raises(ValueError) as info:
-        steps.greedy_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
+        getattr(steps, step)(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
     message = str(info.value)
     assert re.search(r"tensor 'head\.(weight|bias)' has shape [\[(]6\b", message), message
     # The model: its name <hp>/fold<i> (models/<hp>/fold<i>/model.safetensors) or its path.
-    assert f"{run.good[0]}/fold0" in message or models[0] in message, message
+    hp, fold = run.good[at], 0 if at == 0 else K - 1
+    assert f"{hp}/fold{fold}" in message or models[at] in message, message
     assert not (tmp_path / "soup.safetensors").exists()
-
-
-@pytest.mark.slow
-def test_greedy_all_with_mismatched_first_candidate_names_the_model(run, tmp_path):
-    models, metrics = _odd_model_lists(run, tmp_path, val_acc=1.0)
-    with pytest.raises(ValueError) as info:
-        steps.greedy_all(run.cfg, run.data, run.folds, models, metrics, str(tmp_path / "soup.safetensors"))
-    assert "head.weight" in str(info.value)
-    assert f"{run.good[0]}/fold0" in str(info.value) or models[0] in str(info.value)
 
 
 def test_reliability_runs_with_a_fully_diverged_grid_point(diverged, tmp_path):

@@ -365,7 +365,7 @@ def test_export_pretrained_visual_bad_checkpoints(tmp_path, vit_checkpoints):
     wrong["transformer.resblocks.3.mlp.c_fc.weight"] = torch.zeros(7, 768)
     cases["wrong_shape.safetensors"] = (wrong, r"tensor 'transformer\.resblocks\.3\.mlp\.c_fc\.weight' has shape \[7, 768\]"
                                               r", the image tower of this model\.arch expects \[3072, 768\]")
-    cases["missing.safetensors"] = ({first: ref[first]}, r"image-tower tensor 'positional_embedding' is missing")
+    cases["missing.safetensors"] = ({first: ref[first]}, r"tensor 'positional_embedding' of the image tower of this model\.arch is missing")
     extra = dict(ref)
     extra["transformer.resblocks.12.ln_1.weight"] = torch.zeros(768)
     cases["extra.safetensors"] = (extra, r"unexpected tensor 'transformer\.resblocks\.12\.ln_1\.weight'")
@@ -458,7 +458,8 @@ def test_local_openai_checkpoint_builds_the_tag_routes_network(tmp_path, vit_che
     from safetensors.torch import save_file
 
     from foldsoup.models.clip import export_pretrained_visual
-    from foldsoup.config.schema import deep_update, load_yaml_files, validate
+    from foldsoup.config.schema import validate
+    from foldsoup.config.yaml_files import deep_update, load_yaml_files
     from foldsoup.models.build import build_backbone
 
     # OpenAI's layout: the image tower under visual.*, the text tower's keys unprefixed beside it,
@@ -522,7 +523,8 @@ def test_tag_offline_fails_at_once_naming_the_way_out(tmp_path, cifar):
     import sys
 
     from foldsoup import steps
-    from foldsoup.config.schema import deep_update, load_yaml_files, validate
+    from foldsoup.config.schema import validate
+    from foldsoup.config.yaml_files import deep_update, load_yaml_files
 
     paper = load_yaml_files(REPO / "config.yaml", REPO / "presets" / "paper-cifar10.yaml")
     cfg = validate(deep_update(paper, {"results": str(tmp_path / "results"), "device": "cpu",

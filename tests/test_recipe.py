@@ -251,3 +251,20 @@ def test_resumed_moments_take_their_channels_last_weights_layout():
     assert resumed.optimizer.state[half]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
     steps(half, resumed, grads[1:])
     assert torch.equal(half.detach(), straight.detach())
+
+
+def test_a_diverged_run_keeps_its_guard_losses():
+    """A run that diverges says how it started: the losses measured before it diverged travel
+    with Diverged, and only a run that diverged within its first epoch counts as started far."""
+    from foldsoup.errors import Diverged
+    from foldsoup.training.loop import guard_stats
+
+    model, images, labels = shifted_statistics_model()
+    with pytest.raises(Diverged) as info:
+        train(model, images, labels, SPEC, loop_config("frozen", lr=1e30), quiet)
+    assert info.value.guard["lp_step_loss"] > 0 and "first_step_loss" in info.value.guard
+    assert "first_epoch_loss" not in info.value.guard  # it diverged in its first epoch
+    assert guard_stats(info.value.guard, diverged=True)["started_far"] is True
+    calm = {"lp_step_loss": 0.2, "first_step_loss": 0.2, "first_epoch_loss": 0.25}  # diverged later
+    assert guard_stats(calm, diverged=True) == {**calm, "started_far": False}
+    assert guard_stats({}, diverged=True)["started_far"] is False  # nothing measured: unknown, not flagged

@@ -105,7 +105,8 @@ def test_the_method_to_ship_reruns_only_the_ship_and_the_summary(smoke_run, tmp_
 
 def test_a_checkpoint_file_is_an_input_of_pretrain(tmp_path):
     """model.pretrained as a file: replacing the checkpoint reruns `pretrain` (and all after it)."""
-    from foldsoup.config.schema import load_yaml_files, validate
+    from foldsoup.config.schema import validate
+    from foldsoup.config.yaml_files import load_yaml_files
 
     checkpoint = tmp_path / "clip.safetensors"
     checkpoint.write_bytes(b"not read by a dry run")

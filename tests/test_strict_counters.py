@@ -103,7 +103,8 @@ def test_a_missing_real_tensor_is_refused_naming_it_not_a_counter(tmp_path):
     own = len(timm_backbone(ARCH)[0].state_dict())
     with pytest.raises(ModelError) as info:
         export_pretrained({"arch": ARCH, "pretrained": str(path)})
-    assert str(info.value) == (f"{path}: backbone tensor 'blocks.0.0.bn1.running_var' is missing (1 of {own} missing; "
+    assert str(info.value) == (f"{path}: tensor 'blocks.0.0.bn1.running_var' of the backbone of this model.arch is missing "
+                               f"(1 of {own} missing; "
                                f"is this a weights file of this model.arch, in timm's key layout?)")
     assert "num_batches_tracked" not in str(info.value)
 
@@ -179,7 +180,7 @@ def test_clip_resnet_file_missing_a_real_tensor_or_misshaped_is_refused(rn50_fil
     state = load_file(str(path))
     cut = {k: v for k, v in state.items() if k != "visual.layer1.0.bn2.weight"}
     save_file(cut, str(tmp_path / "cut.safetensors"))
-    with pytest.raises(ClipError, match=r"image-tower tensor 'layer1.0.bn2.weight' is missing \(1 of "):
+    with pytest.raises(ClipError, match=r"tensor 'layer1.0.bn2.weight' of the image tower of this model.arch is missing \(1 of "):
         export_pretrained_visual(_clip_cfg(tmp_path / "cut.safetensors"))
     bad = {**state, "visual.conv1.weight": torch.zeros(2, 3, 3, 3)}
     save_file(bad, str(tmp_path / "shape.safetensors"))
@@ -191,7 +192,8 @@ def test_clip_resnet_file_missing_a_real_tensor_or_misshaped_is_refused(rn50_fil
 
 
 def _validate(data: dict, pretrained) -> dict:
-    from foldsoup.config.schema import deep_update, load_yaml_files, validate
+    from foldsoup.config.schema import validate
+    from foldsoup.config.yaml_files import deep_update, load_yaml_files
 
     over = {"data": {"name": "imagefolder", "root": "images", **data},
             "model": {"name": "timm", "arch": ARCH, "pretrained": pretrained}}

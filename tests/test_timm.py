@@ -164,14 +164,14 @@ def test_missing_tensor_is_refused_naming_file_and_tensor(tmp_path):
     del state["bn1.running_mean"]
     path = tmp_path / "cut.safetensors"
     save_file(state, str(path))
-    with pytest.raises(ModelError, match=rf"{path}: backbone tensor 'bn1.running_mean' is missing"):
+    with pytest.raises(ModelError, match=rf"{path}: tensor 'bn1.running_mean' of the backbone of this model.arch is missing"):
         export_pretrained({"arch": "test_efficientnet", "pretrained": str(path)})
 
 
 def test_other_archs_file_is_refused_naming_a_tensor(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), path)
-    with pytest.raises(ModelError, match=rf"{path}: backbone tensor '.*' is missing"):
+    with pytest.raises(ModelError, match=rf"{path}: tensor '.*' of the backbone of this model.arch is missing"):
         export_pretrained({"arch": "test_efficientnet", "pretrained": str(path)})
 
 
@@ -220,7 +220,8 @@ def test_tag_without_network_says_how_to_fill_the_cache(tmp_path):
 
 
 def _validate(over: dict) -> dict:
-    from foldsoup.config.schema import deep_update, load_yaml_files, validate
+    from foldsoup.config.schema import validate
+    from foldsoup.config.yaml_files import deep_update, load_yaml_files
 
     return validate(deep_update(load_yaml_files(ROOT / "config.yaml"), over), check_paths=False)
 
@@ -278,7 +279,8 @@ def test_job_configs_of_a_timm_run():
 
 @pytest.mark.parametrize("preset", ["imagefolder-timm-cpu", "medmnist-timm-cpu"])
 def test_cpu_presets(preset):
-    from foldsoup.config.schema import load_yaml_files, validate
+    from foldsoup.config.schema import validate
+    from foldsoup.config.yaml_files import load_yaml_files
 
     cfg = validate(load_yaml_files(ROOT / "config.yaml", ROOT / "presets" / f"{preset}.yaml"), check_paths=False)
     assert cfg["device"] == "cpu" and cfg["folds"]["k"] == 5

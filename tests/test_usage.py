@@ -120,6 +120,6 @@ def test_workflow_weights_record_their_source(saved):
                     "folds": {"k": 2}})
     ctx = steps.Context.__new__(steps.Context)  # metadata() needs only cfg, data and spec
     ctx.cfg, ctx.spec = cfg, SPEC
-    ctx.data = type("D", (), {"classes": ["1", "2"]})()
+    ctx.data = type("D", (), {"classes": ["1", "2"], "background": None})()
     assert ctx.metadata()["source"] == {"dataset": "digits", "resize": "stretch"}
     assert json.dumps(ctx.metadata())  # all of it goes into safetensors metadata as JSON

@@ -121,7 +121,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert len(subsets) == points * (2**k - 1)
     for name in ("reliability.csv",):
         assert (r / "tables" / name).stat().st_size > 0
-    assert len(list((r / "figures").glob("*.png"))) == 6
+    assert len(list((r / "figures").glob("*.png"))) == 7  # figures 2-4, methods, validation signals, budget, confusion
     assert (r / "summary.md").read_text().strip()
 
 
@@ -192,6 +192,7 @@ def test_a_failed_finetune_keeps_going_and_the_rerun_redoes_only_it(smoke_run, t
     first = snakemake(*args, env=clean_env(FOLDSOUP_FAIL=f"{failing_hp}/fold{failing_fold}"))
     assert first.returncode != 0, first.tail()
     assert first.stats["finetune"] == 4
+    assert "foldsoup: the run stopped: a job failed" in first.output, first.tail()  # onerror: how to go on
     failed = results / "models" / failing_hp / f"fold{failing_fold}"
     assert not (failed / "metrics.json").exists() and not (failed / "model.safetensors").exists()
     log = (results / "logs" / "finetune" / failing_hp / f"fold{failing_fold}.log").read_text()

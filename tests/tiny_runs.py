@@ -39,8 +39,16 @@ class TinyRun:
     def head(self, fold: int) -> str:
         return str(self.root / "lp" / f"fold{fold}" / "head.safetensors")
 
-    def finetune(self, hp: str, fold: int):
-        out = self.root / "models" / hp / f"fold{fold}"
-        steps.finetune(self.cfg, self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
-                          str(self.root / ".resume" / hp / f"fold{fold}"))
+    def model_dir(self, hp: str, fold: int, models=None):
+        """models/<hp>/fold<i> of this run, or of another models folder `models`."""
+        from pathlib import Path
+
+        return Path(models or self.root / "models") / hp / f"fold{fold}"
+
+    def finetune(self, hp: str, fold: int, data: str | None = None, models=None):
+        """One fine-tune into model_dir(hp, fold, models), on `data` (default: this run's prepared
+        data); its resume state in .resume/ beside that models folder."""
+        out = self.model_dir(hp, fold, models)
+        steps.finetune(self.cfg, data or self.data, self.folds, self.backbone, self.head(fold), hp, fold, str(out),
+                          str(out.parent.parent.parent / ".resume" / hp / f"fold{fold}"))
         return out

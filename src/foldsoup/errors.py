@@ -40,7 +40,12 @@ class MemoryShort(FoldsoupError, RuntimeError):
 
 
 class Diverged(FoldsoupError, RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite. `guard`: the first-step guard's losses measured before
+    (training.loop.guard_stats reads them)."""
+
+    def __init__(self, message: str, guard: dict | None = None):
+        super().__init__(message)
+        self.guard = dict(guard or {})
 
 
 class Interrupted(FoldsoupError, RuntimeError):

@@ -128,8 +128,10 @@ def trained_on(folds: list[int], k: int, holdout: bool) -> dict:
 
 def read_images(paths: list[str], channels: int, source: dict | None = None, size: int | None = None) -> list[torch.Tensor]:
     """uint8 [C, H, W] per image file, read as `prepare` read the model's training images: an
-    imagefolder dataset's way (Pillow, EXIF orientation, RGB, bicubic `resize` to `size`), or
-    else decoded at their own size in the model's channel count (the eval transform resizes)."""
+    imagefolder dataset's way (Pillow, EXIF orientation, RGB, transparent pixels onto the
+    `background` its metadata records (none recorded: alpha dropped, as before the key existed),
+    bicubic `resize` to `size`), or else decoded at their own size in the model's channel count
+    (the eval transform resizes)."""
     from PIL import Image
 
     from foldsoup.data.imagefolder import IMAGE_EXTENSIONS
@@ -147,8 +149,9 @@ def read_images(paths: list[str], channels: int, source: dict | None = None, siz
             raise DataError(f"image {path!r} {missing(p)}")
 
     def decode(path: str) -> torch.Tensor:
-        if (source or {}).get("dataset") == "imagefolder":
-            return torch.from_numpy(read_as_prepared(Path(path), size, source.get("resize", "stretch")).copy())
+        if (source or {}).get("dataset") in ("imagefolder", "csv"):  # image files, decoded by `prepare`
+            pixels = read_as_prepared(Path(path), size, source.get("resize", "stretch"), source.get("background"))
+            return torch.from_numpy(pixels.copy())
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
         return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1).copy())
@@ -175,15 +178,53 @@ def _not_an_image(path: str, exc: BaseException) -> str:
             f"replace it with a readable copy")
 
 
+def probabilities(model_path: str, image_paths: list[str], device: str = "auto") -> tuple[list[str], list[np.ndarray]]:
+    """(the model's class names, per image the softmax of its float32 logits: float32 [classes])."""
+    model, meta, spec = _load(model_path, device)
+    dev = next(model.parameters()).device
+    images = read_images(image_paths, model_channels(spec), meta.get("source"), spec.size)
+    return meta["classes"], [predict_logits(model, image.unsqueeze(0).to(dev), spec, 1).softmax(1)[0].cpu().numpy()
+                             for image in images]
+
+
 def predict(model_path: str, image_paths: list[str], device: str = "auto"):
     """Yield (path, class name, probability) for each image."""
-    model, meta, spec = _load(model_path, device)
-    classes = meta["classes"]
-    dev = next(model.parameters()).device
-    for path, image in zip(image_paths, read_images(image_paths, model_channels(spec), meta.get("source"), spec.size)):
-        probs = predict_logits(model, image.unsqueeze(0).to(dev), spec, 1).softmax(1)[0]
-        best = int(probs.argmax())
-        yield path, classes[best], float(probs[best])
+    classes, probs = probabilities(model_path, image_paths, device)
+    for path, p in zip(image_paths, probs, strict=True):
+        best = int(p.argmax())
+        yield path, classes[best], float(p[best])
+
+
+def prediction_columns(classes: list[str]) -> list[str]:
+    """The header of `predict --out`: path (as given), predicted_class, then p_<class name> per
+    class in the model's class order (no class column can be named like the first two)."""
+    return ["path", "predicted_class", *(f"p_{name}" for name in classes)]
+
+
+def write_predictions(model_path: str, image_paths: list[str], out: str, device: str = "auto") -> int:
+    """`predict --out`: a CSV (prediction_columns) of each image's predicted class and the
+    probability of every class (float, full precision), written atomically; returns the rows.
+    `out` is checked before any image is read."""
+    import csv
+    import io
+
+    from foldsoup.errors import DataError
+    from foldsoup.storage.weights import atomic_write_text
+
+    target = Path(out)
+    if target.is_dir():
+        raise DataError(f"--out {out!r} is a folder; give the path of a CSV file, e.g. {str(target / 'predictions.csv')!r}")
+    if not target.parent.is_dir():
+        raise DataError(f"--out {out!r}: its folder {str(target.parent)!r} does not exist; create it or give a path in "
+                        f"an existing folder")
+    classes, probs = probabilities(model_path, image_paths, device)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(prediction_columns(classes))
+    for path, p in zip(image_paths, probs, strict=True):
+        writer.writerow([path, classes[int(p.argmax())], *(float(v) for v in p)])
+    atomic_write_text(out, text.getvalue())
+    return len(probs)
 
 
 def model_channels(spec: ImageSpec) -> int:

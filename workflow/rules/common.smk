@@ -1,6 +1,7 @@
 import os
 import re
 
+from foldsoup.config import methods as method_table
 from foldsoup.config.schema import dumps, grid_points
 from foldsoup.data.prepared import source_paths
 from foldsoup.config.job import job_config, runtime_config
@@ -9,9 +10,15 @@ R = config["results"]
 K = config["folds"]["k"]
 FOLDS = list(range(K))
 HPS = [point.name for point in grid_points(config)]
-# An outer holdout (folds.holdout_fraction > 0) adds the soups selected on it.
+# An outer holdout (folds.holdout_fraction > 0) adds the methods selected on it.
 HOLDOUT = config["folds"]["holdout_fraction"] > 0
-SOUPS_ALL = ["uniform_soup", "greedy_soup"] + (["greedy_soup_holdout"] if HOLDOUT else [])
+# The methods (foldsoup.config.methods) by the job that makes them: the soups of all models (one
+# soup_all job per method, running the method's step), GSGS, and the selections the methods job
+# links to a model or soup (its logit ensembles have no files).
+METHODS = {m.name: m for m in method_table.run_methods(HOLDOUT)}
+SOUPS_ALL = [m.name for m in METHODS.values() if m.step in ("uniform-all", "greedy-all", "greedy-holdout")]
+SOUPS_BEFORE_METHODS = [m.name for m in METHODS.values() if m.step != "methods"]
+SELECTIONS = [m.name for m in METHODS.values() if m.step == "methods" and m.weights]
 # Every rule's shell command is `python -m foldsoup <step> ...`, written out in full (the linter
 # wants no outside variables in shell commands). Snakemake sets OMP_NUM_THREADS to the rule's
 # threads, which torch takes as its thread count.

@@ -26,19 +26,21 @@ rule figures:
         subsets=rules.reliability.output.subsets,
         reliability=rules.reliability.output.reliability,
         methods=rules.methods.output.table,
+        per_class=rules.methods.output.per_class,
     output:
         report(f"{R}/figures/fig2_models_val_test.png", caption="../report/figure2.rst", category="Figures"),
         report(f"{R}/figures/fig3_uniform_soups_val_test.png", caption="../report/figure3.rst", category="Figures"),
         report(f"{R}/figures/fig4_uniform_soups_over_threshold.png", caption="../report/figure4.rst", category="Figures"),
         report(f"{R}/figures/methods_test_accuracy.png", caption="../report/methods_figure.rst", category="Figures"),
         report(f"{R}/figures/validation_signals.png", caption="../report/validation_signals.rst", category="Figures"),
+        report(f"{R}/figures/confusion.png", caption="../report/confusion.rst", category="Figures"),
     log:
         f"{R}/logs/figures.log",
     conda:
         ENV
     shell:
         "python -m foldsoup figures --models-csv {input.models} --subsets {input.subsets} --reliability {input.reliability}"
-        " --methods {input.methods} --out {output} 2> {log}"
+        " --methods {input.methods} --per-class {input.per_class} --out {output} 2> {log}"
 
 
 rule summary:
@@ -47,6 +49,8 @@ rule summary:
         subsets=rules.reliability.output.subsets,
         reliability=rules.reliability.output.reliability,
         methods=rules.methods.output.table,
+        per_class=rules.methods.output.per_class,
+        folds=rules.folds.output,
         budget=rules.budget_table.output.table if config["budget"]["enabled"] else [],
         ship=rules.ship.output.record,
     output:
@@ -60,4 +64,5 @@ rule summary:
     shell:
         "python -m foldsoup summary --config-json {params.cfg:q} --models-csv {input.models} --subsets {input.subsets}"
         " --reliability {input.reliability} --methods {input.methods} --budget {input.budget} --ship {input.ship}"
+        " --per-class {input.per_class} --folds {input.folds}"
         " --out {output} 2> {log}"

@@ -94,9 +94,7 @@ rule soup_all:
     params:
         cfg=job_params("soup_all"),
         runtime=runtime_params,
-        step=lambda w: {"uniform_soup": "uniform-all", "greedy_soup": "greedy-all", "greedy_soup_holdout": "greedy-holdout"}[
-            w.method
-        ],
+        step=lambda w: METHODS[w.method].step,
     log:
         f"{R}/logs/{{method}}.log",
     benchmark:
@@ -149,16 +147,17 @@ rule methods:
         # per-fold soups' weights (bgss and best_uniform_per_split are links to one of them).
         weights=model_paths(),
         predictions=model_paths(name="predictions.safetensors"),
-        soups=expand(f"{R}/soups/{{method}}.json", method=[*SOUPS_ALL, "gsgs"]),
-        soup_predictions=expand(f"{R}/soups/{{method}}.predictions.safetensors", method=[*SOUPS_ALL, "gsgs"]),
+        soups=expand(f"{R}/soups/{{method}}.json", method=SOUPS_BEFORE_METHODS),
+        soup_predictions=expand(f"{R}/soups/{{method}}.predictions.safetensors", method=SOUPS_BEFORE_METHODS),
         per_fold=expand(f"{R}/soups/{{kind}}_fold{{fold}}.json", kind=["greedy", "uniform"], fold=FOLDS),
         per_fold_weights=expand(f"{R}/soups/{{kind}}_fold{{fold}}{{ext}}", kind=["greedy", "uniform"], fold=FOLDS,
                                 ext=[".safetensors", ".predictions.safetensors"]),
     output:
         table=report(f"{R}/tables/methods.csv", caption="../report/methods.rst", category="Tables"),
+        per_class=report(f"{R}/tables/per_class.csv", caption="../report/per_class.rst", category="Tables"),
         selected=expand(
             f"{R}/soups/{{method}}{{ext}}",
-            method=["best_on_val", "bgss", "best_uniform_per_split"] + (["best_on_holdout"] if HOLDOUT else []),
+            method=SELECTIONS,
             ext=[".safetensors", ".predictions.safetensors", ".json"],
         ),
     params:
@@ -172,7 +171,7 @@ rule methods:
     shell:
         "python -m foldsoup methods --config-json {params.cfg:q} --data {input.data} --folds {input.folds}"
         " --models-csv {input.models} --model-dir {params.model_dir} --soups-dir {params.soups_dir}"
-        " --out {output.table} 2> {log}"
+        " --out {output.table} --out-per-class {output.per_class} 2> {log}"
 
 
 # The model the run ships, named before the run (soups.ship): a copy at a stable path and what

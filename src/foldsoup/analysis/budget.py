@@ -34,9 +34,12 @@ import pandas as pd
 from foldsoup.analysis.reliability import (
     format_folds as join,  # (0, 3, 7) -> "0-3-7", as fold subsets are written elsewhere
 )
+from foldsoup.config import methods as method_table
 from foldsoup.errors import ConfigError
+from foldsoup.soups.methods import ModelResult
 
-METHODS: tuple[str, ...] = ("best_on_val", "uniform_soup", "greedy_soup", "bgss", "gsgs", "ensemble_all")
+# The methods of config.methods marked budget=True, in its order (BudgetRun.cell computes each).
+METHODS: tuple[str, ...] = tuple(m.name for m in method_table.METHODS if m.budget)
 COLUMNS: tuple[str, ...] = ("method", "grid_points", "n_folds", "budget", "draw", "grid", "folds", "subsets",
                             "n_models", "n_ingredients", "val_acc", "test_acc", "n_test")
 
@@ -106,20 +109,15 @@ def draw_subsets(n_grid: int, k: int, g: int, f: int, draws: int, seed: int) -> 
 # --------------------------------------------------------------------------- the methods on one subset
 
 
-@dataclass(frozen=True)
-class Model:
-    hp: str
-    grid_index: int
-    fold: int
-    val_acc: float  # exact, from metrics.json's counts (select.accuracy_of), as every selection compares it
-    test_acc: float
-    diverged: bool
+@dataclass(frozen=True, kw_only=True)
+class Model(ModelResult):
+    """A model of the run as every selection sees it (soups.methods.ModelResult: name, fold,
+    exact accuracies, diverged), plus where the budget finds it; `Model.from_record(metrics,
+    grid_index=..., weights=..., predictions=...)`."""
+
+    grid_index: int  # its grid point, in config order
     weights: str
     predictions: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.hp}/fold{self.fold}"
 
 
 class BudgetRun:

@@ -1,6 +1,7 @@
 """Section 3.1 analysis: fold subsets, and the reliability of val accuracy (Tables 1 and 2).
 
-Pure pandas/numpy/itertools so that the Snakefile and light jobs can import it cheaply.
+Pure pandas/numpy/itertools (scipy inside `chance_ceiling`) so that the Snakefile and light jobs can
+import it cheaply.
 Accuracies are fractions in [0, 1] throughout; the summary turns them into percentages.
 """
 
@@ -9,21 +10,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-
-# Order in which methods appear in every table and figure; unknown methods follow, sorted.
-METHOD_ORDER: tuple[str, ...] = (
-    "best_on_val",
-    "uniform_soup",
-    "greedy_soup",
-    "bgss",
-    "gsgs",
-    "best_uniform_per_split",
-    "best_on_holdout",
-    "greedy_soup_holdout",
-)
 
 RELIABILITY_COLUMNS: tuple[str, ...] = (
     "n",
@@ -152,13 +142,10 @@ def chance_ceiling(n: int, rate: float, alpha: float = CHANCE_ALPHA) -> float:
         return float("nan")
     if rate <= 0.0 or rate >= 1.0:
         return float(rate)
-    k = np.arange(n + 1)
-    # log C(n, k) by cumulative sums: exact enough and no overflow for any n.
-    log_comb = np.concatenate([[0.0], np.cumsum(np.log(n - k[1:] + 1) - np.log(k[1:]))])
-    pmf = np.exp(log_comb + k * math.log(rate) + (n - k) * math.log1p(-rate))
-    tail = np.cumsum(pmf[::-1])[::-1]  # tail[c] = P(X >= c)
-    c = int(np.flatnonzero(tail <= alpha)[0]) if (tail <= alpha).any() else n + 1
-    return (c - 1) / n
+    from scipy.stats import binom  # ~0.3 s: only the jobs that test for chance pay it
+
+    # isf: the smallest k with P(X > k) <= alpha, so c = k + 1 and the ceiling is k / n.
+    return int(binom.isf(alpha, n, rate)) / n
 
 
 def at_chance(val_acc: float, n: int, rate: float, alpha: float = CHANCE_ALPHA) -> bool:
@@ -178,17 +165,7 @@ def flag_mask(models: pd.DataFrame, column: str) -> pd.Series:
     return models[column].map(lambda v: str(v).strip().lower() in ("true", "1", "yes")).astype(bool)
 
 
-def at_chance_mask(models: pd.DataFrame) -> pd.Series:
-    """Models flagged at chance (models.csv's `at_chance`)."""
-    return flag_mask(models, "at_chance")
-
-
 # --------------------------------------------------------------------------- Tables 1 and 2
-
-
-def diverged_mask(models: pd.DataFrame) -> pd.Series:
-    """Diverged models (models.csv's `diverged`)."""
-    return flag_mask(models, "diverged")
 
 
 def val_threshold(models: pd.DataFrame) -> float:
@@ -205,13 +182,40 @@ def threshold_model(models: pd.DataFrame) -> pd.Series | None:
     """The row of the single model that sets the threshold (`val_threshold`): the lowest val
     accuracy among those that did not diverge, the first in table order on ties; None if none."""
     val = models["val_acc"].astype(float)
-    kept = val[~diverged_mask(models) & np.isfinite(val)]
+    kept = val[~flag_mask(models, "diverged") & np.isfinite(val)]
     return models.loc[kept.idxmin()] if len(kept) else None
 
 
 def model_name(row: pd.Series) -> str:
     """"hp/fold<i>", the name a model has in logs, soups and summaries."""
     return f"{row['hp']}/fold{int(row['fold'])}"
+
+
+@dataclass(frozen=True)
+class FlaggedModels:
+    """The models a run warns about ("hp/fold<i>", in table order). Those that did not diverge:
+    at chance, started far from their LP init (training.guard), ending below the val accuracy of
+    the linear probe they started from (of `with_probe` that have one on record)."""
+
+    diverged: list[str]
+    at_chance: list[str]
+    started_far: list[str]
+    below_probe: list[str]
+    with_probe: int
+
+
+def flagged_models(models: pd.DataFrame) -> FlaggedModels:
+    """What tables/models.csv says is wrong; the models-table log, summary.md and the end of a
+    run all say it from here."""
+    def names(rows: pd.DataFrame) -> list[str]:
+        return [model_name(r) for _, r in rows.iterrows()]
+
+    diverged = flag_mask(models, "diverged")
+    kept = models.loc[~diverged]
+    lp_val = pd.to_numeric(kept["lp_val_acc"], errors="coerce") if "lp_val_acc" in kept else pd.Series(float("nan"), kept.index)
+    return FlaggedModels(names(models.loc[diverged]), names(kept.loc[flag_mask(kept, "at_chance")]),
+                         names(kept.loc[flag_mask(kept, "started_far")]),
+                         names(kept.loc[lp_val.notna() & (kept["val_acc"] < lp_val)]), int(lp_val.notna().sum()))
 
 
 def reliability_table(subsets: pd.DataFrame, models: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
@@ -227,7 +231,7 @@ def reliability_table(subsets: pd.DataFrame, models: pd.DataFrame, k: int | None
     threshold = val_threshold(models)
     setter = threshold_model(models)
     who = {"threshold_model": model_name(setter) if setter is not None and {"hp", "fold"} <= set(setter.index) else None,
-           "threshold_at_chance": bool(at_chance_mask(models)[setter.name]) if setter is not None and "at_chance" in models else None}
+           "threshold_at_chance": bool(flag_mask(models, "at_chance")[setter.name]) if setter is not None and "at_chance" in models else None}
     k = k or _infer_k(subsets, models)
     rows = [{**_reliability_row(subsets[subsets["n"].astype(int) == n], n, threshold), **who} for n in range(1, k + 1)]
     return pd.DataFrame(rows, columns=list(RELIABILITY_COLUMNS))
@@ -260,13 +264,3 @@ def _reliability_row(group: pd.DataFrame, n: int, threshold: float) -> dict:
         "corr_holdout_acc": pearson(holdout, test),
         "corr_avg_acc": pearson(avg, test),
     }
-
-
-# --------------------------------------------------------------------------- method order
-
-
-def order_methods(names: Iterable[str]) -> list[str]:
-    """Unique method names in METHOD_ORDER, then any others alphabetically."""
-    unique = list(dict.fromkeys(names))
-    known = [m for m in METHOD_ORDER if m in unique]
-    return known + sorted(m for m in unique if m not in METHOD_ORDER)

@@ -45,6 +45,25 @@ def correct_count(test_logits: np.ndarray, test_labels: np.ndarray) -> tuple[int
     return int((test_logits.argmax(1) == test_labels).sum()), len(test_labels)
 
 
+def confusion_matrix(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 [C, C]: row = true class, column = predicted class (argmax of the logits)."""
+    predicted = np.asarray(logits).argmax(1)
+    index = np.asarray(labels, dtype=np.int64) * num_classes + predicted
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_rows(method: str, matrix: np.ndarray, classes: Sequence[str]) -> list[dict]:
+    """A method's rows of tables/per_class.csv: per true class its test images, correct answers,
+    recall (NaN for a class without test images) and where its images went (predicted_<class>)."""
+    rows = []
+    for i, name in enumerate(classes):
+        images = int(matrix[i].sum())
+        rows.append({"method": method, "class": name, "images": images, "correct": int(matrix[i, i]),
+                     "recall": matrix[i, i] / images if images else float("nan"),
+                     **{f"predicted_{other}": int(matrix[i, j]) for j, other in enumerate(classes)}})
+    return rows
+
+
 def paired_bootstrap(
     correct: Mapping[str, np.ndarray], reference: str, n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
     chunk: int = 100,

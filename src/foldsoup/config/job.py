@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable
 
-from foldsoup.config.schema import deep_update, grid_point
+from foldsoup.config.schema import grid_point
+from foldsoup.config.yaml_files import deep_update
 
 # Never change a job's result: where it runs, whether a missing CIFAR-10 may be downloaded,
 # how many images per forward pass when evaluating, whether the training forward is compiled,
@@ -40,6 +41,8 @@ PREPARE_KEYS = {
     "cifar10": ("data.root",),
     "imagefolder": ("data.root", "data.image_size", "data.resize", "data.test_fraction"),
     "medmnist": ("data.root", "data.class_names"),
+    # The manifest file is the rule's input (its content reruns it); its images are read where it points.
+    "csv": ("data.manifest", "data.columns", "data.image_size", "data.resize", "data.test_fraction", "data.class_names"),
 }
 
 # The model keys of each model.name (the schema fills every key, also those of the other
@@ -104,6 +107,17 @@ def step_keys(cfg: dict, step: str, hp: str | None = None) -> tuple[str, ...]:
         # Every job with the image spec; only when not the default, so the jobs of runs made
         # before data.interpolation existed keep their configuration (and are not rerun).
         keys += ("data.interpolation",)
+    if step == "prepare" and "data.resize" in keys and cfg["data"].get("background", "white") != "white":
+        # Image files (the datasets whose prepare reads data.resize): how transparent pixels are
+        # read; only when not the schema's default, so runs made before the key existed keep
+        # their prepare job (and all that follows it) as it was. Later jobs learn it from the
+        # prepared file, which changes with it.
+        keys += ("data.background",)
+    if step == "prepare" and cfg["data"].get("group_pattern") is not None:
+        # imagefolder's groups (stored in the prepared file: the test split and, through it, the
+        # `folds` job depend on them); only when set, so runs made before the key existed keep
+        # their prepare job.
+        keys += ("data.group_pattern",)
     return keys
 
 

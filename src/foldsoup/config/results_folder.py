@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from foldsoup.errors import ConfigError
+from foldsoup.storage.weights import atomic_write_json
 
 RECORD = "run.json"
 
@@ -25,7 +26,9 @@ def run_identity(cfg: dict) -> dict:
     """What makes two runs different runs: the dataset (and where it lives) and the model."""
     data, model = cfg["data"], cfg["model"]
     identity = {"data": data["name"], "model": model["name"]}
-    if data["name"] != "digits":  # digits ships with scikit-learn: no root
+    if data["name"] == "csv":  # the manifest (data.root is not read)
+        identity["data_root"] = os.path.abspath(data["manifest"])
+    elif data["name"] != "digits":  # digits ships with scikit-learn: no root
         identity["data_root"] = os.path.abspath(data["root"])
     if model["name"] in ("open_clip", "timm"):
         identity["arch"] = model["arch"]
@@ -56,12 +59,24 @@ def check(cfg: dict) -> None:
             f"--config results=<folder>), or delete {cfg['results']!r} to start over there")
 
 
+def path_problem(results: str) -> str | None:
+    """`results` that cannot be a folder: empty, an existing file, or below a file."""
+    if not results.strip():
+        return "results: '' is empty; allowed: a folder path"
+    path = Path(results)
+    if path.exists():
+        return None if path.is_dir() else f"results: {results!r} exists and is not a folder; allowed: a folder (existing or new)"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"results: {results!r} cannot be created, because {str(parent)!r} is a file; allowed: a folder path"
+            return None
+    return None
+
+
 def record(cfg: dict) -> None:
     """Write `<results>/run.json` unless it is there (a real run is starting)."""
     path = Path(cfg["results"]) / RECORD
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(run_identity(cfg), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, run_identity(cfg))

@@ -1,1 +1,1 @@
-"""Datasets decoded into one prepared file (digits, CIFAR-10, ImageFolder, MedMNIST) and the stratified folds."""
+"""Datasets decoded into one prepared file (digits, CIFAR-10, ImageFolder, MedMNIST, a manifest CSV) and the stratified (group-disjoint) folds."""

@@ -3,6 +3,12 @@
 A prepared dataset holds uint8 images [N, C, H, W] and int64 labels for the training pool and
 the test set (and, for the embedded demo, the disjoint pretraining images). Reading it needs
 numpy and safetensors only, so jobs stay cheap to start; torch tensors are made where needed.
+
+Datasets of files (imagefolder, csv) also record each pool and test image's source (its path
+relative to data.root, or as the manifest CSV gives it) and, where the data has groups
+(patients: the manifest's group column, imagefolder's data.group_pattern), its group; a
+manifest's fold column gives pool_folds. They live in the file's metadata (JSON lists) and
+pool_folds as a tensor, so the `folds` job and folds.csv keep them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ class Prepared:
     pretrain_images: np.ndarray | None = None
     pretrain_labels: np.ndarray | None = None
     pretrain_classes: list[str] = field(default_factory=list)
+    pool_groups: list[str] | None = None  # a group (patient, subject, ...) per image, where the data has them
+    test_groups: list[str] | None = None
+    pool_sources: list[str] | None = None  # where each image came from (datasets of files)
+    test_sources: list[str] | None = None
+    pool_folds: np.ndarray | None = None  # int64 [N]: the user's own folds (a manifest's fold column)
+    background: str | None = None  # what transparent pixels were composited onto (datasets of files)
 
     @property
     def num_classes(self) -> int:
@@ -69,6 +81,27 @@ def validate_prepared(data: Prepared, source: str) -> None:
     for c, n in enumerate(counts):
         if n == 0:
             raise DataError(f"{source}: class {data.classes[c]!r} has no images in the training pool")
+    _validate_traced(data, source)
+
+
+TRACED = ("pool_groups", "test_groups", "pool_sources", "test_sources")  # JSON lists in the metadata
+
+
+def _validate_traced(data: Prepared, source: str) -> None:
+    """Groups, sources and the given folds: one per image; no group in the pool and the test set."""
+    for key in (*TRACED, "pool_folds"):
+        values, labels = getattr(data, key), data.pool_labels if key.startswith("pool") else data.test_labels
+        if values is not None and len(values) != len(labels):
+            raise DataError(f"{source}: {len(values)} {key.replace('_', ' ')} for {len(labels)} images")
+    if (data.pool_groups is None) != (data.test_groups is None):
+        raise DataError(f"{source}: groups of only one of the pool and the test set")
+    if data.pool_groups is not None:
+        pool_at = dict(zip(data.pool_groups, data.pool_sources or range(len(data.pool_groups))))
+        for i, group in enumerate(data.test_groups):
+            if group in pool_at:
+                test_image = data.test_sources[i] if data.test_sources else i
+                raise DataError(f"{source}: group {group!r} has images in the training pool ({pool_at[group]}) and in "
+                                f"the test set ({test_image}); no group may be in both")
 
 
 def save_prepared(path: str | Path, data: Prepared) -> None:
@@ -85,7 +118,12 @@ def save_prepared(path: str | Path, data: Prepared) -> None:
     if data.pretrain_images is not None:
         tensors["pretrain_images"] = data.pretrain_images
         tensors["pretrain_labels"] = data.pretrain_labels.astype(np.int64)
+    if data.pool_folds is not None:
+        tensors["pool_folds"] = data.pool_folds.astype(np.int64)
     meta = {"name": data.name, "classes": json.dumps(data.classes), "pretrain_classes": json.dumps(data.pretrain_classes)}
+    meta.update({key: json.dumps(list(getattr(data, key))) for key in TRACED if getattr(data, key) is not None})
+    if data.background is not None:
+        meta["background"] = data.background
     with atomic_path(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
 
@@ -126,6 +164,7 @@ def load_prepared(path: str | Path) -> Prepared:
     try:
         classes = json.loads(meta.get("classes", "[]"))
         pretrain_classes = json.loads(meta.get("pretrain_classes", "[]"))
+        traced = {key: json.loads(meta[key]) for key in TRACED if key in meta}
     except json.JSONDecodeError as exc:
         raise DataError(f"prepared dataset {str(path)!r}: class names in the metadata are not valid JSON ({exc})") from exc
     if not isinstance(classes, list):
@@ -140,6 +179,9 @@ def load_prepared(path: str | Path) -> Prepared:
         pretrain_images=arrays.get("pretrain_images"),
         pretrain_labels=arrays.get("pretrain_labels"),
         pretrain_classes=pretrain_classes,
+        pool_folds=arrays.get("pool_folds"),
+        background=meta.get("background"),
+        **traced,
     )
     validate_prepared(data, str(path))
     return data
@@ -199,12 +241,18 @@ def load_cifar10_prepared(data_cfg: dict, seed: int) -> Prepared:
 
 def load_imagefolder_prepared(data_cfg: dict, seed: int) -> Prepared:
     """A folder per class (train/ and test/ folders, or split by data.test_fraction); images
-    stored as RGB at data.image_size."""
-    from foldsoup.data.imagefolder import read_imagefolder
+    stored as RGB at data.image_size; sources relative to data.root, groups by data.group_pattern."""
+    from foldsoup.data.imagefolder import DEFAULT_BACKGROUND, list_imagefolder, read_imagefolder
 
+    root = Path(data_cfg["root"])
+    files = list_imagefolder(root, data_cfg["test_fraction"], seed, data_cfg.get("group_pattern"))
+    background = data_cfg.get("background", DEFAULT_BACKGROUND)
     pool_x, pool_y, test_x, test_y, classes = read_imagefolder(
-        data_cfg["root"], data_cfg["image_size"], data_cfg["resize"], data_cfg["test_fraction"], seed)
-    return Prepared("imagefolder", classes, pool_x, pool_y, test_x, test_y)
+        root, data_cfg["image_size"], data_cfg["resize"], background=background, files=files)
+    return Prepared("imagefolder", classes, pool_x, pool_y, test_x, test_y, background=background,
+                    pool_groups=files.pool_groups, test_groups=files.test_groups,
+                    pool_sources=[p.relative_to(root).as_posix() for p in files.pool_paths],
+                    test_sources=[p.relative_to(root).as_posix() for p in files.test_paths])
 
 
 def load_medmnist_prepared(data_cfg: dict, seed: int) -> Prepared:
@@ -215,12 +263,21 @@ def load_medmnist_prepared(data_cfg: dict, seed: int) -> Prepared:
     return Prepared("medmnist", classes, pool_x, pool_y, test_x, test_y)
 
 
+def load_manifest_prepared(data_cfg: dict, seed: int) -> Prepared:
+    """A manifest CSV (data.manifest): see foldsoup.data.manifest."""
+    from foldsoup.data.manifest import read_manifest_dataset
+
+    return Prepared(**read_manifest_dataset(data_cfg, seed))
+
+
 LOADERS = {
     "digits": load_digits_prepared,
     "cifar10": load_cifar10_prepared,
     "imagefolder": load_imagefolder_prepared,
     "medmnist": load_medmnist_prepared,
+    "csv": load_manifest_prepared,
 }
+
 
 
 def source_paths(data_cfg: dict) -> list[str]:
@@ -230,6 +287,9 @@ def source_paths(data_cfg: dict) -> list[str]:
     the folders down to the class folders (adding, removing or renaming an image changes its
     folder's time; overwriting one in place does not). Digits ships with scikit-learn: none."""
     name, root = data_cfg["name"], Path(data_cfg.get("root") or ".")
+    if name == "csv":  # the manifest; its images are read where it points (replacing one reruns nothing)
+        manifest = Path(data_cfg.get("manifest") or "")
+        return [str(manifest)] if manifest.is_file() else []
     if name == "medmnist":
         return [str(root)] if root.is_file() else []
     if name == "cifar10":
@@ -252,5 +312,10 @@ def prepare(data_cfg: dict, seed: int) -> Prepared:
     test = _stratified_subset(data.test_labels, data_cfg.get("max_test"), seed)
     data.pool_images, data.pool_labels = data.pool_images[pool], data.pool_labels[pool]
     data.test_images, data.test_labels = data.test_images[test], data.test_labels[test]
+    for key in (*TRACED, "pool_folds"):
+        values = getattr(data, key)
+        if values is not None:
+            keep = pool if key.startswith("pool") else test
+            setattr(data, key, values[keep] if isinstance(values, np.ndarray) else [values[i] for i in keep])
     validate_prepared(data, f"dataset {data_cfg['name']!r} under {data_cfg.get('root', '')!r}")
     return data

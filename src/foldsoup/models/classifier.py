@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from foldsoup.errors import ModelError, WeightsError
+from foldsoup.storage.weights import state_mismatch
 
 
 def is_convolutional(backbone: nn.Module) -> bool:
@@ -86,16 +87,9 @@ def load_full(model: Classifier, state: dict[str, torch.Tensor], source: str) ->
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict with an error naming the file and the first mismatching tensor."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    if missing or extra:
-        raise WeightsError(
-            f"{source}: weights do not fit the configured model: "
-            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
-        )
-    for key, value in own.items():
-        if value.shape != state[key].shape:
-            raise WeightsError(f"{source}: tensor {key!r} has shape {list(state[key].shape)}, the model expects {list(value.shape)}")
+    problem = state_mismatch(state, own, "the model")
+    if problem:
+        raise WeightsError(f"{source}: {problem}")
     with torch.no_grad():
         for key, value in own.items():
             value.copy_(state[key])  # in place: keeps the resident model's storage (and device)

@@ -41,8 +41,9 @@ from torch import nn
 
 from foldsoup.errors import ClipError
 from foldsoup.models.hub import checkpoint_state, fetch_failure, tensors_only
+from foldsoup.storage.files import is_checkpoint_path
+from foldsoup.storage.weights import state_mismatch
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 
@@ -61,11 +62,6 @@ def check_arch(arch: str) -> dict:
         hint = f"close names: {', '.join(close)}" if close else f"{len(names)} names in open_clip.list_models()"
         raise ClipError(f"model.arch {arch!r} is not an open_clip model ({hint})")
     return oc.get_model_config(arch)
-
-
-def is_checkpoint_path(pretrained: str) -> bool:
-    """A local file (existing, or spelled like a path) rather than a pretrained tag."""
-    return bool(pretrained) and (os.path.isfile(pretrained) or os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES))
 
 
 def pretrained_tag_cfg(arch: str, tag: str) -> dict:
@@ -174,21 +170,11 @@ def load_visual_state(visual: nn.Module, state: dict[str, torch.Tensor], source:
 
     own = visual.state_dict()
     state, counters = fill_step_counters(visual, state)
-    missing = [k for k in own if k not in state]  # never a BatchNorm step counter: those are filled
-    for key, ref in own.items():
-        if key not in state:
-            raise ClipError(f"{source}: image-tower tensor {key!r} is missing ({len(missing)} of {len(own)} missing; "
-                            f"is this a checkpoint of this model.arch?)")
-        value = state[key]
-        if tuple(value.shape) != tuple(ref.shape):
-            raise ClipError(f"{source}: tensor {key!r} has shape {list(value.shape)}, the image tower of this "
-                            f"model.arch expects {list(ref.shape)}")
-        if ref.is_floating_point() != value.is_floating_point():
-            raise ClipError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected {ref.dtype}")
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise ClipError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} not in the image tower of this "
-                        f"model.arch, e.g. {extra[:3]})")
+    # A missing tensor is never a BatchNorm step counter: those are filled.
+    problem = state_mismatch(state, own, "the image tower of this model.arch", "is this a checkpoint of this model.arch?",
+                             dtypes="kind")
+    if problem:
+        raise ClipError(f"{source}: {problem}")
     with torch.no_grad():
         for key, ref in own.items():
             ref.copy_(state[key])  # casts fp16/bf16 checkpoints to the module's fp32
@@ -206,7 +192,7 @@ def export_pretrained_visual(model_cfg: dict, log: Callable[[str], None] | None 
     every fine-tune builds (foldsoup.models.classifier.build_backbone, with model_cfg["quick_gelu"]), so keys,
     shapes and the activation are checked against the real consumer. `log` gets one line when a
     file's missing BatchNorm step counters were filled."""
-    from foldsoup.config.schema import activation_matters, file_activation_problem
+    from foldsoup.config.open_clip_names import activation_matters, file_activation_problem
 
     arch = model_cfg["arch"]
     pretrained = str(model_cfg.get("pretrained") or "")

@@ -37,15 +37,15 @@ import torch
 from torch import nn
 
 from foldsoup.config.timm_names import (  # noqa: F401  (names, tags and image config: checked at parse time too)
-    CHECKPOINT_SUFFIXES,
     check_arch,
     check_tag,
-    is_checkpoint_path,
     pretrained_cfg,
     pretrained_tags,
 )
 from foldsoup.errors import ModelError
 from foldsoup.models.hub import checkpoint_state, fetch_failure, tensors_only
+from foldsoup.storage.files import is_checkpoint_path
+from foldsoup.storage.weights import state_mismatch
 
 
 def _timm():
@@ -145,10 +145,6 @@ def fill_step_counters(module: nn.Module, state: dict[str, torch.Tensor]) -> tup
     return filled, len(missing)
 
 
-def _fits(state: dict, own: dict) -> bool:
-    return set(state) == set(own) and all(tuple(state[k].shape) == tuple(own[k].shape) for k in own)
-
-
 def _drop_classifier(state: dict, own: dict, names: tuple[str, ...]) -> dict:
     """Without the classifier's tensors (keys under a classifier name that the backbone lacks)."""
     def is_classifier(key: str) -> bool:
@@ -166,7 +162,7 @@ def check_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str
     names = classifier_names(backbone)
     # Counters first: a file in timm's layout that lacks only them fits as it is (no family filter).
     fitted, counters = fill_step_counters(backbone, _drop_classifier(state, own, names))
-    if not _fits(fitted, own):
+    if state_mismatch(fitted, own):
         fn = _family_filter(backbone)
         if fn is not None:
             try:
@@ -175,23 +171,13 @@ def check_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str
                 filtered = None
             if filtered is not None:
                 filtered, filtered_counters = fill_step_counters(backbone, filtered)
-                if _fits(filtered, own):
+                if state_mismatch(filtered, own) is None:
                     fitted, counters = filtered, filtered_counters
-    missing = [k for k in own if k not in fitted]  # never a BatchNorm step counter: those are filled
-    if missing:
-        raise ModelError(f"{source}: backbone tensor {missing[0]!r} is missing ({len(missing)} of {len(own)} missing; "
-                        f"is this a weights file of this model.arch, in timm's key layout?)")
-    extra = [k for k in fitted if k not in own]
-    if extra:
-        raise ModelError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} not in the backbone of this model.arch, "
-                        f"e.g. {extra[:3]})")
-    for key, ref in own.items():
-        value = fitted[key]
-        if tuple(value.shape) != tuple(ref.shape):
-            raise ModelError(f"{source}: tensor {key!r} has shape {list(value.shape)}, the backbone of this model.arch "
-                            f"expects {list(ref.shape)}")
-        if ref.is_floating_point() != value.is_floating_point():
-            raise ModelError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected {ref.dtype}")
+    # A missing tensor is never a BatchNorm step counter: those are filled.
+    problem = state_mismatch(fitted, own, "the backbone of this model.arch",
+                             "is this a weights file of this model.arch, in timm's key layout?", dtypes="kind")
+    if problem:
+        raise ModelError(f"{source}: {problem}")
     if counters and log is not None:
         log(counters_note(source, counters))
     return {k: fitted[k].to(own[k].dtype) for k in own}

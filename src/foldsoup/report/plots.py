@@ -9,13 +9,14 @@ truncated PNG under the final name.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from foldsoup.analysis.reliability import diverged_mask, order_methods, pearson
+from foldsoup.analysis.reliability import flag_mask, pearson
+from foldsoup.config import methods as method_table
+from foldsoup.storage.weights import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -23,21 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DPI = 150
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
-METHOD_LABELS = {
-    "best_on_val": "Best on val",
-    "uniform_soup": "Uniform soup",
-    "greedy_soup": "Greedy soup",
-    "bgss": "BGSS",
-    "gsgs": "GSGS",
-    "best_uniform_per_split": "Best uniform\nper split",
-    "ensemble_all": "Ensemble:\nall models",
-    "ensemble_best_fold": "Ensemble:\nbest fold",
-    "ensemble_greedy_soup": "Ensemble: greedy\nsoup's models",
-    "ensemble_gsgs": "Ensemble:\nGSGS's models",
-    "best_on_holdout": "Best on\nholdout",
-    "greedy_soup_holdout": "Greedy soup\non holdout",
-    "ensemble_greedy_soup_holdout": "Ensemble: greedy\non holdout",
-}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -52,18 +38,12 @@ def _new_figure(width: float = 6.4, height: float = 5.6) -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> None:
-    """Write `fig` as PNG atomically: temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace is atomic; the pid keeps concurrent writers apart.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+def _save(fig: Figure, path: str | os.PathLike) -> Figure:
+    """Write `fig` as PNG atomically (storage.weights.atomic_path); returns it, so that every
+    plot function returns what it drew (tests read the plotted points back)."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return fig
 
 
 def _colors(count: int) -> list:
@@ -98,7 +78,7 @@ def _fmt_r(r: float) -> str:
 # --------------------------------------------------------------------------- Figure 2
 
 
-def plot_models_val_test(models_df: pd.DataFrame, path: str | os.PathLike) -> None:
+def plot_models_val_test(models_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
     """Figure 2: own-fold val accuracy vs test accuracy of every fine-tuned model.
 
     Colour = learning rate (grid point's `lr`, or `hp` when there is no lr column); marker =
@@ -106,7 +86,7 @@ def plot_models_val_test(models_df: pd.DataFrame, path: str | os.PathLike) -> No
     title. The best-on-val model is ringed.
     """
     fig, ax = _new_figure(6.8, 6.0)
-    diverged = diverged_mask(models_df)
+    diverged = flag_mask(models_df, "diverged")
     df = models_df.loc[~diverged]
     x, y = _pct(df["val_acc"]), _pct(df["test_acc"])
     _square_limits(ax, x, y)
@@ -135,7 +115,7 @@ def plot_models_val_test(models_df: pd.DataFrame, path: str | os.PathLike) -> No
     if diverged.any():
         title += f"\n{int(diverged.sum())} diverged model(s) not shown"
     ax.set_title(title)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def _legends_colour_marker(ax: Axes, colours: dict, markers: dict, colour_title: str) -> None:
@@ -158,7 +138,7 @@ def _legends_colour_marker(ax: Axes, colours: dict, markers: dict, colour_title:
 # --------------------------------------------------------------------------- Figures 3 and 4
 
 
-def plot_subsets_val_test(subsets_df: pd.DataFrame, path: str | os.PathLike, threshold: float | None = None) -> None:
+def plot_subsets_val_test(subsets_df: pd.DataFrame, path: str | os.PathLike, threshold: float | None = None) -> Figure:
     """Figure 3 (threshold None): MinAcc vs test accuracy of every uniform soup, by size n.
 
     Figure 4 (threshold given): only soups with min_acc >= threshold, with the threshold drawn.
@@ -192,7 +172,7 @@ def plot_subsets_val_test(subsets_df: pd.DataFrame, path: str | os.PathLike, thr
         ax.set_title(f"Figure 3: uniform soups of n folds per grid point{note}")
     else:
         ax.set_title(f"Figure 4: uniform soups with MinAcc \u2265 threshold{note}")
-    _save(fig, path)
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- validation signals
@@ -201,7 +181,7 @@ def plot_subsets_val_test(subsets_df: pd.DataFrame, path: str | os.PathLike, thr
 VALIDATION_SIGNALS = {"avg_acc": "AvgAcc (Eq. 2)", "min_acc": "MinAcc (Eq. 3)", "holdout_acc": "outer holdout"}
 
 
-def plot_validation_signals(subsets_df: pd.DataFrame, path: str | os.PathLike) -> None:
+def plot_validation_signals(subsets_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
     """The uniform soups of Figure 3 scored by AvgAcc, MinAcc and (when the run has one) the
     outer holdout, against test accuracy: one panel per signal, colour = soup size n (all n shown),
     and each panel's RMSE averaged over the sizes n >= 2 (the mean of Table 1's per-n RMSEs, as the
@@ -237,22 +217,22 @@ def plot_validation_signals(subsets_df: pd.DataFrame, path: str | os.PathLike) -
             ax.set_ylabel("test accuracy (%)")
             ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
     fig.suptitle("Uniform soups of n folds: which validation signal tracks test accuracy?")
-    _save(fig, path)
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- methods figure
 
 
-def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | os.PathLike) -> None:
+def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
     """Test (filled) and val (hollow) accuracy of every method, over the single models' spread.
 
     The leftmost column shows every non-diverged single model's test accuracy (box + jittered
     points); its min-max range is shaded across the whole plot and its median dashed, so each
     method reads against what one fine-tune gives.
     """
-    names = order_methods(methods_df["method"])
+    names = method_table.order(methods_df["method"])
     fig, ax = _new_figure(max(8.0, 1.5 + 1.1 * (len(names) + 1)), 5.8)  # room for every method's label
-    diverged = diverged_mask(models_df)
+    diverged = flag_mask(models_df, "diverged")
     singles = models_df.loc[~diverged, "test_acc"].astype(float).to_numpy()
     singles = 100.0 * singles[np.isfinite(singles)]
     methods = methods_df.set_index("method")
@@ -288,21 +268,68 @@ def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | 
     # Below the axes, so the legend never hides a marker whatever the accuracies are.
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)
     ax.set_title("Methods: test and val accuracy against single fine-tuned models")
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def _method_label(method: str, methods: pd.DataFrame) -> str:
-    label = METHOD_LABELS.get(method, method)
+    label = method_table.label(method)
     if "n_ingredients" in methods.columns and pd.notna(methods.at[method, "n_ingredients"]):
         count = int(methods.at[method, "n_ingredients"])
         label += f"\n({count} ingredient{'' if count == 1 else 's'})"
     return label
 
 
+# --------------------------------------------------------------------------- confusion matrices
+
+# The methods of the paper's Table 3 (config.methods): best on val and the soups.
+CONFUSION_METHODS = tuple(m.name for m in method_table.METHODS if 3 in m.paper_tables)
+
+
+def confusion_of(per_class_df: pd.DataFrame, method: str) -> tuple[list[str], np.ndarray]:
+    """(class names, int [C, C] matrix: row = true, column = predicted) of one method's rows of
+    tables/per_class.csv."""
+    rows = per_class_df[per_class_df["method"] == method]
+    classes = [str(c) for c in rows["class"]]
+    return classes, rows[[f"predicted_{c}" for c in rows["class"]]].to_numpy(dtype=np.int64)
+
+
+def plot_confusion(per_class_df: pd.DataFrame, path: str | os.PathLike, methods: tuple[str, ...] = CONFUSION_METHODS) -> Figure:
+    """Test-set confusion matrices of best on val and the soups, each row divided by its class's
+    images (the diagonal is per-class recall); counts written in the cells of small matrices."""
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    names = [m for m in methods if m in set(per_class_df["method"])]
+    n_classes = per_class_df["class"].nunique()
+    side = min(2.2 + 0.35 * n_classes, 6.0)
+    fig = Figure(figsize=(side * max(len(names), 1), side + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
+    image = None
+    for ax, method in zip(axes, names):
+        classes, matrix = confusion_of(per_class_df, method)
+        share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        image = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+        if len(classes) <= 12:
+            for i, j in np.ndindex(matrix.shape):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")
+        recall = np.diag(share)[matrix.sum(axis=1) > 0]
+        ax.set_title(f"{method_table.label(method).replace(chr(10), ' ')}\nbalanced acc {100 * recall.mean():.2f}%", fontsize=9)
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_xlabel("predicted", fontsize=8)
+    axes[0].set_ylabel("true class", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of the class's test images")
+    fig.suptitle("Test set: where each class's images go (rows sum to 1; diagonal = recall)", fontsize=10)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- budget figure
 
 
-def plot_budget(budget_df: pd.DataFrame, path: str | os.PathLike) -> None:
+def plot_budget(budget_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
     """Per method: mean test accuracy over (grid points x folds) as an annotated heatmap, and the
     same means against the number of fine-tunes g*f, one line per fold count (points above one
     another used the same budget). One colour scale for every heatmap."""
@@ -339,7 +366,7 @@ def plot_budget(budget_df: pd.DataFrame, path: str | os.PathLike) -> None:
         heat.set_yticks(range(len(gs)), [str(g) for g in gs])
         heat.set_xlabel("folds f")
         heat.set_ylabel("grid points g")
-        heat.set_title(f"{METHOD_LABELS.get(method, method).replace(chr(10), ' ')}: mean test acc (%)", fontsize=9)
+        heat.set_title(f"{method_table.label(method).replace(chr(10), ' ')}: mean test acc (%)", fontsize=9)
         for f in fs:
             line = m[m.n_folds == f].sort_values("grid_points")
             lines.plot(line.budget, _pct(line.test_acc), marker="o", markersize=3, color=colours[f], label=f"f = {f}")
@@ -358,4 +385,4 @@ def plot_budget(budget_df: pd.DataFrame, path: str | os.PathLike) -> None:
     draws = int(budget_df.groupby(["method", "grid_points", "n_folds"]).draw.count().max()) if len(budget_df) else 0
     fig.suptitle(f"Budget: test accuracy from g of {max(gs, default=0)} grid points and f of {max(fs, default=0)} folds "
                  f"(up to {draws} draws per cell, no retraining)")
-    _save(fig, path)
+    return _save(fig, path)

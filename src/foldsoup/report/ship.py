@@ -17,14 +17,10 @@ import os
 from pathlib import Path
 
 from foldsoup.data.folds import HOLDOUT
+from foldsoup.report.formats import fmt_pct
 
 UNFAIR = ("choosing among the other rows of tables/methods.csv by their test accuracy is not a fair selection: it "
           "makes the test set a validation set, and the chosen row's test accuracy is then optimistic")
-
-
-def pct(fraction: float) -> str:
-    """0.98437 -> '98.44%' (as summary.md shows accuracies)."""
-    return f"{100.0 * float(fraction):.2f}%"
 
 
 def _folds_text(folds) -> str:
@@ -75,10 +71,10 @@ def _what(ship: dict) -> str:
 
 def statement(ship: dict) -> str:
     """The paragraph at the top of summary.md."""
-    holdout = (f" Outer holdout: {pct(ship['holdout_acc'])} ({ship['holdout_estimate']})."
+    holdout = (f" Outer holdout: {fmt_pct(ship['holdout_acc'])} ({ship['holdout_estimate']})."
                if ship.get("holdout_acc") is not None else "")
-    return (f"**The model to ship: `{ship['file']}`** ({_what(ship)}). Validation estimate: {pct(ship['val_acc'])}, "
-            f"{ship['val_estimate']}.{holdout} Test accuracy: {pct(ship['test_acc'])} ({ship['test_estimate']}). "
+    return (f"**The model to ship: `{ship['file']}`** ({_what(ship)}). Validation estimate: {fmt_pct(ship['val_acc'])}, "
+            f"{ship['val_estimate']}.{holdout} Test accuracy: {fmt_pct(ship['test_acc'])} ({ship['test_estimate']}). "
             f"The other methods below are for comparison: {UNFAIR}.\n")
 
 
@@ -95,8 +91,8 @@ def console_lines(ship_json: str | os.PathLike, summary: str | os.PathLike, conf
         return lines + [f"foldsoup: {ship_json} is not up to date (soups.ship: {configured}); run the workflow to its "
                         f"end to ship the current {configured}"]
     lines += [f"foldsoup: the model to ship: {ship['file']} ({_what(ship)})",
-              f"foldsoup:   val {pct(ship['val_acc'])} ({ship['val_estimate']})"]
+              f"foldsoup:   val {fmt_pct(ship['val_acc'])} ({ship['val_estimate']})"]
     if ship.get("holdout_acc") is not None:
-        lines.append(f"foldsoup:   holdout {pct(ship['holdout_acc'])} ({ship['holdout_estimate']})")
-    return lines + [f"foldsoup:   test {pct(ship['test_acc'])} ({ship['test_estimate']})",
+        lines.append(f"foldsoup:   holdout {fmt_pct(ship['holdout_acc'])} ({ship['holdout_estimate']})")
+    return lines + [f"foldsoup:   test {fmt_pct(ship['test_acc'])} ({ship['test_estimate']})",
                     f"foldsoup:   {UNFAIR}; details: {ship_json}"]

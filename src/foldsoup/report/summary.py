@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,15 +15,16 @@ import pandas as pd
 
 from foldsoup.analysis.reliability import (
     CHANCE_ALPHA,
-    at_chance_mask,
-    diverged_mask,
     flag_mask,
+    flagged_models,
     model_name,
-    order_methods,
     threshold_model,
     val_threshold,
 )
+from foldsoup.config import methods as method_table
+from foldsoup.report.formats import NOT_AVAILABLE, fmt_pct, is_missing
 from foldsoup.report.ship import statement
+from foldsoup.storage.weights import atomic_write_text
 from foldsoup.training.guard import FAR_RULE
 
 # The paper's published numbers, copied as printed (Suzuki & Matsuzawa, AI 2022, 3, 796-808).
@@ -62,36 +62,13 @@ PAPER: dict[str, Any] = {
     },
 }
 
-TABLE4_METHODS: tuple[str, ...] = ("best_on_val", "uniform_soup", "best_uniform_per_split")
-METHOD_NAMES = {
-    "best_on_val": "Best on val",
-    "uniform_soup": "Uniform soup",
-    "greedy_soup": "Greedy soup (all subsets)",
-    "bgss": "BGSS",
-    "gsgs": "GSGS",
-    "best_uniform_per_split": "Best uniform soup per split on val",
-    "best_on_holdout": "Best on holdout",
-    "greedy_soup_holdout": "Greedy soup (all, on holdout)",
-}
+TABLE4_METHODS: tuple[str, ...] = tuple(m.name for m in method_table.METHODS if 4 in m.paper_tables)
 CHANCE_RULE = (f"at chance = own-fold val accuracy not significantly above the share of that fold's largest class "
                f"(one-sided exact binomial test, p > {CHANCE_ALPHA})")
 NOT_REPORTED = "—"  # a cell the paper leaves blank or a method it does not have
-NOT_AVAILABLE = "n/a"  # this run cannot compute the value (e.g. fewer than 2 soups)
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def _missing(x: Any) -> bool:
-    return x is None or (isinstance(x, (float, np.floating)) and not math.isfinite(x))
-
-
-def fmt_pct(fraction: Any) -> str:
-    """0.98437 -> '98.44%'; NaN -> 'n/a'."""
-    if _missing(fraction):
-        return NOT_AVAILABLE
-    value = round(100.0 * float(fraction), 2)
-    return f"{value + 0.0 if value else 0.0:.2f}%"  # never print "-0.00%"
 
 
 def fmt_paper_pct(percent: float | None) -> str:
@@ -100,7 +77,7 @@ def fmt_paper_pct(percent: float | None) -> str:
 
 
 def fmt_corr(r: Any) -> str:
-    return NOT_AVAILABLE if _missing(r) else f"{float(r):.3f}"
+    return NOT_AVAILABLE if is_missing(r) else f"{float(r):.3f}"
 
 
 def fmt_paper_corr(r: float | None) -> str:
@@ -143,8 +120,31 @@ def _sampled(run_info: dict, subsets_df: pd.DataFrame) -> bool:
     return False
 
 
+def _flag_lines(models_df: pd.DataFrame) -> list[str]:
+    """The header's lines on models that went wrong (analysis.reliability.flagged_models); a
+    column missing from an old models.csv: its line is left out."""
+    flagged = flagged_models(models_df)
+
+    def line(what: str, names: list[str], rule: str, consequence: str) -> str:
+        if not names:
+            return f"- {what}: none" + (f" ({rule})" if rule else "")
+        return f"- {what}: {len(names)} ({', '.join(names)})" + (f"; {rule}" if rule else "") + f"; {consequence}"
+
+    lines = [line("diverged models", flagged.diverged, "", "left out of every soup (and of the uniform soups of "
+                  "Tables 1-2 that would hold them), of the threshold and of the figures' single-model points")]
+    if "at_chance" in models_df.columns:
+        lines.append(line("models at chance", flagged.at_chance, CHANCE_RULE,
+                          "they learned nothing, yet they are not diverged and stay in the soups and in Table 2's threshold"))
+    if "started_far" in models_df.columns:
+        lines.append(line("fine-tunes that started far from their LP init", flagged.started_far, FAR_RULE,
+                          "see their fine-tune logs (finetune.batchnorm, grid.lr)"))
+    if flagged.with_probe:
+        lines.append(f"- fine-tunes ending below their linear probe's val accuracy: {len(flagged.below_probe)} of "
+                     f"{flagged.with_probe}")
+    return lines
+
+
 def header_section(run_info: dict, models_df: pd.DataFrame, subsets_df: pd.DataFrame) -> str:
-    diverged = models_df.loc[diverged_mask(models_df)]
     k = _info(run_info, "k", default=models_df["fold"].nunique() if "fold" in models_df.columns else "?")
     grid = _info(run_info, "grid_size", "grid_points",
                  default=models_df["hp"].nunique() if "hp" in models_df.columns else "?")
@@ -171,28 +171,7 @@ def header_section(run_info: dict, models_df: pd.DataFrame, subsets_df: pd.DataF
     ]
     if "seed" in run_info:
         lines.append(f"- seed: {run_info['seed']}")
-    if len(diverged):
-        names = ", ".join(f"{r.hp}/fold{r.fold}" for r in diverged.itertuples()) if {"hp", "fold"} <= set(diverged.columns) else ""
-        lines.append(f"- diverged models: {len(diverged)} ({names}); excluded from the threshold and the figures' "
-                     "single-model points, kept in the soups and in 'corr for all'")
-    else:
-        lines.append("- diverged models: none")
-    if "at_chance" in models_df.columns:
-        chance = models_df.loc[at_chance_mask(models_df) & ~diverged_mask(models_df)]
-        lines.append(f"- models at chance: {len(chance)} ({', '.join(model_name(r) for _, r in chance.iterrows())}); "
-                     f"{CHANCE_RULE}; they learned nothing, yet they are not diverged and stay in the soups and in "
-                     "Table 2's threshold" if len(chance) else f"- models at chance: none ({CHANCE_RULE})")
-    if "started_far" in models_df.columns:
-        far = models_df.loc[flag_mask(models_df, "started_far") & ~diverged_mask(models_df)]
-        lines.append(f"- fine-tunes that started far from their LP init: {len(far)} "
-                     f"({', '.join(model_name(r) for _, r in far.iterrows())}); {FAR_RULE}; see their fine-tune logs "
-                     "(finetune.batchnorm, grid.lr)" if len(far)
-                     else f"- fine-tunes that started far from their LP init: none ({FAR_RULE})")
-    lp_val = pd.to_numeric(models_df.get("lp_val_acc", pd.Series(dtype=float)), errors="coerce")
-    if lp_val.notna().any():
-        ok = models_df.loc[~diverged_mask(models_df) & lp_val.notna()]
-        below = ok.loc[ok["val_acc"] < lp_val[ok.index]]
-        lines.append(f"- fine-tunes ending below their linear probe's val accuracy: {len(below)} of {len(ok)}")
+    lines += _flag_lines(models_df)
     lines += ["", _context_note(run_info), ""]
     return "\n".join(lines)
 
@@ -210,7 +189,7 @@ def _context_note(run_info: dict) -> str:
 
 
 def figure2_section(models_df: pd.DataFrame) -> str:
-    df = models_df.loc[~diverged_mask(models_df)]
+    df = models_df.loc[~flag_mask(models_df, "diverged")]
     p = PAPER["figure2"]
     if not len(df):
         return "## Single models (Figure 2)\n\nNo non-diverged models.\n"
@@ -267,9 +246,9 @@ def _threshold_setter(models_df: pd.DataFrame) -> tuple[str, str]:
     if setter is None or not {"hp", "fold"} <= set(setter.index):
         return "", ""
     name = model_name(setter)
-    if not at_chance_mask(models_df)[setter.name]:
+    if not flag_mask(models_df, "at_chance")[setter.name]:
         return f" (set by {name})", ""
-    above = models_df.loc[~at_chance_mask(models_df)]
+    above = models_df.loc[~flag_mask(models_df, "at_chance")]
     other = threshold_model(above) if len(above) else None
     lowest = f"{fmt_pct(other['val_acc'])} ({model_name(other)})" if other is not None else "undefined (every model is at chance)"
     return (f" (set by {name})",
@@ -312,13 +291,13 @@ def _method_row(methods: pd.DataFrame, method: str) -> pd.Series | None:
 
 
 def table3_section(methods_df: pd.DataFrame) -> str:
-    names = order_methods(list(methods_df["method"]) + list(PAPER["table3"]))
-    names = [m for m in names if m != "best_uniform_per_split"]  # Table 4's baseline, not in Table 3
+    only_table4 = {m.name for m in method_table.METHODS if m.paper_tables == (4,)}  # Table 4's baselines
+    names = [m for m in method_table.order(list(methods_df["method"]) + list(PAPER["table3"])) if m not in only_table4]
     rows = []
     for m in names:
         row, paper = _method_row(methods_df, m), PAPER["table3"].get(m, {"val": None, "test": None})
         ours = ("—", "—", "") if row is None else (fmt_pct(row["val_acc"]), fmt_pct(row["test_acc"]), _ingredients(row))
-        rows.append([METHOD_NAMES.get(m, m), ours[0], fmt_paper_pct(paper["val"]), ours[1],
+        rows.append([method_table.title(m), ours[0], fmt_paper_pct(paper["val"]), ours[1],
                      fmt_paper_pct(paper["test"]), ours[2], *_intervals(row)])
     headers = ["method", "val (this run)", "val (paper)", "test (this run)", "test (paper)", "ingredients",
                "test interval", "test − best on val [interval]"]
@@ -328,13 +307,13 @@ def table3_section(methods_df: pd.DataFrame) -> str:
             "'—' in the this-run columns marks a method this run did not produce. Intervals are paired "
             "bootstrap percentile intervals over the test images (the same resamples for every method); a "
             "difference marked * has its whole interval on one side of zero, any other is not a win. "
-            "ensemble_* rows average the logits of the same ingredients, weighted as the soup weighs them "
-            "(ensemble_gsgs: each per-fold soup's models, then the folds equally): the accuracy a single model gives up.\n\n")
+            "The ensemble rows average the logits of the same ingredients, weighted as the soup weighs them "
+            "(GSGS's: each per-fold soup's models, then the folds equally): the accuracy a single model gives up.\n\n")
     return text + md_table(headers, rows) + "\n"
 
 
 def _intervals(row: pd.Series | None) -> list[str]:
-    if row is None or _missing(row.get("test_ci_low")):
+    if row is None or is_missing(row.get("test_ci_low")):
         return ["", ""]
     diff = row.get("diff_vs_best_on_val")
     mark = "*" if bool(row.get("diff_significant")) else ""
@@ -344,7 +323,7 @@ def _intervals(row: pd.Series | None) -> list[str]:
 
 def _ingredients(row: pd.Series) -> str:
     value = row.get("n_ingredients")
-    return "" if _missing(value) or value is None else str(int(value))
+    return "" if is_missing(value) or value is None else str(int(value))
 
 
 def table4_section(methods_df: pd.DataFrame) -> str:
@@ -352,7 +331,7 @@ def table4_section(methods_df: pd.DataFrame) -> str:
     for m in TABLE4_METHODS:
         row = _method_row(methods_df, m)
         val, test = ("—", "—") if row is None else (fmt_pct(row["val_acc"]), fmt_pct(row["test_acc"]))
-        rows.append([METHOD_NAMES[m], val, test, fmt_paper_pct(PAPER["table4"][m])])
+        rows.append([method_table.title(m), val, test, fmt_paper_pct(PAPER["table4"][m])])
     text = ("## Table 4: uniform soups and Best on val\n\n"
             "Best uniform soup per split: per fold, the uniform soup of its grid points' models, then the one "
             "with the highest val accuracy. The paper prints a single 'Acc' column (98.44%, 98.14%, 96.88%). "
@@ -384,14 +363,14 @@ def budget_section(budget_df: pd.DataFrame | None) -> str:
     rows = []
     for m in names:
         for j, g in enumerate(gs):
-            label = METHOD_NAMES.get(m, {"ensemble_all": "Ensemble of all models (logits)"}.get(m, m))
+            label = method_table.title(m)
             rows.append([label if j == 0 else "", int(g)]
                         + [fmt_pct(lookup.get((m, g, f), float("nan"))) for f in fs])
     draws = int(means["draws"].max())
     n_test = int(budget_df["n_test"].iloc[0]) if "n_test" in budget_df else 0
     image = f" One test image is {100 / n_test:.2f} points." if n_test else ""
     std = means.loc[means["draws"] > 1, "test_std"].mean()
-    spread = "" if _missing(std) else f" Between draws of one cell, test accuracy varies by {100 * std:.2f} points (mean standard deviation)."
+    spread = "" if is_missing(std) else f" Between draws of one cell, test accuracy varies by {100 * std:.2f} points (mean standard deviation)."
     text = ("## Budget: more grid points or more folds?\n\n"
             "The paper's open question (section 5.5), from the models already trained: for g of the grid points "
             "and f of the folds, up to "
@@ -414,12 +393,58 @@ def budget_section(budget_df: pd.DataFrame | None) -> str:
     wins = ", ".join(f"{len(w)} of {len(c['methods'])} for {g} × {f}" for (g, f), w in c["wins"].items())
     tied = f", {len(c['ties'])} tied" if c["ties"] else ""
     gap = c["mean_over_methods"][best] - max(v for cell, v in c["mean_over_methods"].items() if cell != best)
-    noise = ("" if _missing(std) or gap >= std else
+    noise = ("" if is_missing(std) or gap >= std else
              f" The lead, {100 * gap:.2f} points, is within the spread between draws: not a clear answer.")
     text += (f"\nAt the largest budget reached two ways, {c['budget']} fine-tunes, {what} did best on average "
              f"({best[0]} grid points × {best[1]} folds: {fmt_pct(c['mean_over_methods'][best])}); best per method: "
              f"{wins}{tied}.{noise}\n")
     return text
+
+
+def groups_section(folds: pd.DataFrame | None) -> str:
+    """Groups (patients, subjects) per fold from folds.csv, when the data has them: each fold's
+    images and groups and its largest group's share, with a warning where one group holds more
+    than data.folds.LARGE_GROUP_SHARE of a fold (its val accuracy then mostly measures one group)."""
+    from foldsoup.data.folds import HOLDOUT, LARGE_GROUP_SHARE
+
+    if folds is None or "group" not in folds or folds["group"].isna().all():
+        return ""
+    rows, large = [], []
+    for fold, part in sorted(folds.groupby("fold"), key=lambda item: (item[0] == HOLDOUT, item[0])):
+        counts = part["group"].astype(str).value_counts()
+        share = counts.iloc[0] / counts.sum()
+        name = "outer holdout" if fold == HOLDOUT else str(fold)
+        rows.append([name, str(int(counts.sum())), str(len(counts)), f"{counts.index[0]} ({int(counts.iloc[0])}, {share:.0%})"])
+        if share > LARGE_GROUP_SHARE:
+            large.append(f"{name} ({counts.index[0]}: {share:.0%})")
+    warning = (f"\n**Warning**: in fold(s) {', '.join(large)} one group holds more than {LARGE_GROUP_SHARE:.0%} of the "
+               "images, so that fold's val accuracy mostly measures one group.\n" if large else "")
+    text = ("## Groups per fold\n\n"
+            "The folds, the test split and the outer holdout are group-disjoint: no group (patient, subject) is in two "
+            "of them, so a fold's val accuracy is measured on groups its models never trained on.\n\n")
+    return text + md_table(["fold", "images", "groups", "largest group (images, share)"], rows) + warning + "\n"
+
+
+def per_class_section(per_class: pd.DataFrame | None, ship: dict | None = None) -> str:
+    """Per class: the test recall of best on val, the soups of Table 3 and the shipped method
+    (tables/per_class.csv, figures/confusion.png), and their balanced accuracy."""
+    if per_class is None or not len(per_class):
+        return ""
+    shipped = ship["method"] if ship else None
+    wanted = [m.name for m in method_table.METHODS if 3 in m.paper_tables] + ([shipped] if shipped else [])
+    names = [m for m in dict.fromkeys(wanted) if m in set(per_class["method"])]
+    classes = list(dict.fromkeys(per_class["class"]))  # the dataset's class order
+    recall = per_class.pivot(index="class", columns="method", values="recall").reindex(classes)
+    images = per_class.drop_duplicates("class").set_index("class")["images"]
+    rows = [[str(c), str(int(images[c]))] + [fmt_pct(recall.at[c, m]) for m in names] for c in recall.index]
+    rows.append(["balanced accuracy", ""] + [fmt_pct(recall[m].dropna().mean()) for m in names])
+    headers = ["class", "test images"] + [method_table.title(m) + (" (shipped)" if m == shipped else "") for m in names]
+    text = ("## Per class: test recall\n\n"
+            "The share of each class's test images the method gets right (its recall, or sensitivity); balanced "
+            "accuracy is their mean over the classes with test images. An accuracy that looks fine can hide a "
+            "rare class the model misses. Confusion matrices: figures/confusion.png; every method's counts: "
+            "tables/per_class.csv.\n\n")
+    return text + md_table(headers, rows) + "\n"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -432,19 +457,22 @@ def ship_section(ship: dict | None) -> str:
 
 def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, models_df: pd.DataFrame,
                    subsets_df: pd.DataFrame, run_info: dict, budget: pd.DataFrame | None = None,
-                   ship: dict | None = None) -> str:
+                   ship: dict | None = None, per_class: pd.DataFrame | None = None,
+                   folds: pd.DataFrame | None = None) -> str:
     """The Markdown text of summary.md (see `write_summary`)."""
     title, _, header = header_section(run_info, models_df, subsets_df).partition("\n\n")
     parts = [
         title + "\n",
         ship_section(ship),
         header,
+        groups_section(folds),
         figure2_section(models_df),
         table1_section(reliability_df),
         table2_section(reliability_df, models_df),
         holdout_section(reliability_df),
         table3_section(methods_df),
         table4_section(methods_df),
+        per_class_section(per_class, ship),
         budget_section(budget),
         figures_section(run_info),
     ]
@@ -453,8 +481,9 @@ def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, model
 
 def write_summary(path: str | os.PathLike, reliability_df: pd.DataFrame, methods_df: pd.DataFrame,
                   models_df: pd.DataFrame, subsets_df: pd.DataFrame, run_info: dict,
-                  budget: pd.DataFrame | None = None, ship: dict | None = None) -> None:
-    """Write summary.md atomically (temp file in the same folder, then os.replace).
+                  budget: pd.DataFrame | None = None, ship: dict | None = None,
+                  per_class: pd.DataFrame | None = None, folds: pd.DataFrame | None = None) -> None:
+    """Write summary.md atomically (storage.weights.atomic_write_text).
 
     run_info keys, all optional: dataset, model, preset (name; "paper..." marks the paper
     preset), paper_preset (bool, overrides the name test; without either, a cifar10 +
@@ -463,17 +492,8 @@ def write_summary(path: str | os.PathLike, reliability_df: pd.DataFrame, methods
     default from subsets_df["sampled"]), figures ({title: path relative to the summary}).
     Diverged models are read from models_df["diverged"], not from run_info. `budget`:
     tables/budget.csv, for the Budget section (left out when None). `ship`: ship/ship.json, for
-    the statement at the top (left out when None).
+    the statement at the top (left out when None). `per_class`: tables/per_class.csv, for the
+    per-class recall section; `folds`: folds.csv, for the groups per fold (data with groups).
     """
-    text = render_summary(reliability_df, methods_df, models_df, subsets_df, run_info, budget, ship)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden temp name in the same folder (same filesystem, so os.replace is atomic); the pid
-    # keeps two writers apart. A plain open() honours the umask, unlike tempfile.mkstemp (0600).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, render_summary(reliability_df, methods_df, models_df, subsets_df, run_info, budget, ship,
+                                           per_class, folds))

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from foldsoup.errors import SoupError
+from foldsoup.storage.weights import state_mismatch
 
 if TYPE_CHECKING:
     from foldsoup.soups.select import Candidate, FoldCount
@@ -35,7 +36,6 @@ State = dict[str, torch.Tensor]
 AccumDtype = torch.dtype | str
 
 _ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_MAX_LISTED = 5  # keys listed in a key-mismatch message before "..."
 
 
 
@@ -76,39 +76,10 @@ def _counter_mean(weighted_sum: Fraction, total_weight: Fraction, like: torch.Te
 # --------------------------------------------------------------------------------------------
 
 
-def _listing(keys: Iterable[str]) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
-
-
-def _check_keys(ref_keys: Iterable[str], state: Mapping[str, object], name: str, ref_name: str) -> None:
-    ref_keys = set(ref_keys)
-    missing = ref_keys - state.keys()
-    extra = state.keys() - ref_keys
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_listing(missing)}")
-        if extra:
-            parts.append(f"unexpected keys {_listing(extra)}")
-        raise SoupError(f"ingredient {name!r} does not match {ref_name!r}: " + "; ".join(parts))
-
-
-def _check_tensor(key: str, t: object, ref: torch.Tensor, name: str, ref_name: str) -> torch.Tensor:
-    """Shape and dtype of one tensor against the reference; returns it detached."""
-    if not isinstance(t, torch.Tensor):
-        raise SoupError(f"ingredient {name!r}: {key!r} is a {type(t).__name__}, not a tensor")
-    if t.shape != ref.shape:
-        raise SoupError(
-            f"ingredient {name!r}: tensor {key!r} has shape {tuple(t.shape)}, "
-            f"but {ref_name!r} has shape {tuple(ref.shape)}"
-        )
-    if t.dtype != ref.dtype:
-        raise SoupError(
-            f"ingredient {name!r}: tensor {key!r} has dtype {t.dtype}, but {ref_name!r} has {ref.dtype}"
-        )
-    return t.detach()
+def _check_tensors(state: Mapping[str, object], name: str) -> None:
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise SoupError(f"ingredient {name!r}: {key!r} is a {type(value).__name__}, not a tensor")
 
 
 def _check_fixed_equal(key: str, t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
@@ -170,19 +141,20 @@ class RunningSum:
     def _check(self, state: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
         """Validate everything before any accumulator is touched (no half-added ingredient)."""
         first = self._names[0]
-        _check_keys(self._ref.keys(), state, name, first)
+        _check_tensors(state, name)
+        problem = state_mismatch(state, self._ref, f"the soup's first ingredient {first!r}", dtypes="exact")
+        if problem:
+            raise SoupError(f"ingredient {name!r}: {problem}")
         checked = {}
-        for key, ref in self._ref.items():
-            t = _check_tensor(key, state[key], ref, name, first)
+        for key in self._ref:
+            t = state[key].detach()
             if key in self._fixed:
                 _check_fixed_equal(key, t, self._fixed[key], name, first)
             checked[key] = t
         return checked
 
     def _start(self, state: Mapping[str, torch.Tensor], name: str, weight: float) -> None:
-        for key, value in state.items():
-            if not isinstance(value, torch.Tensor):
-                raise SoupError(f"ingredient {name!r}: {key!r} is a {type(value).__name__}, not a tensor")
+        _check_tensors(state, name)
         for key, value in state.items():
             t = value.detach()
             self._ref[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")

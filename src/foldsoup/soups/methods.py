@@ -30,7 +30,7 @@ from foldsoup.soups.select import Candidate, GreedyResult, SoupScorer
 
 
 class Scored(Protocol):
-    """What a selection needs to know of a model (ModelResult, or the budget's Model)."""
+    """What a selection needs to know of a model (ModelResult, and the budget's Model, one)."""
 
     @property
     def name(self) -> str: ...
@@ -60,13 +60,14 @@ class ModelResult:
         return f"{self.hp}/fold{self.fold}"
 
     @classmethod
-    def from_record(cls, m: Mapping) -> ModelResult:
+    def from_record(cls, m: Mapping, **extra) -> ModelResult:
         """From metrics.json or a models.csv row (NaN in an empty holdout cell): accuracies from
         the counts, exact, so best_on_val compares what the greedy soups compare (metrics
-        from before the counts: their floats)."""
+        from before the counts: their floats). `extra`: a subclass's own fields (the budget's
+        analysis.budget.Model: grid index and files)."""
         counts = {key: int(m[key]) for key in COUNT_KEYS if not select.is_missing(m.get(key))}
         return cls(str(m["hp"]), int(m["fold"]), select.accuracy_of(m, "val_acc"), float(select.accuracy_of(m, "test_acc")),
-                   select.accuracy_of(m, "holdout_acc"), bool(m["diverged"]), counts)
+                   select.accuracy_of(m, "holdout_acc"), bool(m["diverged"]), counts, **extra)
 
 
 COUNT_KEYS = ("val_correct", "val_total", "holdout_correct", "holdout_total", "test_correct", "test_total")

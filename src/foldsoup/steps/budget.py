@@ -28,7 +28,6 @@ def load_models(cfg: dict, model_dir: str | os.PathLike) -> list[Model]:
     import json
 
     from foldsoup.config.schema import grid_points
-    from foldsoup.soups.select import accuracy_of
 
     root, out = Path(model_dir), []
     for index, point in enumerate(grid_points(cfg)):
@@ -36,9 +35,10 @@ def load_models(cfg: dict, model_dir: str | os.PathLike) -> list[Model]:
             folder = root / point.name / f"fold{fold}"
             with open(folder / "metrics.json") as f:
                 m = json.load(f)
-            # Exact, from the counts, as best_on_val and the soups read them (select.accuracy_of).
-            out.append(Model(point.name, index, fold, accuracy_of(m, "val_acc"), float(accuracy_of(m, "test_acc")), bool(m["diverged"]),
-                             str(folder / "model.safetensors"), str(folder / "predictions.safetensors")))
+            # Accuracies exact, from the counts, as best_on_val and the soups read them (ModelResult.from_record).
+            out.append(Model.from_record({**m, "hp": point.name, "fold": fold}, grid_index=index,
+                                         weights=str(folder / "model.safetensors"),
+                                         predictions=str(folder / "predictions.safetensors")))
     return out
 
 

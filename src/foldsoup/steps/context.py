@@ -76,6 +76,8 @@ class Context:
     def metadata(self, **extra) -> dict:
         # "source": how `prepare` decoded the images, so `foldsoup predict` reads new ones the same way.
         source = {"dataset": self.cfg["data"]["name"], "resize": self.cfg["data"].get("resize", "stretch")}
+        if self.data.background is not None:  # transparent pixels of new images go onto the same
+            source["background"] = self.data.background
         return {"model": self.cfg["model"], "classes": self.data.classes, "image": vars(self.spec), "source": source, **extra}
 
     def evaluator(self):

@@ -1,11 +1,17 @@
-"""Step `methods`: Tables 3/4 (every method's row), logit ensembles of the same ingredients, and
+"""Step `methods`: tables/methods.csv, one row per method of `foldsoup.config.methods.METHODS` in
+its order. The methods other steps make (the soups) are read from their records; the ones this
+step makes (the selections among models and soups, and the logit ensembles of the same
+ingredients) are built here, each by the function registered for its name with `@builds`. Then
 paired bootstrap intervals. No torch: ensembles and intervals come from saved logits."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
+from functools import cached_property
 from pathlib import Path
 
+from foldsoup.config.methods import run_methods
 from foldsoup.data.folds import HOLDOUT, num_folds, read_folds
 from foldsoup.soups import methods as pick
 from foldsoup.soups import select
@@ -25,124 +31,200 @@ def link_selection(target: Path, link: Path) -> None:
     os.replace(tmp, link)
 
 
-def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, soups_dir: str, out: str) -> None:
-    """Tables 3/4 rows, logit ensembles of the same ingredients, and paired bootstrap intervals.
+class MethodsRun:
+    """What the methods' functions read: the models (tables/models.csv, in the tie order), the
+    soups' records, the models' logits; and how they write: a selection links to the chosen
+    weights, an ensemble scores averaged logits. `test_logits[method]`: every row's, for the
+    intervals."""
 
-    Selections (best on val, best on holdout, BGSS, best uniform per split) are chosen by
-    foldsoup.soups.methods / select (one tie rule: grid order, then fold) and written as links to
-    the chosen model or soup. No torch: ensembles and intervals come from saved logits.
-    """
-    import json
+    def __init__(self, cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, soups_dir: str):
+        import pandas as pd
 
-    import pandas as pd
-    from safetensors.numpy import load_file
+        from foldsoup.data.prepared import load_prepared
 
-    from foldsoup.analysis.uncertainty import (
-        correct_count,
-        ensemble_of_groups,
-        fold_counts,
-        paired_bootstrap,
-    )
-    from foldsoup.data.prepared import load_prepared
-    from foldsoup.storage.weights import atomic_write_text
+        self.cfg, self.soups, self.models_root = cfg, Path(soups_dir), Path(model_dir)
+        self.data = load_prepared(data_path)
+        self.fold_of = read_folds(folds_path, self.data.pool_labels)
+        self.k = num_folds(self.fold_of)
+        table_rows = pd.read_csv(models_csv).to_dict("records")  # grid order, then fold: the tie order
+        self.models = [pick.ModelResult.from_record(r) for r in table_rows]
+        self.has_holdout = "holdout_acc" in table_rows[0] if table_rows else False
+        self.test_logits: dict = {}
 
-    soups, models_root = Path(soups_dir), Path(model_dir)
-    cross_fold = cfg["soups"]["cross_fold_val"]
-    data = load_prepared(data_path)
-    fold_of = read_folds(folds_path, data.pool_labels)
-    k = num_folds(fold_of)
+    def record(self, name: str) -> dict:
+        import json
 
-    def record(name: str) -> dict:
-        with open(soups / f"{name}.json") as f:
+        with open(self.soups / f"{name}.json") as f:
             return json.load(f)
 
-    def model_file(name: str, file: str) -> Path:
+    def model_file(self, name: str, file: str) -> Path:
         hp, fold = name.split("/")
-        return models_root / hp / fold / file
+        return self.models_root / hp / fold / file
 
-    def adopt(src: Path, method: str, rec: dict) -> dict:
+    def adopt(self, src: Path, method: str, rec: dict) -> dict:
         """A selection: links to the chosen weights and test logits under the method's own name."""
-        src_predictions = predictions_path(src) if src.parent == soups else src.with_name("predictions.safetensors")
-        link_selection(src, soups / f"{method}.safetensors")
-        link_selection(src_predictions, predictions_path(soups / f"{method}.safetensors"))
+        src_predictions = predictions_path(src) if src.parent == self.soups else src.with_name("predictions.safetensors")
+        link_selection(src, self.soups / f"{method}.safetensors")
+        link_selection(src_predictions, predictions_path(self.soups / f"{method}.safetensors"))
         rec = {**rec, "method": method, "selected": rec.get("method", rec["ingredients"][0])}
-        atomic_write_json(soups / f"{method}.json", rec)
+        atomic_write_json(self.soups / f"{method}.json", rec)
         return rec
 
-    table_rows = pd.read_csv(models_csv).to_dict("records")  # grid order, then fold: the tie order
-    models = [pick.ModelResult.from_record(r) for r in table_rows]
-    has_holdout = "holdout_acc" in table_rows[0] if table_rows else False
-
-    def single(m: pick.ModelResult, method: str, folds: list[int], metric: str, val_acc) -> dict:
+    def single(self, m: pick.ModelResult, method: str, on_holdout: bool = False) -> dict:
+        """A selection of one model, validated on its own fold (or on the outer holdout)."""
+        folds, metric = ([HOLDOUT], "holdout") if on_holdout else ([m.fold], "own")
+        val_acc = m.holdout_acc if on_holdout else m.val_acc
         rec = {"ingredients": [m.name], "n_ingredients": 1, "folds": folds, "val_metric": metric, "val_acc": float(val_acc),
-               "test_acc": m.test_acc, **({"holdout_acc": select.as_float(m.holdout_acc)} if has_holdout else {}),
+               "test_acc": m.test_acc, **({"holdout_acc": select.as_float(m.holdout_acc)} if self.has_holdout else {}),
                **m.counts}
-        name = "holdout" if metric == "holdout" else "val"  # the counts behind val_acc
+        name = "holdout" if on_holdout else "val"  # the counts behind val_acc
         if f"{name}_correct" in m.counts:
             count = [m.counts[f"{name}_correct"], m.counts[f"{name}_total"]]
             rec.update(val_correct=count[0], val_total=count[1], fold_counts={str(folds[0]): count})
-        return adopt(model_file(m.name, "model.safetensors"), method, rec)
+        return self.adopt(self.model_file(m.name, "model.safetensors"), method, rec)
 
-    best = pick.best_on_val(models)
-    rows = [single(best, "best_on_val", [best.fold], "own", best.val_acc)]
-    if has_holdout:
-        top = pick.best_on_holdout(models)
-        rows.append(single(top, "best_on_holdout", [HOLDOUT], "holdout", top.holdout_acc))
-    rows += [record("uniform_soup"), record("greedy_soup")] + ([record("greedy_soup_holdout")] if has_holdout else [])
-    per_fold = {i: record(f"greedy_fold{i}") for i in range(k)}
-    chosen = per_fold[select.bgss({i: record_val(r) for i, r in per_fold.items()})]
-    rows.append(adopt(soups / f"{chosen['method']}.safetensors", "bgss", chosen))
-    rows.append(record("gsgs"))
-    uniform = {i: record(f"uniform_fold{i}") for i in range(k)}
-    chosen = uniform[select.best_uniform_per_split({i: record_val(r) for i, r in uniform.items()})]
-    rows.append(adopt(soups / f"{chosen['method']}.safetensors", "best_uniform_per_split", chosen))
-    test_logits = {r["method"]: load_file(predictions_path(soups / f"{r['method']}.safetensors"))["test_logits"] for r in rows}
+    def best_soup_per_fold(self, kind: str, method: str) -> dict:
+        """Per fold its soup of `kind` (greedy, uniform); the one with the best val accuracy."""
+        per_fold = {i: self.record(f"{kind}_fold{i}") for i in range(self.k)}
+        chosen = per_fold[select.bgss({i: record_val(r) for i, r in per_fold.items()})]
+        return self.adopt(self.soups / f"{chosen['method']}.safetensors", method, chosen)
 
-    # Logit ensembles of the same ingredients: what choosing a single model costs.
-    logits = {m.name: load_file(model_file(m.name, "predictions.safetensors")) for m in models if not m.diverged}
+    @cached_property
+    def logits(self) -> dict:
+        """Every model's saved logits (not the diverged ones)."""
+        from safetensors.numpy import load_file
 
-    def ensemble(method: str, groups: list[list[str]], folds) -> dict:
+        return {m.name: load_file(self.model_file(m.name, "predictions.safetensors")) for m in self.models if not m.diverged}
+
+    def ensemble(self, method: str, groups: list[list[str]], folds: Iterable[int]) -> dict:
         """The logit ensemble of the models in `groups`: each group's mean, then the mean over
         groups (each group weighs the same; one group: each model does)."""
+        from foldsoup.analysis.uncertainty import correct_count, ensemble_of_groups, fold_counts
+
         members = [m for group in groups for m in group]
-        pool = ensemble_of_groups([[logits[m]["pool_logits"] for m in group] for group in groups])
-        rec = soup_record(method, members, {}, cross_fold, fold_counts(pool, data.pool_labels, fold_of, folds))
-        if has_holdout:
-            correct, total = fold_counts(pool, data.pool_labels, fold_of, [HOLDOUT])[HOLDOUT]
+        pool = ensemble_of_groups([[self.logits[m]["pool_logits"] for m in group] for group in groups])
+        labels = self.data.pool_labels
+        rec = soup_record(method, members, {}, self.cfg["soups"]["cross_fold_val"], fold_counts(pool, labels, self.fold_of, folds))
+        if self.has_holdout:
+            correct, total = fold_counts(pool, labels, self.fold_of, [HOLDOUT])[HOLDOUT]
             rec.update(holdout_acc=float(select.fold_acc(correct, total)), holdout_correct=correct, holdout_total=total)
-        test_logits[method] = ensemble_of_groups([[logits[m]["test_logits"] for m in group] for group in groups])
-        correct, total = correct_count(test_logits[method], data.test_labels)
+        self.test_logits[method] = ensemble_of_groups([[self.logits[m]["test_logits"] for m in group] for group in groups])
+        correct, total = correct_count(self.test_logits[method], self.data.test_labels)
         rec.update(test_acc=float(select.fold_acc(correct, total)), test_correct=correct, test_total=total)
         return rec
 
-    def folds_of(members: list[str]) -> set[int]:
-        return {int(name.rsplit("/fold", 1)[1]) for name in members}
 
-    fold_ensembles = [ensemble(f"ensemble_fold{i}", [[n for n in logits if folds_of([n]) == {i}]], [i]) for i in range(k)]
-    best_fold = fold_ensembles[select.bgss({i: record_val(r) for i, r in enumerate(fold_ensembles)})]  # an ensemble's BGSS
-    test_logits["ensemble_best_fold"] = test_logits[best_fold["method"]]
-    greedy_members = record("greedy_soup")["ingredients"]
-    # GSGS weighs each per-fold soup the same: so does its ensemble (each soup's models' mean, then
-    # the mean over soups), not each model.
-    gsgs_soups = [record(soup)["ingredients"] for soup in record("gsgs")["ingredients"]]
-    rows += [
-        ensemble("ensemble_all", [list(logits)], range(k)),
-        {**best_fold, "method": "ensemble_best_fold", "selected": best_fold["method"]},
-        ensemble("ensemble_greedy_soup", [greedy_members], folds_of(greedy_members)),
-        ensemble("ensemble_gsgs", gsgs_soups, folds_of([m for soup in gsgs_soups for m in soup])),
-    ]
-    if has_holdout:
-        holdout_members = record("greedy_soup_holdout")["ingredients"]
-        rows.append(ensemble("ensemble_greedy_soup_holdout", [holdout_members], [HOLDOUT]))
+BUILDS: dict[str, Callable[[MethodsRun], dict]] = {}
+
+
+def builds(name: str) -> Callable:
+    """Registers the function that makes method `name` (a row of config.methods.METHODS whose
+    step is `methods`): it takes the MethodsRun and returns the method's record."""
+    def register(function: Callable[[MethodsRun], dict]) -> Callable[[MethodsRun], dict]:
+        BUILDS[name] = function
+        return function
+    return register
+
+
+def _folds_of(members: Iterable[str]) -> set[int]:
+    return {int(name.rsplit("/fold", 1)[1]) for name in members}
+
+
+@builds("best_on_val")
+def _best_on_val(run: MethodsRun) -> dict:
+    return run.single(pick.best_on_val(run.models), "best_on_val")
+
+
+@builds("best_on_holdout")
+def _best_on_holdout(run: MethodsRun) -> dict:
+    return run.single(pick.best_on_holdout(run.models), "best_on_holdout", on_holdout=True)
+
+
+@builds("bgss")
+def _bgss(run: MethodsRun) -> dict:
+    return run.best_soup_per_fold("greedy", "bgss")
+
+
+@builds("best_uniform_per_split")
+def _best_uniform_per_split(run: MethodsRun) -> dict:
+    return run.best_soup_per_fold("uniform", "best_uniform_per_split")
+
+
+@builds("ensemble_all")
+def _ensemble_all(run: MethodsRun) -> dict:
+    return run.ensemble("ensemble_all", [list(run.logits)], range(run.k))
+
+
+@builds("ensemble_best_fold")
+def _ensemble_best_fold(run: MethodsRun) -> dict:
+    """Per fold the logit ensemble of its models; the one with the best val accuracy (an
+    ensemble's BGSS)."""
+    per_fold = [run.ensemble(f"ensemble_fold{i}", [[n for n in run.logits if _folds_of([n]) == {i}]], [i]) for i in range(run.k)]
+    best = per_fold[select.bgss({i: record_val(r) for i, r in enumerate(per_fold)})]
+    run.test_logits["ensemble_best_fold"] = run.test_logits[best["method"]]
+    return {**best, "method": "ensemble_best_fold", "selected": best["method"]}
+
+
+def _ensemble_of(run: MethodsRun, soup: str, on_holdout: bool = False) -> dict:
+    """The logit ensemble of a soup's ingredients, validated as the soup is."""
+    members = run.record(soup)["ingredients"]
+    return run.ensemble(f"ensemble_{soup}", [members], [HOLDOUT] if on_holdout else _folds_of(members))
+
+
+@builds("ensemble_greedy_soup")
+def _ensemble_greedy_soup(run: MethodsRun) -> dict:
+    return _ensemble_of(run, "greedy_soup")
+
+
+@builds("ensemble_greedy_soup_holdout")
+def _ensemble_greedy_soup_holdout(run: MethodsRun) -> dict:
+    return _ensemble_of(run, "greedy_soup_holdout", on_holdout=True)
+
+
+@builds("ensemble_gsgs")
+def _ensemble_gsgs(run: MethodsRun) -> dict:
+    """GSGS weighs each per-fold soup the same: so does its ensemble (each soup's models' mean,
+    then the mean over soups), not each model."""
+    groups = [run.record(soup)["ingredients"] for soup in run.record("gsgs")["ingredients"]]
+    return run.ensemble("ensemble_gsgs", groups, _folds_of([m for group in groups for m in group]))
+
+
+def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_dir: str, soups_dir: str, out: str,
+            out_per_class: str | None = None) -> None:
+    """tables/methods.csv: every method's row, the selected soups, ensembles and intervals; and
+    `out_per_class` (tables/per_class.csv): each method's test recall and confusion per class.
+
+    Selections (best on val, best on holdout, BGSS, best uniform per split) are chosen by
+    foldsoup.soups.methods / select (one tie rule: grid order, then fold) and written as links to
+    the chosen model or soup.
+    """
+    import pandas as pd
+    from safetensors.numpy import load_file
+
+    from foldsoup.analysis.uncertainty import confusion_matrix, paired_bootstrap, per_class_rows
+    from foldsoup.storage.weights import atomic_write_text
+
+    run = MethodsRun(cfg, data_path, folds_path, models_csv, model_dir, soups_dir)
+    rows = []
+    for method in run_methods(run.has_holdout):
+        rec = BUILDS[method.name](run) if method.step == "methods" else run.record(method.name)
+        if method.weights:
+            run.test_logits[method.name] = load_file(predictions_path(run.soups / f"{method.name}.safetensors"))["test_logits"]
+        rows.append(rec)
 
     a = cfg["analysis"]
-    correct = {r["method"]: test_logits[r["method"]].argmax(1) == data.test_labels for r in rows}
+    correct = {r["method"]: run.test_logits[r["method"]].argmax(1) == run.data.test_labels for r in rows}
     intervals = {b["method"]: b for b in paired_bootstrap(correct, "best_on_val", a["bootstrap_resamples"], cfg["seed"], a["ci_level"])}
     table = pd.DataFrame([{
         "method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"],
-        **({"holdout_acc": r["holdout_acc"]} if has_holdout else {}), "n_ingredients": r["n_ingredients"],
+        **({"holdout_acc": r["holdout_acc"]} if run.has_holdout else {}), "n_ingredients": r["n_ingredients"],
         "val_metric": r["val_metric"], "folds": "-".join(map(str, r["folds"])),
         **{key: value for key, value in intervals[r["method"]].items() if key not in ("method", "test_acc")},
     } for r in rows])
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log("\n" + table.to_string(index=False))
+    if out_per_class:
+        classes, labels = run.data.classes, run.data.test_labels
+        per_class = pd.DataFrame([row for r in rows for row in per_class_rows(
+            r["method"], confusion_matrix(run.test_logits[r["method"]], labels, len(classes)), classes)])
+        atomic_write_text(out_per_class, per_class.to_csv(index=False, float_format="%.6g"))

@@ -20,10 +20,14 @@ def reliability(subset_paths: list[str], models_csv: str, out_subsets: str, out:
     log(f"{len(subsets)} uniform soups\n" + table.to_string(index=False))
 
 
-def figures(models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, outs: list[str]) -> None:
+def figures(models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, outs: list[str],
+            per_class_csv: str | None = None) -> None:
+    """Figures 2-4, the methods figure, the validation signals and, with `per_class_csv`
+    (tables/per_class.csv), the confusion matrices: `outs` in that order."""
     import pandas as pd
 
     from foldsoup.report.plots import (
+        plot_confusion,
         plot_methods,
         plot_models_val_test,
         plot_subsets_val_test,
@@ -32,16 +36,21 @@ def figures(models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv
 
     models, subsets = pd.read_csv(models_csv), pd.read_csv(subsets_csv, dtype={"folds": str})
     threshold = float(pd.read_csv(reliability_csv).threshold.iloc[0])
-    fig2, fig3, fig4, fig_methods, fig_signals = outs
+    fig2, fig3, fig4, fig_methods, fig_signals, *fig_confusion = outs
+    if bool(fig_confusion) != bool(per_class_csv):
+        raise ValueError("figures: the confusion figure needs --per-class and a sixth --out, or neither")
     plot_models_val_test(models, fig2)
     plot_subsets_val_test(subsets, fig3)
     plot_subsets_val_test(subsets, fig4, threshold=threshold)
     plot_methods(pd.read_csv(methods_csv), models, fig_methods)
     plot_validation_signals(subsets, fig_signals)
+    if per_class_csv:
+        plot_confusion(pd.read_csv(per_class_csv, dtype={"class": str}), fig_confusion[0])
 
 
 def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, methods_csv: str, out: str,
-            budget_csv: str | None = None, ship_json: str | None = None) -> None:
+            budget_csv: str | None = None, ship_json: str | None = None, per_class_csv: str | None = None,
+            folds_csv: str | None = None) -> None:
     """summary.md; `ship_json` (ship/ship.json) gives the statement at its top: the model to ship."""
     import json
     from pathlib import Path
@@ -65,4 +74,6 @@ def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, 
     write_summary(out, pd.read_csv(reliability_csv), pd.read_csv(methods_csv), models,
                   pd.read_csv(subsets_csv, dtype={"folds": str}), run_info,
                   budget=pd.read_csv(budget_csv, dtype={"grid": str, "folds": str}) if budget_csv else None,
-                  ship=json.loads(Path(ship_json).read_text()) if ship_json else None)
+                  ship=json.loads(Path(ship_json).read_text()) if ship_json else None,
+                  per_class=pd.read_csv(per_class_csv, dtype={"class": str}) if per_class_csv else None,
+                  folds=pd.read_csv(folds_csv, dtype={"group": str}) if folds_csv else None)

@@ -46,22 +46,10 @@ def models_table(metrics_paths: list[str], out: str) -> None:
             table[key] = table[key].astype("Int64")  # integers, never rounded by the float format
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log(f"{len(table)} models, val acc {table.val_acc.min():.4f}..{table.val_acc.max():.4f}")
-    from foldsoup.analysis.reliability import at_chance_mask, diverged_mask, flag_mask, model_name
-    from foldsoup.training.guard import FAR_RULE
+    from foldsoup.report.console import warning_lines
 
-    chance = [model_name(r) for _, r in table[at_chance_mask(table) & ~diverged_mask(table)].iterrows()]
-    if chance:
-        log(f"WARNING {len(chance)} model(s) at chance (val acc not above their fold's largest class, binomial test): "
-            f"{', '.join(chance)}; see their fine-tune logs")
-    far = [model_name(r) for _, r in table[flag_mask(table, "started_far") & ~diverged_mask(table)].iterrows()]
-    if far:
-        log(f"WARNING {len(far)} fine-tune(s) started far from their LP init ({FAR_RULE}): {', '.join(far)}; "
-            "see their logs")
-    lp_val = pd.to_numeric(table["lp_val_acc"], errors="coerce")  # empty for metrics from before the guard
-    below = table[lp_val.notna() & (table["val_acc"] < lp_val) & ~diverged_mask(table)]
-    if len(below):
-        log(f"WARNING {len(below)} of {len(table)} fine-tune(s) end below the val accuracy of the linear probe they "
-            f"started from: {', '.join(model_name(r) for _, r in below.iterrows())}")
+    for line in warning_lines(out):  # what the end of the run says too
+        log(line)
 
 
 # ---------------------------------------------------------------- soups

@@ -89,6 +89,7 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
         count,
         fold_counts,
         fold_logits,
+        guard_stats,
         predict_logits,
         train,
     )
@@ -117,7 +118,7 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
             raise
         log(f"{exc}; marked diverged (finetune.on_divergence: exclude), excluded from every soup")
         diverged, stats = True, {"steps": None, "final_loss": float("nan"), "images_per_s": None, "train_seconds": None,
-                                 "started_far": True}
+                                 **guard_stats(exc.guard, diverged=True)}
     # A SIGTERM from here on (a time limit during the final evaluation) keeps the trained
     # weights as resume state: the rerun skips training and only evaluates.
     try:

@@ -11,8 +11,19 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+# The extensions of weights files (model.pretrained): a value ending so is a file, not a pretrained tag.
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def is_checkpoint_path(pretrained: str | None) -> bool:
+    """A local file (existing, or spelled like a path) rather than a pretrained tag."""
+    return bool(pretrained) and (os.path.isfile(pretrained) or os.sep in pretrained
+                                 or str(pretrained).endswith(CHECKPOINT_SUFFIXES))
+
 
 # safetensors refuses headers larger than this; a larger length field is not a safetensors file.
 SAFETENSORS_MAX_HEADER = 100_000_000

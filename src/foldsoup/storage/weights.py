@@ -248,27 +248,44 @@ def save_weights(
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def check_shapes(state: Mapping[str, Any], expected: Mapping[str, Any], source: PathLike) -> None:
-    """Raise WeightsError naming `source` and the tensor unless `state` has exactly the keys of
-    `expected` (a state dict or {key: shape}) with the same shapes. dtypes are not compared: a
-    model saved in bfloat16 fits an fp32 model."""
+def _listed(keys: list[str], most: int = 5) -> str:
+    return ", ".join(repr(k) for k in keys[:most]) + (f", ... ({len(keys)} in all)" if len(keys) > most else "")
 
-    def shape(v: Any) -> tuple[int, ...]:
-        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+def state_mismatch(state: Mapping[str, Any], expected: Mapping[str, Any], expected_by: str = "the configured model",
+                   hint: str | None = None, dtypes: str | None = None) -> str | None:
+    """None when `state` has exactly the keys of `expected` (a state dict or {key: shape}) with
+    the same shapes; else what differs, naming the first differing tensor (the first missing one
+    in `expected`'s order, else the first unexpected one, else the first of another shape, else
+    of another dtype), for the caller to raise with its context (which file or ingredient) in
+    front. `expected_by` names the reference ("the backbone of this model.arch"); `hint` ends a
+    key mismatch. `dtypes`: None, not compared (a model saved in bfloat16 fits an fp32 model);
+    "kind", floating point or not; "exact". The one check of every loader and of the soups
+    (storage, models, soups.average)."""
+
+    def shape(v: Any) -> list[int]:
+        return list(v.shape) if hasattr(v, "shape") else list(v)
 
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
-    if missing or extra:
-        def listed(keys: list[str]) -> str:
-            return ", ".join(repr(k) for k in keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-
-        parts = ([f"missing tensor(s) {listed(missing)}"] if missing else []) + (
-            [f"unexpected tensor(s) {listed(extra)}"] if extra else [])
-        raise WeightsError(f"weight file {os.fspath(source)} does not fit the configured model: " + "; ".join(parts))
+    end = f"; {hint})" if hint else ")"
+    if missing:
+        also = f": {_listed(missing)}" if len(missing) > 1 else ""
+        unexpected = f"; unexpected instead: {_listed(extra)}" if extra else ""
+        return (f"tensor {missing[0]!r} of {expected_by} is missing ({len(missing)} of {len(expected)} missing{also}"
+                f"{unexpected}{end}")
+    if extra:
+        return f"unexpected tensor {extra[0]!r} ({len(extra)} not in {expected_by}: {_listed(extra)}{end}"
     for key, ref in expected.items():
         if shape(state[key]) != shape(ref):
-            raise WeightsError(f"weight file {os.fspath(source)}: tensor {key!r} has shape {list(shape(state[key]))}, "
-                               f"the configured model expects {list(shape(ref))}")
+            return f"tensor {key!r} has shape {shape(state[key])}, {expected_by} expects {shape(ref)}"
+    if dtypes is not None:  # `expected` then holds tensors
+        for key, ref in expected.items():
+            have, want = state[key].dtype, ref.dtype
+            differs = have != want if dtypes == "exact" else have.is_floating_point != want.is_floating_point
+            if differs:
+                return f"tensor {key!r} has dtype {have}, {expected_by} expects {want}"
+    return None
 
 
 def load_weights(
@@ -302,6 +319,7 @@ def load_weights(
         metadata = _decode_metadata(raw_meta)
     except (json.JSONDecodeError, TypeError) as exc:
         raise WeightsError(f"corrupt metadata in weight file {p}: {exc}") from exc
-    if expect is not None:
-        check_shapes(state, expect, p)
+    problem = None if expect is None else state_mismatch(state, expect)
+    if problem:
+        raise WeightsError(f"weight file {p}: {problem}")
     return state, metadata

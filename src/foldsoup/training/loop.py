@@ -439,7 +439,7 @@ def train(
             # One host sync per epoch: divergence check and progress line.
             bad_step = int(first_bad.item())
             if bad_step >= 0:
-                raise Diverged(f"{cfg.tag}: loss became non-finite at step {bad_step} (epoch {epoch})")
+                raise Diverged(f"{cfg.tag}: loss became non-finite at step {bad_step} (epoch {epoch})", guard)
             done = steps_per_epoch - start_step
             last_loss = loss_sum.item() / max(1, done)
             rate = done * cfg.batch_size / max(1e-9, time.perf_counter() - t_epoch)
@@ -457,9 +457,16 @@ def train(
             progress = {"epoch": epoch + 1, "step_in_epoch": 0, "guard": guard}
     elapsed = time.perf_counter() - t_start
     return {"steps": total, "final_loss": last_loss, "images_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed,
-            "lp_step_loss": guard.get("lp_step_loss"), "first_step_loss": guard.get("first_step_loss"),
+            **guard_stats(guard)}
+
+
+def guard_stats(guard: dict, diverged: bool = False) -> dict:
+    """The first-step guard's losses and verdict for metrics.json. A run that diverged within its
+    first epoch has no first-epoch loss: it counts as non-finite, so as started far."""
+    first_epoch = guard.get("first_epoch_loss", float("nan") if diverged else None)
+    return {"lp_step_loss": guard.get("lp_step_loss"), "first_step_loss": guard.get("first_step_loss"),
             "first_epoch_loss": guard.get("first_epoch_loss"),
-            "started_far": started_far(guard.get("first_epoch_loss"), guard.get("lp_step_loss"))}
+            "started_far": started_far(first_epoch, guard.get("lp_step_loss"))}
 
 
 def count(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
