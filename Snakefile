@@ -36,6 +36,7 @@ os.environ.update(
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/import.smk"
 include: "workflow/rules/soups.smk"
 include: "workflow/rules/budget.smk"
 include: "workflow/rules/report.smk"

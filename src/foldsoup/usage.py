@@ -102,8 +102,8 @@ def provenance(meta: dict) -> dict:
     from foldsoup.errors import SoupError
     from foldsoup.soups.methods import ingredient_folds
 
-    if meta.get("kind") == "finetune":
-        return {"kind": "finetune", "hp": meta.get("hp"), "ingredient_folds": [int(meta["fold"])]}
+    if meta.get("kind") in ("finetune", "import"):  # import: a checkpoint of models_from, validated on its fold
+        return {"kind": meta["kind"], "hp": meta.get("hp"), "ingredient_folds": [int(meta["fold"])]}
     if meta.get("kind") == "soup":
         out = {"kind": "soup", "method": meta.get("method"), "n_ingredients": len(meta["ingredients"])}
         try:

@@ -2,14 +2,15 @@ import os
 import re
 
 from foldsoup.config import methods as method_table
-from foldsoup.config.schema import dumps, grid_points
+from foldsoup.config.schema import dumps, hp_names
 from foldsoup.data.prepared import source_paths
 from foldsoup.config.job import job_config, runtime_config
 
 R = config["results"]
 K = config["folds"]["k"]
 FOLDS = list(range(K))
-HPS = [point.name for point in grid_points(config)]
+# The grid points' names, or with models_from the configs of its CSV (models/<config>/fold<i>/).
+HPS = hp_names(config)
 # An outer holdout (folds.holdout_fraction > 0) adds the methods selected on it.
 HOLDOUT = config["folds"]["holdout_fraction"] > 0
 # The methods (foldsoup.config.methods) by the job that makes them: the soups of all models (one

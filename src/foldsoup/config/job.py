@@ -76,6 +76,9 @@ STEP_KEYS: dict[str, tuple[str, ...]] = {
     # writes no greedy steps, so soups.early_exit (the same decisions either way) is not its.
     "budget": (*SOUP_MODEL, "soups.greedy_accept", "soups.cross_fold_val", "grid", "folds.k", "budget"),
     "ship": ("soups.ship",),
+    # models_from: a checkpoint (the job's input file) scored and saved as a fine-tune is, in its
+    # precision and save dtype. Its config label and fold are the job's wildcards.
+    "import_model": (*DATA_SPEC, "model", "finetune.precision", "finetune.save_dtype"),
     "summary": ("data", "model", "folds", "grid", "analysis"),
 }
 
@@ -136,6 +139,11 @@ def _step_keys(cfg: dict, step: str, hp: str | None) -> tuple[str, ...]:
         point = grid_point(cfg, hp)
         return ("seed", *DATA_SPEC, "model", *FINETUNE_RECIPE, f"augment.{point.aug}",
                 *(("finetune.mixup_alpha",) if point.mixup else ()))
+    if cfg.get("models_from") and step in ("budget", "summary"):
+        # Imported models: the budget draws from the configs of the CSV (their order is the
+        # tie order), not the grid; the summary says where the models come from. Only then, so
+        # the jobs of a run that trains keep their configuration.
+        return tuple(key for key in STEP_KEYS[step] if key != "grid") + ("models_from",)
     return STEP_KEYS[step]
 
 

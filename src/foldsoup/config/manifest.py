@@ -52,13 +52,15 @@ def columns_of(data: dict) -> dict[str, str | None]:
     return {**DEFAULT_COLUMNS, **(data.get("columns") or {})}
 
 
+def place(key: str, path: Path, line: int | None = None, item: str = "", column: str | None = None) -> str:
+    """Where in a CSV a problem is: "<key> '<file>' line 3 (<item>), column 'x'"."""
+    return (f"{key} {str(path)!r}" + (f" line {line}" if line is not None else "") + (f" ({item})" if item else "")
+            + (f", column {column!r}" if column else ""))
+
+
 def _at(path: Path, row: Row | None = None, column: str | None = None, line: int | None = None) -> str:
-    where = f"data.manifest {str(path)!r}"
-    if row is not None or line is not None:
-        where += f" line {row.line if row is not None else line}"
-    if row is not None and row.image:
-        where += f" (image {row.image!r})"
-    return where + (f", column {column!r}" if column else "")
+    return place("data.manifest", path, row.line if row is not None else line,
+                 f"image {row.image!r}" if row is not None and row.image else "", column)
 
 
 def _classes(labels: list[str]) -> list[str]:
@@ -69,15 +71,18 @@ def _classes(labels: list[str]) -> list[str]:
     return sorted(unique)
 
 
-def _open_rows(path: Path):
-    """(header, [(line, fields)]) of the CSV; delimiter , ; or tab (the one the header uses most)."""
+def csv_rows(path: Path, at, empty_hint: str) -> tuple[int, list[str], list[tuple[int, list[str]]]]:
+    """(header line, header, [(line, fields)]) of a CSV, blank rows skipped; delimiter , ; or tab
+    (the one the header uses most). `at(path, line=..., column=...)` names a place in the file in
+    messages; `empty_hint` says what an empty file should hold. The manifest and models_from
+    read their files with it."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             text = f.read()
     except UnicodeDecodeError as exc:
-        raise DataError(f"{_at(path)}: not UTF-8 text ({exc}); save the manifest as a UTF-8 CSV") from exc
+        raise DataError(f"{at(path)}: not UTF-8 text ({exc}); save it as a UTF-8 CSV") from exc
     except OSError as exc:
-        raise DataError(f"{_at(path)}: cannot be read ({exc})") from exc
+        raise DataError(f"{at(path)}: cannot be read ({exc})") from exc
     first = text.split("\n", 1)[0]
     delimiter = max(DELIMITERS, key=first.count)
     reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
@@ -87,13 +92,13 @@ def _open_rows(path: Path):
             if any(v.strip() for v in fields):
                 rows.append((reader.line_num, [v.strip() for v in fields]))
     except csv.Error as exc:
-        raise DataError(f"{_at(path, line=reader.line_num)}: not a CSV row ({exc})") from exc
+        raise DataError(f"{at(path, line=reader.line_num)}: not a CSV row ({exc})") from exc
     if not rows:
-        raise DataError(f"{_at(path)}: empty file; expected a header (e.g. image,label,group) and a row per image")
+        raise DataError(f"{at(path)}: empty file; expected {empty_hint}")
     (line, header), body = rows[0], rows[1:]
     seen = [name for i, name in enumerate(header) if name in header[:i]]
     if seen:
-        raise DataError(f"{_at(path, line=line, column=seen[0])}: in the header twice; every column needs its own name")
+        raise DataError(f"{at(path, line=line, column=seen[0])}: in the header twice; every column needs its own name")
     return line, header, body
 
 
@@ -134,7 +139,7 @@ def read_manifest(data: dict, k: int | None = None, holdout_fraction: float = 0.
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise DataError(f"{_at(path)} {what}; allowed: a CSV file with a row per image (image path, label, ...)")
-    header_line, header, body = _open_rows(path)
+    header_line, header, body = csv_rows(path, _at, "a header (e.g. image,label,group) and a row per image")
     columns = _pick_columns(path, header_line, header, columns_of(data))
     index = {name: header.index(name) for name in columns.values() if name is not None}
     class_names = data.get("class_names")

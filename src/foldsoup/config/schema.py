@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from foldsoup.config import data_checks, open_clip_names, results_folder, timm_names
+from foldsoup.config import data_checks, models_from, open_clip_names, results_folder, timm_names
 from foldsoup.config import methods as method_table
 from foldsoup.config.messages import describe, invalid, resolve, type_of
-from foldsoup.errors import ConfigError
+from foldsoup.errors import ConfigError, DataError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -106,12 +106,16 @@ def validate(config: dict, schema: dict | None = None, check_paths: bool = True)
 # ---------------------------------------------------------------------------- beyond the schema
 
 
-def _budget_problems(cfg: dict) -> list[str]:
-    """budget.grid_points within the grid's T points, budget.fold_counts within folds.k."""
+def _budget_problems(cfg: dict, n_configs: int | None = None) -> list[str]:
+    """budget.grid_points within the grid's T points (or the `n_configs` configs of models_from),
+    budget.fold_counts within folds.k."""
     grid, k, problems = cfg["grid"], cfg["folds"]["k"], []
     n_grid = len(grid["lr"]) * len(grid["aug"]) * len(grid["mixup"])
     shape = f"{len(grid['lr'])} lr x {len(grid['aug'])} aug x {len(grid['mixup'])} mixup"
-    for key, limit, what in (("grid_points", n_grid, f"the grid's {n_grid} points ({shape})"),
+    points = f"the grid's {n_grid} points ({shape})"
+    if n_configs is not None:
+        n_grid, points = n_configs, f"the {n_configs} configs of models_from"
+    for key, limit, what in (("grid_points", n_grid, points),
                              ("fold_counts", k, f"folds.k = {k}")):
         for i, value in enumerate(cfg["budget"][key] or []):
             if value > limit:
@@ -172,7 +176,14 @@ def _check_semantics(cfg: dict, check_paths: bool, raw: dict | None = None) -> N
         problems.append(problem)
     if model["name"] == "open_clip":
         problems += open_clip_names.problems(model)
-    problems += _budget_problems(cfg)
+    problems += models_from.problems(cfg, check_paths)
+    if cfg.get("models_from") is None:
+        problems += _budget_problems(cfg)
+    elif check_paths:  # the budget draws from the imported configs instead of the grid
+        try:
+            problems += _budget_problems(cfg, len(hp_names(cfg)))
+        except DataError:
+            pass  # the CSV's own problem is said above, or by the data check
     problem = _ship_problem(cfg)
     if problem:
         problems.append(problem)
@@ -205,6 +216,14 @@ class GridPoint:
 def grid_points(cfg: dict) -> list[GridPoint]:
     grid = cfg["grid"]
     return [GridPoint(float(lr), aug, bool(m)) for lr, aug, m in itertools.product(grid["lr"], grid["aug"], grid["mixup"])]
+
+
+def hp_names(cfg: dict) -> list[str]:
+    """The models' `hp` names in grid order: the grid points', or with models_from the configs of
+    its CSV in order of first appearance (config.models_from)."""
+    if cfg.get("models_from"):
+        return models_from.read_models_from(cfg["models_from"], cfg["folds"]["k"]).configs
+    return [point.name for point in grid_points(cfg)]
 
 
 def grid_point(cfg: dict, name: str) -> GridPoint:

@@ -91,7 +91,8 @@ def plot_models_val_test(models_df: pd.DataFrame, path: str | os.PathLike) -> Fi
     x, y = _pct(df["val_acc"]), _pct(df["test_acc"])
     _square_limits(ax, x, y)
 
-    colour_key = "lr" if "lr" in df.columns else "hp"
+    # Imported models (models_from) have no learning rate: coloured by their config (hp) instead.
+    colour_key = "lr" if "lr" in df.columns and df["lr"].notna().all() else "hp"
     levels = sorted(df[colour_key].unique(), reverse=colour_key == "lr")
     folds = sorted(df["fold"].unique()) if "fold" in df.columns else [None]
     colours = dict(zip(levels, _colors(len(levels))))

@@ -14,6 +14,7 @@ from functools import partial
 from foldsoup.steps.budget import budget, budget_table
 from foldsoup.steps.context import Context, log
 from foldsoup.steps.data import folds, prepare
+from foldsoup.steps.imports import import_model
 from foldsoup.steps.methods import methods
 from foldsoup.steps.report import figures, reliability, summary
 from foldsoup.steps.ship import ship
@@ -54,6 +55,8 @@ STEPS: dict[str, Step] = {
     "lp": Step(linear_probe, "linear probe of one fold", ("config", "data", "folds", "backbone", "fold", "out")),
     "finetune": Step(finetune, "fine-tune one (grid point, fold)",
                      ("config", "data", "folds", "backbone", "head", "hp", "fold", "out_dir", "resume_dir")),
+    "import-model": Step(import_model, "import one checkpoint of models_from (a model trained outside foldsoup)",
+                         ("config", "data", "folds", "checkpoint", "hp", "fold", "out_dir")),
     "models-table": Step(models_table, "gather metrics into tables/models.csv", ("metrics*", "out")),
     "uniform-subsets": Step(uniform_subsets, "section 3.1 soups of one grid point",
                             ("config", "data", "folds", "hp", "models*", "metrics*", "out")),
@@ -83,5 +86,5 @@ STEPS: dict[str, Step] = {
 }
 
 __all__ = ["STEPS", "Context", "Step", "budget", "budget_table", "figures", "finetune", "folds", "greedy_all",
-           "greedy_per_fold", "gsgs", "linear_probe", "log", "methods", "models_table", "prepare", "pretrain", "reliability",
+           "greedy_per_fold", "gsgs", "import_model", "linear_probe", "log", "methods", "models_table", "prepare", "pretrain", "reliability",
            "ship", "summary", "uniform_all", "uniform_subsets"]

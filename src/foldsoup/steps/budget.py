@@ -24,19 +24,20 @@ from foldsoup.steps.soups import log_cost
 
 
 def load_models(cfg: dict, model_dir: str | os.PathLike) -> list[Model]:
-    """Every (grid point, fold) model of the run, in grid order then fold (the workflow's order)."""
+    """Every (grid point, fold) model of the run, in grid order then fold (the workflow's order);
+    with models_from, the configs of its CSV take the grid points' place."""
     import json
 
-    from foldsoup.config.schema import grid_points
+    from foldsoup.config.schema import hp_names
 
     root, out = Path(model_dir), []
-    for index, point in enumerate(grid_points(cfg)):
+    for index, hp in enumerate(hp_names(cfg)):
         for fold in range(cfg["folds"]["k"]):
-            folder = root / point.name / f"fold{fold}"
+            folder = root / hp / f"fold{fold}"
             with open(folder / "metrics.json") as f:
                 m = json.load(f)
             # Accuracies exact, from the counts, as best_on_val and the soups read them (ModelResult.from_record).
-            out.append(Model.from_record({**m, "hp": point.name, "fold": fold}, grid_index=index,
+            out.append(Model.from_record({**m, "hp": hp, "fold": fold}, grid_index=index,
                                          weights=str(folder / "model.safetensors"),
                                          predictions=str(folder / "predictions.safetensors")))
     return out

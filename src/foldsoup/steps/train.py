@@ -77,22 +77,9 @@ def _injected_failure(tag: str) -> int | None:
 
 def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, head_path: str, hp: str, fold: int,
              out_dir: str, resume_dir: str) -> None:
-    import torch
-
     from foldsoup.errors import Diverged, Interrupted
     from foldsoup.models.classifier import load_backbone
-    from foldsoup.soups.select import fold_acc
-    from foldsoup.training.loop import (
-        LoopConfig,
-        ResumeStore,
-        SigtermTrap,
-        count,
-        fold_counts,
-        fold_logits,
-        guard_stats,
-        predict_logits,
-        train,
-    )
+    from foldsoup.training.loop import LoopConfig, ResumeStore, SigtermTrap, guard_stats, train
 
     point: GridPoint = grid_point(cfg, hp)
     tag = f"{hp}/fold{fold}"
@@ -123,52 +110,9 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
     # weights as resume state: the rerun skips training and only evaluates.
     try:
         with SigtermTrap(raising=True):
-            # Evaluate what is saved: with save_dtype bfloat16 the model first takes the rounded
-            # weights, so every accuracy reported for the file (and every selection) is the file's.
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ft["save_dtype"]]
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-            if dtype != torch.float32:
-                model.load_state_dict(state)
-            batch = ft["eval_batch_size"]
-            # Counted as the soups are (Evaluator's per-fold batches), every accuracy from the counts.
-            fold_of = ctx.tensor(ctx.fold_of)
-            pool_logits = fold_logits(model, ctx.tensor(d.pool_images), fold_of, ctx.spec, batch, ft["precision"])
-            test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
-            labels = ctx.tensor(d.pool_labels)
-            counts = fold_counts(pool_logits, labels, fold_of, range(ctx.k))
-            accs = {i: float(fold_acc(*c)) for i, c in counts.items()}
-            holdout = ctx.tensor(holdout_indices(ctx.fold_of))
-            holdout_count = count(pool_logits[holdout], labels[holdout]) if len(holdout) else None
-            holdout_acc = float(fold_acc(*holdout_count)) if holdout_count else None
-            test_count = count(test_logits, ctx.tensor(d.test_labels))
-            test_acc = float(fold_acc(*test_count))
-            out = Path(out_dir)
-            meta = ctx.metadata(kind="finetune", **point.as_dict(), fold=fold)
-            save_weights(out / "model.safetensors", state, meta)
-            save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits},
-                         {"hp": hp, "fold": fold})
-            # At chance: own-fold val accuracy no better than always predicting that fold's largest class
-            # (exact binomial test, analysis.chance_ceiling): a loss that exploded without turning NaN.
-            from foldsoup.analysis.reliability import (
-                CHANCE_ALPHA,
-                at_chance,
-                chance_ceiling,
-                majority_rate,
-            )
-
-            val_labels = d.pool_labels[ctx.fold_of == fold]
-            majority, n_val = majority_rate(val_labels), len(val_labels)
-            chance, ceiling = at_chance(accs[fold], n_val, majority), chance_ceiling(n_val, majority)
-            metrics = {**point.as_dict(), "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
-                       "val_correct": counts[fold][0], "val_total": counts[fold][1],
-                       "test_correct": test_count[0], "test_total": test_count[1],
-                       "fold_accs": {str(i): a for i, a in accs.items()},
-                       "fold_counts": {str(i): list(c) for i, c in counts.items()}, "holdout_acc": holdout_acc,
-                       **({"holdout_correct": holdout_count[0], "holdout_total": holdout_count[1]} if holdout_count else {}),
-                       "diverged": diverged,
-                       "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val,
-                       "lp_val_acc": head_meta.get("val_acc"), **stats}
-            atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished
+            metrics = write_model(ctx, model, out_dir, fold, point.as_dict(),
+                                  ctx.metadata(kind="finetune", **point.as_dict(), fold=fold), diverged,
+                                  {"lp_val_acc": head_meta.get("val_acc"), **stats})
     except Interrupted:
         if diverged:
             raise
@@ -176,10 +120,74 @@ def finetune(cfg: dict, data_path: str, folds_path: str, backbone_path: str, hea
         raise Interrupted(f"{tag}: SIGTERM after training; the trained weights are saved to {resume.path}, "
                           f"a rerun only evaluates them") from None
     resume.clear()
-    log(f"{tag}: val acc (fold {fold}) {accs[fold]:.4f}" + (f", holdout acc {holdout_acc:.4f}" if holdout_acc is not None else "")
-        + f", test acc {test_acc:.4f}")
-    if chance and not diverged:
-        log(f"WARNING {tag}: at chance: val acc {accs[fold]:.4f} is not above {ceiling:.4f}, the most a model blind to its "
-            f"input plausibly reaches on fold {fold}'s {n_val} val images (largest class {majority:.4f}; binomial test at "
-            f"p = {CHANCE_ALPHA}); final train loss {stats['final_loss']:.4g}. It learned nothing: lower lr {point.lr:g} in "
-            f"grid.lr or check the data. It is not diverged, so it still enters the soups and Table 2's threshold")
+    if log_scores(tag, metrics) and not diverged:
+        from foldsoup.analysis.reliability import CHANCE_ALPHA
+
+        m = metrics
+        log(f"WARNING {tag}: at chance: val acc {m['val_acc']:.4f} is not above {m['chance_ceiling']:.4f}, the most a model "
+            f"blind to its input plausibly reaches on fold {fold}'s {m['val_images']} val images (largest class "
+            f"{m['val_majority']:.4f}; binomial test at p = {CHANCE_ALPHA}); final train loss {stats['final_loss']:.4g}. It "
+            f"learned nothing: lower lr {point.lr:g} in grid.lr or check the data. It is not diverged, so it still enters "
+            f"the soups and Table 2's threshold")
+
+
+def write_model(ctx: Context, model, out_dir: str, fold: int, fields: dict, meta: dict, diverged: bool,
+                tail: dict) -> dict:
+    """Score `model` as it is saved and write models/<hp>/fold<i>/: model.safetensors (with `meta`),
+    predictions.safetensors and metrics.json (`fields`: hp, lr, aug, mixup; then the fold, every
+    count and accuracy, the chance test, `diverged` and `tail`: the LP's val accuracy and the
+    training statistics). Returns the metrics. A fine-tune and an imported checkpoint
+    (steps.imports) both end here, so their files are alike field for field."""
+    import torch
+
+    from foldsoup.analysis.reliability import at_chance, chance_ceiling, majority_rate
+    from foldsoup.soups.select import fold_acc
+    from foldsoup.training.loop import count, fold_counts, fold_logits, predict_logits
+
+    cfg, d = ctx.cfg, ctx.data
+    ft = cfg["finetune"]
+    # Evaluate what is saved: with save_dtype bfloat16 the model first takes the rounded
+    # weights, so every accuracy reported for the file (and every selection) is the file's.
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ft["save_dtype"]]
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    if dtype != torch.float32:
+        model.load_state_dict(state)
+    batch = ft["eval_batch_size"]
+    # Counted as the soups are (Evaluator's per-fold batches), every accuracy from the counts.
+    fold_of = ctx.tensor(ctx.fold_of)
+    pool_logits = fold_logits(model, ctx.tensor(d.pool_images), fold_of, ctx.spec, batch, ft["precision"])
+    test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
+    labels = ctx.tensor(d.pool_labels)
+    counts = fold_counts(pool_logits, labels, fold_of, range(ctx.k))
+    accs = {i: float(fold_acc(*c)) for i, c in counts.items()}
+    holdout = ctx.tensor(holdout_indices(ctx.fold_of))
+    holdout_count = count(pool_logits[holdout], labels[holdout]) if len(holdout) else None
+    holdout_acc = float(fold_acc(*holdout_count)) if holdout_count else None
+    test_count = count(test_logits, ctx.tensor(d.test_labels))
+    test_acc = float(fold_acc(*test_count))
+    out = Path(out_dir)
+    save_weights(out / "model.safetensors", state, meta)
+    save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits},
+                 {"hp": fields["hp"], "fold": fold})
+    # At chance: own-fold val accuracy no better than always predicting that fold's largest class
+    # (exact binomial test, analysis.chance_ceiling): a loss that exploded without turning NaN.
+    val_labels = d.pool_labels[ctx.fold_of == fold]
+    majority, n_val = majority_rate(val_labels), len(val_labels)
+    chance, ceiling = at_chance(accs[fold], n_val, majority), chance_ceiling(n_val, majority)
+    metrics = {**fields, "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
+               "val_correct": counts[fold][0], "val_total": counts[fold][1],
+               "test_correct": test_count[0], "test_total": test_count[1],
+               "fold_accs": {str(i): a for i, a in accs.items()},
+               "fold_counts": {str(i): list(c) for i, c in counts.items()}, "holdout_acc": holdout_acc,
+               **({"holdout_correct": holdout_count[0], "holdout_total": holdout_count[1]} if holdout_count else {}),
+               "diverged": diverged,
+               "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val, **tail}
+    atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished
+    return metrics
+
+
+def log_scores(tag: str, m: dict) -> bool:
+    """The job's last line of scores; True when the model is at chance (the caller says why)."""
+    holdout = f", holdout acc {m['holdout_acc']:.4f}" if m["holdout_acc"] is not None else ""
+    log(f"{tag}: val acc (fold {m['fold']}) {m['val_acc']:.4f}{holdout}, test acc {m['test_acc']:.4f}")
+    return bool(m["at_chance"])

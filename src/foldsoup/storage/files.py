@@ -180,6 +180,6 @@ def safetensors_contents(keys: Iterable[str], metadata: Mapping[str, object]) ->
         return "the pretrained backbone alone (no head, no class names)"
     if kind == "head":
         return "a linear-probe head alone (no backbone)"
-    if kind in ("finetune", "soup") or ("head.weight" in keys and any(k.startswith("backbone.") for k in keys)):
+    if kind in ("finetune", "import", "soup") or ("head.weight" in keys and any(k.startswith("backbone.") for k in keys)):
         return "model weights"
     return None
