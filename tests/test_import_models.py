@@ -229,6 +229,8 @@ def test_a_run_on_imported_models_goes_to_the_end(user, tmp_path):
     assert ship["method"] == "gsgs" and (results / "ship" / "model.safetensors").is_file()
     summary = (results / "summary.md").read_text()
     assert "imported from models_from" in summary and (results / "tables" / "budget.csv").is_file()
+    assert f"- imported models (trained outside foldsoup): {len(CONFIGS) * K}" in summary
+    assert "fine-tuned models" not in summary and "started far" not in summary  # no fine-tune, no first-step guard
     # Replacing one checkpoint reruns its import and what follows it, no other import.
     checkpoint = user["base"] / user["listed"][-1][0]
     checkpoint.write_bytes(checkpoint.read_bytes())

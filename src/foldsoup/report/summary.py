@@ -135,7 +135,7 @@ def _flag_lines(models_df: pd.DataFrame) -> list[str]:
     if "at_chance" in models_df.columns:
         lines.append(line("models at chance", flagged.at_chance, CHANCE_RULE,
                           "they learned nothing, yet they are not diverged and stay in the soups and in Table 2's threshold"))
-    if "started_far" in models_df.columns:
+    if "started_far" in models_df.columns and models_df["started_far"].notna().any():  # imported models have no guard
         lines.append(line("fine-tunes that started far from their LP init", flagged.started_far, FAR_RULE,
                           "see their fine-tune logs (finetune.batchnorm, grid.lr)"))
     if flagged.with_probe:
@@ -164,7 +164,7 @@ def header_section(run_info: dict, models_df: pd.DataFrame, subsets_df: pd.DataF
     lines += [
         f"- folds k: {k}",
         f"- grid points: {grid}",
-        f"- fine-tuned models: {n_models}",
+        f"- {'imported models (trained outside foldsoup)' if run_info.get('imported') else 'fine-tuned models'}: {n_models}",
         f"- uniform soups analysed (Section 3.1): {len(subsets_df)}; fold subsets "
         + (("sampled" + (f", at most {cap} per size n per grid point" if cap else " per size n"))
            if sampled else "all 2^k - 1 per grid point"),

@@ -73,6 +73,7 @@ def summary(cfg: dict, models_csv: str, subsets_csv: str, reliability_csv: str, 
     }
     if cfg.get("models_from"):  # trained outside foldsoup: imported, not fine-tuned here
         run_info["model"] += f"; {len(models)} checkpoints imported from models_from {cfg['models_from']} (no fine-tune)"
+        run_info["imported"] = True
     write_summary(out, pd.read_csv(reliability_csv), pd.read_csv(methods_csv), models,
                   pd.read_csv(subsets_csv, dtype={"folds": str}), run_info,
                   budget=pd.read_csv(budget_csv, dtype={"grid": str, "folds": str}) if budget_csv else None,
