@@ -17,11 +17,11 @@ import pytest
 
 from foldsoup.soups.select import (
     Candidate,
+    ClassCounts,
     FoldCount,
     evaluation_order,
     fold_acc,
     greedy_soup,
-    needed_correct,
     step_record,
 )
 
@@ -30,15 +30,29 @@ RULES = [(accept, cross_fold) for accept in (">=", ">") for cross_fold in ("min"
 
 class AnswerTable:
     """A counting scorer: for each (soup, fold), a fixed random sequence of right and wrong
-    answers (few wrong ones, so accuracies tie often), read in full or batch by batch."""
+    answers (few wrong ones, so accuracies tie often), read in full or batch by batch. Each
+    fold's images have fixed classes (`classes` of them, unbalanced: class 0 the most), which
+    balanced accuracy counts per class."""
 
     counts = True
 
-    def __init__(self, seed: int, sizes: dict[int, int], batch: int, wrong: list[int]) -> None:
-        self.seed, self.sizes, self.batch, self.wrong = seed, sizes, batch, wrong
+    def __init__(self, seed: int, sizes: dict[int, int], batch: int, wrong: list[int], metric: str = "accuracy",
+                 classes: int = 3) -> None:
+        self.seed, self.sizes, self.batch, self.wrong, self.metric = seed, sizes, batch, wrong, metric
+        rng = random.Random(f"labels|{seed}")  # its own stream: the answers are those of any metric
+        self.labels = {f: [min(int(rng.expovariate(1.5)), classes - 1) for _ in range(n)] for f, n in sizes.items()}
+        self.classes = classes
         self.accepted: list[str] = []
         self.folds: set[int] = set()
         self.images = 0
+
+    def class_sizes(self, fold: int) -> tuple[int, ...]:
+        return tuple(self.labels[fold].count(c) for c in range(self.classes))
+
+    def _counts(self, answers: list[bool], fold: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        labels = self.labels[fold][: len(answers)]
+        return (tuple(sum(a for a, y in zip(answers, labels) if y == c) for c in range(self.classes)),
+                tuple(labels.count(c) for c in range(self.classes)))
 
     def answers(self, names: frozenset[str], fold: int) -> list[bool]:
         rng = random.Random(f"{self.seed}|{sorted(names)}|{fold}")
@@ -56,22 +70,21 @@ class AnswerTable:
         for fold in sorted(self.folds | candidate.folds):
             answers = self.answers(self._key(candidate), fold)
             self.images += len(answers)
-            out[fold] = fold_acc(sum(answers), len(answers))
+            out[fold] = ClassCounts(*self._counts(answers, fold)).score(self.metric)
         return out
 
     def fold_size(self, fold: int) -> int:
         return self.sizes[fold]
 
-    def fold_count_with(self, candidate: Candidate, fold: int, need: int) -> FoldCount:
+    def fold_count_with(self, candidate: Candidate, fold: int, reaches=None) -> FoldCount:
         answers = self.answers(self._key(candidate), fold)
-        total, correct, seen = len(answers), 0, 0
-        for start in range(0, total, self.batch):
-            correct += sum(answers[start : start + self.batch])
-            seen = min(start + self.batch, total)
-            if seen - correct > total - need:
+        count = None
+        for start in range(0, len(answers), self.batch):
+            count = FoldCount(*self._counts(answers[: start + self.batch], fold), self.class_sizes(fold), self.metric)
+            if reaches is not None and not reaches(count):
                 break
-        self.images += seen
-        return FoldCount(correct, seen, total)
+        self.images += count.images
+        return count
 
     def accept(self, candidate: Candidate) -> None:
         self.accepted.append(candidate.name)
@@ -102,12 +115,15 @@ def random_case(seed: int):
     return cands, sizes, rng.randint(1, 9), rng.choice([[0, 1, 1, 2, 3], [0, 0, 1], [2, 3, 5, 8], [0, 4, 9, 20]])
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
 @pytest.mark.parametrize("accept, cross_fold", RULES)
-def test_random_tables_decide_as_full_evaluation(accept, cross_fold):
+def test_random_tables_decide_as_full_evaluation(accept, cross_fold, metric):
+    """Balanced accuracy too: its bound is per class (every image not yet evaluated counted
+    right in its own class), so early exit stays exact on unbalanced classes."""
     totals = {"early": 0, "full": 0, "stopped_in_fold": 0, "rejected": 0, "ties_accepted": 0}
     for seed in range(150):
         cands, sizes, batch, wrong = random_case(seed)
-        full_scorer, early_scorer = AnswerTable(seed, sizes, batch, wrong), AnswerTable(seed, sizes, batch, wrong)
+        full_scorer, early_scorer = (AnswerTable(seed, sizes, batch, wrong, metric) for _ in range(2))
         full = greedy_soup(cands, full_scorer, accept, cross_fold, early_exit=False)
         early = greedy_soup(cands, early_scorer, accept, cross_fold)
         assert_same_decisions(early, full)
@@ -122,6 +138,41 @@ def test_random_tables_decide_as_full_evaluation(accept, cross_fold):
     assert totals["rejected"] > 100 and totals["stopped_in_fold"] > 20
     assert (totals["ties_accepted"] > 20) if accept == ">=" else totals["ties_accepted"] == 0
     assert totals["early"] < 0.8 * totals["full"]
+
+
+def test_balanced_accuracy_is_the_mean_recall_over_the_classes_present():
+    counts = ClassCounts((9, 1), (9, 3))  # 9 of 9 of the large class, 1 of 3 of the rare one
+    assert counts.score("accuracy") == Fraction(10, 12) and counts.score("balanced_accuracy") == Fraction(2, 3)
+    assert ClassCounts((5, 0, 1), (5, 0, 2)).score("balanced_accuracy") == Fraction(3, 4)  # class 1 absent: not counted
+    assert counts.score("balanced_accuracy").counts == counts  # a score keeps what it came from
+    with pytest.raises(ValueError, match="metric must be one of"):
+        counts.score("f1")
+
+
+def test_the_early_exit_bound_is_per_class():
+    """4 of 8 images of class 0 right, both images of class 1 wrong: balanced accuracy can at
+    most reach (8/8 + 0/2) / 2 whatever the 4 images left are; accuracy at most 8/10."""
+    partial = FoldCount((4, 0), (4, 2), (8, 2), "balanced_accuracy")
+    assert partial.best_possible == Fraction(1, 2) and not partial.complete
+    assert FoldCount((4, 0), (4, 2), (8, 2), "accuracy").best_possible == Fraction(8, 10)
+    # The soup "a" misses 4 images of class 0 (accuracy 0.8, balanced 0.875); with "b" it misses
+    # the 4 of class 1 instead: accuracy ties at 0.8 (accepted with >=, evaluated in full), balanced
+    # accuracy can reach at most 0.75 once the first batch's two class-1 images are wrong.
+    labels = [1, 1, 0, 0] + [0] * 14 + [1, 1]
+
+    class Scripted(AnswerTable):
+        def answers(self, names, fold):
+            if names == {"a"}:
+                return [y == 1 or i < 14 for i, y in enumerate(labels)]
+            return [y == 0 for y in labels]
+
+    for metric, accepted, images in (("balanced_accuracy", False, 4), ("accuracy", True, 20)):
+        table = Scripted(0, {0: 20}, 4, [], metric, classes=2)
+        table.labels = {0: labels}
+        result = greedy_soup([Candidate("a", {0}, 1.0), Candidate("b", {0}, 0.9)], table, ">=")
+        assert float(result.steps[0].score) == (0.875 if metric == "balanced_accuracy" else 0.8)
+        step = result.steps[1]
+        assert (step.accepted, step.images) == (accepted, {0: images}), metric
 
 
 def test_ties_are_accepted_with_geq_and_rejected_with_gt():
@@ -139,7 +190,7 @@ def test_ties_are_accepted_with_geq_and_rejected_with_gt():
     # With >, a tie is rejected as soon as the one wrong answer is seen: the first batch of 3.
     strict = greedy_soup(cands, Constant(0, {0: 10}, 3, []), ">")
     assert [s.images for s in strict.steps] == [{0: 10}, {0: 3}, {0: 3}, {0: 3}]
-    assert strict.steps[1].reason == "fold 0: at most 9/10 correct possible after 3 images, the best needs 10"
+    assert strict.steps[1].reason == "fold 0: at most accuracy 0.9 possible after 3 of 10 images, the best is 0.9"
 
 
 def test_the_weakest_fold_is_evaluated_first_and_its_stop_is_recorded():
@@ -158,24 +209,15 @@ def test_the_weakest_fold_is_evaluated_first_and_its_stop_is_recorded():
     result = greedy_soup([a, b], scorer)
     step = result.steps[1]
     assert step.images == {3: 512} and not step.accepted and step.fold_accs == {} and step.score is None
-    assert step.reason == "fold 3: at most 1620/2000 correct possible after 512 images, the best needs 1660"
+    assert step.reason == "fold 3: at most accuracy 0.81 possible after 512 of 2000 images, the best is 0.83"
     record = step_record(step)
     assert json.loads(json.dumps(record))["images"] == {"3": 512}
     assert scorer.images == 2000 + 512  # fold 5 (new to the soup) was never evaluated
 
 
-def test_needed_correct_and_the_evaluation_order():
-    # MinAcc: 1660/2000 is needed with >=, one more with >; other folds do not lower it.
-    assert needed_correct(3, 2000, {}, [3, 5], Fraction(83, 100), ">=", "min") == 1660
-    assert needed_correct(3, 2000, {5: Fraction(99, 100)}, [3, 5], Fraction(83, 100), ">", "min") == 1661
-    # AvgAcc: fold 0 known at 0.5 and best 0.75 need fold 1 perfect; > cannot be met (total + 1).
-    assert needed_correct(1, 4, {0: 0.5}, [0, 1], 0.75, ">=", "avg") == 4
-    assert needed_correct(1, 4, {0: 0.5}, [0, 1], 0.75, ">", "avg") == 5
-    # A fold not yet evaluated counts as perfect: fold 1 alone then needs 2 of 4 for 0.75.
-    assert needed_correct(1, 4, {}, [0, 1], 0.75, ">=", "avg") == 2
+def test_exact_fractions_and_the_evaluation_order():
     # Exact fractions decide: 0.9 + 0.94 is 2 * 0.92 (in floats it falls just below).
     assert (0.9 + 94 / 100) / 2 < 0.92 and (fold_acc(90, 100) + fold_acc(94, 100)) / 2 == fold_acc(92, 100)
-    assert needed_correct(1, 100, {0: fold_acc(90, 100)}, [0, 1], fold_acc(92, 100), ">=", "avg") == 94
     # The soup's folds at its accuracies, a new fold (3) at the candidate's own val accuracy.
     assert evaluation_order({0: 0.9, 1: 0.8, 2: 0.8}, Candidate("c", {3}, 0.95), {3, 2, 1, 0}) == [1, 2, 0, 3]
     assert evaluation_order({0: 0.9, 1: 0.8, 2: 0.8}, Candidate("c", {3}, 0.85), {3, 2, 1, 0}) == [1, 2, 3, 0]
@@ -211,6 +253,18 @@ def one_thread():
 def digits_models():
     """Real digits images (classes 0-4, 3 folds of val images), and 10 digits CNNs around one
     random start whose heads are shifted towards a few classes, so their accuracies differ."""
+    return _digits_models(fit=False)
+
+
+@pytest.fixture(scope="module")
+def fitted_digits_models():
+    """As digits_models around a start fitted for 40 steps (random CNNs answer one class each,
+    so their balanced accuracies are all 1/5): smaller weight noise, so the models keep telling
+    the classes apart and their balanced accuracies differ."""
+    return _digits_models(fit=True)
+
+
+def _digits_models(fit: bool):
     torch = pytest.importorskip("torch")
     import numpy as np
     from sklearn.datasets import load_digits
@@ -224,17 +278,25 @@ def digits_models():
     fold_of = np.random.default_rng(0).permutation(np.arange(150) % 3)
     torch.manual_seed(0)
     model = build_classifier({"name": "digits_cnn", "width": 8}, 5)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
+    if fit:
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        x = (torch.from_numpy(images).float() / 255 - 0.5) / 0.5
+        for _ in range(40):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), torch.from_numpy(labels)).backward()
+            opt.step()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     states = {}
     for i in range(10):
-        state = {k: v + 0.3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in base.items()}
+        state = {k: v + (0.05 if fit else 0.3) * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                 for k, v in base.items()}
         state["head.bias"] = state["head.bias"] + 2.0 * torch.randn(5, generator=gen)
         states[f"m{i}/fold{i % 3}"] = state
     return model, images, labels, fold_of, states
 
 
-def _evaluator(digits_models, batch: int):
+def _evaluator(digits_models, batch: int, metric: str = "accuracy"):
     import torch
 
     from foldsoup.soups.evaluation import Evaluator
@@ -242,16 +304,18 @@ def _evaluator(digits_models, batch: int):
 
     model, images, labels, fold_of, _ = digits_models
     return Evaluator(model, images, labels, fold_of, images[:8], labels[:8], ImageSpec(8, [0.5], [0.5], False), batch,
-                     "fp32", torch.device("cpu"))
+                     "fp32", torch.device("cpu"), metric=metric)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accept, cross_fold", RULES)
-def test_real_evaluator_decides_as_full_evaluation(digits_models, accept, cross_fold):
+@pytest.mark.parametrize("accept, cross_fold, metric", [*((a, c, "accuracy") for a, c in RULES),
+                                                         (">=", "min", "balanced_accuracy"), (">", "avg", "balanced_accuracy")])
+def test_real_evaluator_decides_as_full_evaluation(request, accept, cross_fold, metric):
     from foldsoup.soups.evaluation import greedy_scorer
 
+    digits_models = request.getfixturevalue("digits_models" if metric == "accuracy" else "fitted_digits_models")
     states = digits_models[4]
-    ev = _evaluator(digits_models, batch=4)
+    ev = _evaluator(digits_models, batch=4, metric=metric)
     own = {n: ev.fold_accs(s, {int(n[-1])})[int(n[-1])] for n in states for s in [states[n]]}
     assert len(set(own.values())) > 3  # the models really differ
     images = {"early": 0, "full": 0}
@@ -280,10 +344,12 @@ def test_evaluator_counts_match_its_accuracies(digits_models):
     accs = ev.fold_accs(state, [0, 1, 2])
     for fold in (0, 1, 2):
         full = ev.count(state, fold)
-        assert full.complete and full.acc == accs[fold] and full.total == ev.fold_size(fold)
-        stopped = ev.count(state, fold, need=full.correct + 1)  # one more than it gets: stops
-        assert stopped.evaluated % 4 == 0 or stopped.complete
-        assert stopped.most_correct < full.correct + 1 and stopped.correct <= full.correct
+        assert full.complete and full.score == accs[fold] and sum(full.total) == ev.fold_size(fold)
+        assert full.total == ev.class_sizes(fold) and accs[fold].counts.correct == full.correct
+        # Asks for one more correct answer than it gets: stops once that is out of reach.
+        stopped = ev.count(state, fold, lambda c: sum(c.correct) + sum(c.total) - c.images > sum(full.correct))
+        assert stopped.images % 4 == 0 or stopped.complete
+        assert sum(stopped.correct) <= sum(full.correct) and stopped.images <= full.images
 
 
 def test_evaluator_scores_the_weights_each_call_names(digits_models, monkeypatch):

@@ -65,11 +65,16 @@ def test_equal_fractions_tie_whatever_their_float_path():
 
 
 def test_soup_records_keep_the_counts_and_readers_compare_them():
-    rec = soup_record("greedy_fold1", ["a/fold1"], {}, "min", {1: (1000, 1999)})
+    rec = soup_record("greedy_fold1", ["a/fold1"], {}, "min", {1: select.ClassCounts((990, 10), (1000, 999))})
     assert rec["fold_counts"] == {"1": [1000, 1999]} and (rec["val_correct"], rec["val_total"]) == (1000, 1999)
+    assert (rec["val_class_correct"], rec["val_class_total"]) == ([990, 10], [1000, 999])
     assert rec["val_acc"] == 1000 / 1999 and record_val(json.loads(json.dumps(rec))) == Fraction(1000, 1999)
-    avg = soup_record("greedy_soup", ["a/fold0", "b/fold1"], {}, "avg", {0: (1, 3), 1: (2, 3)})
+    balanced = (Fraction(990, 1000) + Fraction(10, 999)) / 2
+    assert rec["val_bacc"] == float(balanced) and record_val(json.loads(json.dumps(rec)), "balanced_accuracy") == balanced
+    avg = soup_record("greedy_soup", ["a/fold0", "b/fold1"], {}, "avg",
+                      {0: select.ClassCounts((1, 0), (1, 2)), 1: select.ClassCounts((2,), (3,))})
     assert record_val(avg) == Fraction(1, 2) and avg["val_metric"] == "avg"
+    assert record_val(avg, "balanced_accuracy") == (Fraction(1, 2) + Fraction(2, 3)) / 2
 
 
 def test_old_metrics_without_counts_are_read_as_their_floats():
@@ -90,8 +95,8 @@ def test_a_model_alone_and_as_a_one_ingredient_soup_gets_the_same_counts(digits_
 
     from foldsoup.data.folds import HOLDOUT
     from foldsoup.soups.average import average
-    from foldsoup.soups.evaluation import Evaluator
-    from foldsoup.training.loop import ImageSpec, fold_counts, fold_logits
+    from foldsoup.soups.evaluation import Evaluator, class_counts
+    from foldsoup.training.loop import ImageSpec, fold_logits
 
     model, images, labels, fold_of, states = digits_models
     fold_of = fold_of.copy()
@@ -102,7 +107,7 @@ def test_a_model_alone_and_as_a_one_ingredient_soup_gets_the_same_counts(digits_
     for name, state in list(states.items())[:3]:
         model.load_state_dict(state)
         pool = fold_logits(model, torch.from_numpy(images), torch.from_numpy(fold_of), spec, batch)
-        alone = fold_counts(pool, torch.from_numpy(labels), torch.from_numpy(fold_of), folds)
+        alone = {f: class_counts(pool[fold_of == f], torch.from_numpy(labels[fold_of == f]), 5) for f in folds}
         soup = ev.counts_of(ev.fold_accs(average([state]), folds))
         assert alone == soup, name
-        assert all(t == int((fold_of == f).sum()) for f, (_, t) in alone.items()) and np.isin(fold_of, folds).all()
+        assert all(c.images == int((fold_of == f).sum()) for f, c in alone.items()) and np.isin(fold_of, folds).all()

@@ -36,7 +36,9 @@ def test_fold_accuracies_by_fold():
     logits = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=float)
     labels = np.array([0, 1, 1, 1])
     fold_of = np.array([0, 0, 1, 1])
-    assert fold_accuracies(logits, labels, fold_of, [0, 1]) == {0: 0.5, 1: 1.0}
+    assert fold_accuracies(logits, labels, fold_of, [0, 1], 2) == {0: 0.5, 1: 1.0}
+    # Balanced: fold 0 has one image of each class, one right; fold 1 only class 1, all right.
+    assert fold_accuracies(logits, labels, fold_of, [0, 1], 2, "balanced_accuracy") == {0: 0.5, 1: 1.0}
 
 
 def test_paired_bootstrap_known_answers():
@@ -46,7 +48,7 @@ def test_paired_bootstrap_known_answers():
     better[np.flatnonzero(~base)[:40]] = True  # right on 40 more images, never worse
     same = base.copy()
     rows = {r["method"]: r for r in paired_bootstrap({"ref": base, "same": same, "better": better}, "ref", 500, seed=1)}
-    assert rows["ref"]["test_acc"] == pytest.approx(base.mean())
+    assert rows["ref"]["test_score"] == pytest.approx(base.mean())
     assert rows["ref"]["test_ci_low"] < base.mean() < rows["ref"]["test_ci_high"]
     # Identical predictions: the paired difference is exactly zero in every resample.
     assert rows["same"]["diff_vs_ref"] == 0 and rows["same"]["diff_ci_low"] == 0 and rows["same"]["diff_ci_high"] == 0

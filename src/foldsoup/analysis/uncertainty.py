@@ -27,22 +27,25 @@ def ensemble_of_groups(groups: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     return ensemble_logits([ensemble_logits(group) for group in groups])
 
 
-def fold_counts(pool_logits: np.ndarray, pool_labels: np.ndarray, fold_of: np.ndarray, folds) -> dict[int, tuple[int, int]]:
-    """fold -> (correct, total) of logits on the pool."""
-    correct = pool_logits.argmax(1) == pool_labels
-    return {int(i): (int(correct[fold_of == i].sum()), int((fold_of == i).sum())) for i in sorted(folds)}
+def class_counts(logits: np.ndarray, labels: np.ndarray, num_classes: int):
+    """Per-class correct answers and images of `logits` on `labels` (`soups.select.ClassCounts`)."""
+    from foldsoup.soups.select import ClassCounts
+
+    labels = np.asarray(labels, dtype=np.int64)
+    right = labels[np.asarray(logits).argmax(1) == labels]
+    return ClassCounts(tuple(np.bincount(right, minlength=num_classes).tolist()),
+                       tuple(np.bincount(labels, minlength=num_classes).tolist()))
 
 
-def fold_accuracies(pool_logits: np.ndarray, pool_labels: np.ndarray, fold_of: np.ndarray, folds) -> dict:
-    """fold -> exact accuracy (`soups.select.fold_acc` of `fold_counts`)."""
-    from foldsoup.soups.select import fold_acc
-
-    return {i: fold_acc(*c) for i, c in fold_counts(pool_logits, pool_labels, fold_of, folds).items()}
+def fold_counts(pool_logits: np.ndarray, pool_labels: np.ndarray, fold_of: np.ndarray, folds, num_classes: int) -> dict:
+    """fold -> per-class counts (`class_counts`) of logits on the pool."""
+    return {int(i): class_counts(pool_logits[fold_of == i], pool_labels[fold_of == i], num_classes) for i in sorted(folds)}
 
 
-def correct_count(test_logits: np.ndarray, test_labels: np.ndarray) -> tuple[int, int]:
-    """(correct, total) on the test set."""
-    return int((test_logits.argmax(1) == test_labels).sum()), len(test_labels)
+def fold_accuracies(pool_logits: np.ndarray, pool_labels: np.ndarray, fold_of: np.ndarray, folds, num_classes: int,
+                    metric: str = "accuracy") -> dict:
+    """fold -> exact score under `metric` (a `soups.select.Score` of `fold_counts`)."""
+    return {i: c.score(metric) for i, c in fold_counts(pool_logits, pool_labels, fold_of, folds, num_classes).items()}
 
 
 def confusion_matrix(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -66,13 +69,15 @@ def per_class_rows(method: str, matrix: np.ndarray, classes: Sequence[str]) -> l
 
 def paired_bootstrap(
     correct: Mapping[str, np.ndarray], reference: str, n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
-    chunk: int = 100,
+    chunk: int = 100, labels: np.ndarray | None = None,
 ) -> list[dict]:
-    """Percentile intervals of every method's test accuracy and of its difference to `reference`,
+    """Percentile intervals of every method's test score and of its difference to `reference`,
     all computed on the same resamples of the test set (paired), so shared easy and hard
     images cancel in the differences.
 
     `correct[method]` is a boolean vector over the test images (True where the method is right).
+    The score is accuracy, or with `labels` (the test images' classes) balanced accuracy: the
+    mean recall over the classes present in each resample.
     """
     if reference not in correct:
         raise ValueError(f"reference method {reference!r} is not among {sorted(correct)}")
@@ -84,16 +89,21 @@ def paired_bootstrap(
     for start in range(0, n_resamples, chunk):
         stop = min(start + chunk, n_resamples)
         idx = rng.integers(0, n_images, size=(stop - start, n_images))
-        accs[:, start:stop] = matrix[:, idx].mean(axis=2)
+        if labels is None:
+            accs[:, start:stop] = matrix[:, idx].mean(axis=2)
+        else:
+            for r, draw in enumerate(idx):
+                accs[:, start + r] = _balanced(matrix[:, draw], np.asarray(labels)[draw])
+    full = matrix.mean(axis=1) if labels is None else _balanced(matrix, np.asarray(labels))
     diffs = accs - accs[names.index(reference)]
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
     rows = []
     for i, name in enumerate(names):
-        diff = float(matrix[i].mean() - matrix[names.index(reference)].mean())
+        diff = float(full[i] - full[names.index(reference)])
         d_lo, d_hi = np.quantile(diffs[i], [lo, hi])
         rows.append({
             "method": name,
-            "test_acc": float(matrix[i].mean()),
+            "test_score": float(full[i]),
             "test_ci_low": float(np.quantile(accs[i], lo)),
             "test_ci_high": float(np.quantile(accs[i], hi)),
             f"diff_vs_{reference}": diff,
@@ -103,3 +113,14 @@ def paired_bootstrap(
             "diff_significant": bool(d_lo > 0 or d_hi < 0),
         })
     return rows
+
+
+def _balanced(matrix: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Balanced accuracy of each row of `matrix` (right answers, [methods, images]) on `labels`."""
+    n_classes = int(labels.max()) + 1
+    totals = np.bincount(labels, minlength=n_classes)
+    flat = (np.arange(len(matrix))[:, None] * n_classes + labels[None, :]).ravel()
+    right = np.bincount(flat, weights=matrix.ravel(), minlength=len(matrix) * n_classes).reshape(len(matrix), n_classes)
+    present = totals > 0
+    return (right[:, present] / totals[present]).mean(axis=1)
+

@@ -83,6 +83,10 @@ STEP_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Steps whose result depends on soups.metric (uniform_subsets records every metric's columns).
+METRIC_STEPS = ("greedy_fold", "soup_all", "gsgs", "methods", "budget", "summary")
+
+
 def _get(cfg: dict, path: str) -> Any:
     node = cfg
     for part in path.split("."):
@@ -116,6 +120,10 @@ def step_keys(cfg: dict, step: str, hp: str | None = None) -> tuple[str, ...]:
         # their prepare job (and all that follows it) as it was. Later jobs learn it from the
         # prepared file, which changes with it.
         keys += ("data.background",)
+    if step in METRIC_STEPS and cfg.get("soups", {}).get("metric", "accuracy") != "accuracy":
+        # The score the selections compare; only when not the default, so the jobs of runs made
+        # before soups.metric existed keep their configuration.
+        keys += ("soups.metric",)
     if step == "prepare" and cfg["data"].get("group_pattern") is not None:
         # imagefolder's groups (stored in the prepared file: the test split and, through it, the
         # `folds` job depend on them); only when set, so runs made before the key existed keep

@@ -270,7 +270,8 @@ class RunningSoupScorer:
     accuracy of `state` on each fold in `folds`. Each candidate is loaded once: the state loaded
     for scoring is kept until `accept` (Alg. 1 accepts right after scoring) or the next candidate.
 
-    With `count(state, fold, need)` and `fold_size(fold)` (evaluation.Evaluator's) it is a
+    With `count(state, fold, reaches)`, `fold_size(fold)` and `class_sizes(fold)`
+    (evaluation.Evaluator's) it is a
     `select.CountingSoupScorer`: greedy_soup then evaluates fold by fold and stops early. The
     soup with the candidate is averaged once per candidate, whatever the number of folds.
     """
@@ -280,13 +281,16 @@ class RunningSoupScorer:
         load: Callable[[Candidate], Mapping[str, torch.Tensor]],
         evaluate: Callable[[State, frozenset[int]], Mapping[int, float]],
         accum_dtype: AccumDtype = "float32",
-        count: Callable[[State, int, int], FoldCount] | None = None,
+        count: Callable[[State, int, Callable | None], FoldCount] | None = None,
         fold_size: Callable[[int], int] | None = None,
+        class_sizes: Callable[[int], tuple[int, ...]] | None = None,
+        metric: str = "accuracy",
     ) -> None:
         self._load = load
         self._evaluate = evaluate
-        self._count, self._fold_size = count, fold_size
-        self.counts = count is not None and fold_size is not None
+        self._count, self._fold_size, self._class_sizes = count, fold_size, class_sizes
+        self.counts = count is not None and fold_size is not None and class_sizes is not None
+        self.metric = metric
         self.running = RunningSum(accum_dtype)
         self.folds: frozenset[int] = frozenset()
         self._cached: tuple[str, Mapping[str, torch.Tensor]] | None = None
@@ -311,8 +315,11 @@ class RunningSoupScorer:
     def fold_size(self, fold: int) -> int:
         return self._fold_size(fold)
 
-    def fold_count_with(self, candidate: Candidate, fold: int, need: int) -> FoldCount:
-        return self._count(self._soup_with(candidate), fold, need)
+    def class_sizes(self, fold: int) -> tuple[int, ...]:
+        return self._class_sizes(fold)
+
+    def fold_count_with(self, candidate: Candidate, fold: int, reaches: Callable | None = None) -> FoldCount:
+        return self._count(self._soup_with(candidate), fold, reaches)
 
     def accept(self, candidate: Candidate) -> None:
         self.running.add(self._state(candidate), name=candidate.name)

@@ -18,6 +18,7 @@ and tables/models.csv lists the models in it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +46,12 @@ M = TypeVar("M", bound=Scored)
 
 @dataclass(frozen=True)
 class ModelResult:
-    """One fine-tuned model's accuracies (a row of tables/models.csv, or its metrics.json)."""
+    """One fine-tuned model's scores under the run's metric (`soups.metric`: accuracy or
+    balanced accuracy) from a row of tables/models.csv, or its metrics.json."""
 
     hp: str
     fold: int
-    val_acc: float  # on its own fold's val part; from a record, exact (select.accuracy_of)
+    val_acc: float  # on its own fold's val part; from a record, exact (select.score_of)
     test_acc: float
     holdout_acc: float | None = None  # None: the split has no outer holdout
     diverged: bool = False
@@ -60,14 +62,15 @@ class ModelResult:
         return f"{self.hp}/fold{self.fold}"
 
     @classmethod
-    def from_record(cls, m: Mapping, **extra) -> ModelResult:
-        """From metrics.json or a models.csv row (NaN in an empty holdout cell): accuracies from
-        the counts, exact, so best_on_val compares what the greedy soups compare (metrics
-        from before the counts: their floats). `extra`: a subclass's own fields (the budget's
-        analysis.budget.Model: grid index and files)."""
+    def from_record(cls, m: Mapping, metric: str = "accuracy", **extra) -> ModelResult:
+        """From metrics.json or a models.csv row (NaN in an empty holdout cell): `metric`'s
+        scores from the counts, exact, so best_on_val compares what the greedy soups compare
+        (metrics from before the counts: their floats). `extra`: a subclass's own fields (the
+        budget's analysis.budget.Model: grid index and files)."""
         counts = {key: int(m[key]) for key in COUNT_KEYS if not select.is_missing(m.get(key))}
-        return cls(str(m["hp"]), int(m["fold"]), select.accuracy_of(m, "val_acc"), float(select.accuracy_of(m, "test_acc")),
-                   select.accuracy_of(m, "holdout_acc"), bool(m["diverged"]), counts, **extra)
+        test = select.score_of(m, "test", metric)  # None: a record from before this metric was recorded
+        return cls(str(m["hp"]), int(m["fold"]), select.score_of(m, "val", metric), math.nan if test is None else float(test),
+                   select.score_of(m, "holdout", metric), bool(m["diverged"]), counts, **extra)
 
 
 COUNT_KEYS = ("val_correct", "val_total", "holdout_correct", "holdout_total", "test_correct", "test_total")
@@ -113,12 +116,12 @@ def _pick(models: Sequence[M], on_holdout: bool, what: str) -> M:
 
 
 def best_on_val(models: Sequence[M]) -> M:
-    """The model with the best own-fold val accuracy (ties: first in grid order, then fold)."""
+    """The model with the best own-fold val score (ties: first in grid order, then fold)."""
     return _pick(models, False, "best_on_val")
 
 
 def best_on_holdout(models: Sequence[M]) -> M:
-    """The model with the best accuracy on the outer holdout (ties as best_on_val)."""
+    """The model with the best score on the outer holdout (ties as best_on_val)."""
     return _pick(models, True, "best_on_holdout")
 
 

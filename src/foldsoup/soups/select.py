@@ -1,15 +1,21 @@
 """Choosing ingredients: greedy soup (Alg. 1) with AvgAcc/MinAcc (Eq. 2-3), BGSS, GSGS,
 best on val and best uniform soup per split.
 
-Pure Python on purpose (no torch): the selection logic only sees accuracies, through a
+Pure Python on purpose (no torch): the selection logic only sees scores, through a
 `SoupScorer` that owns the weights (see `foldsoup.soups.average.RunningSoupScorer`), so it is cheap to
 import and can be tested against hand-computed tables.
 
-Exact early exit: a scorer that counts correct answers batch by batch (`CountingSoupScorer`)
-lets `greedy_soup` stop evaluating a candidate once it can no longer reach the soup's score: the
-current soup's weakest fold first, and on each fold the number of correct answers the best
-needs, so the decisions are those of full evaluation (accepted candidates are always evaluated
-in full).
+Scores follow the run's `soups.metric` (`METRICS`): accuracy, or balanced accuracy (the mean
+recall over the classes present in the images scored), both exact fractions of per-class counts
+(`ClassCounts`). Names that say "acc" (`val_acc`, `fold_accs`, MinAcc, AvgAcc) hold the score
+under that metric; with the default they are accuracies.
+
+Exact early exit: a scorer that counts correct answers per class, batch by batch
+(`CountingSoupScorer`), lets `greedy_soup` stop evaluating a candidate once it can no longer
+reach the soup's score: the current soup's weakest fold first, and on each fold as soon as the
+best score still possible (every image not yet evaluated counted right, class by class) cannot
+reach the best, so the decisions are those of full evaluation (accepted candidates are always
+evaluated in full).
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 ACCEPT_RULES = (">=", ">")
 CROSS_FOLD_RULES = ("min", "avg")
+# soups.metric -> the suffix of its columns and record keys (val_acc, val_bacc, acc_fold0, ...).
+METRICS = {"accuracy": "acc", "balanced_accuracy": "bacc"}
+METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
 
 
 @dataclass(frozen=True)
@@ -84,28 +93,131 @@ def is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+class Score(Fraction):
+    """An exact score that keeps the per-class counts it was computed from (`counts`), so a
+    record of a selection holds the counts of exactly what was compared. Compares, hashes and
+    calculates as the Fraction it is."""
+
+    __slots__ = ("counts",)
+
+    # Fraction's own signature (its methods build instances of the class, e.g. from_float in a
+    # comparison with a float); the counts by keyword only.
+    def __new__(cls, numerator=0, denominator=None, *, counts: ClassCounts | None = None):
+        self = super().__new__(cls, numerator, denominator)
+        self.counts = counts
+        return self
+
+    def __copy__(self):
+        return self  # immutable, as Fraction: a copy keeps its counts
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass(frozen=True)
+class ClassCounts:
+    """Correct answers and images of each class (index = class id) on a set of images."""
+
+    correct: tuple[int, ...]
+    total: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        correct, total = tuple(int(c) for c in self.correct), tuple(int(t) for t in self.total)
+        if len(correct) != len(total) or any(not 0 <= c <= t for c, t in zip(correct, total)):
+            raise ValueError(f"per-class counts {correct} of {total} are no counts")
+        object.__setattr__(self, "correct", correct)
+        object.__setattr__(self, "total", total)
+
+    @property
+    def images(self) -> int:
+        return sum(self.total)
+
+    def score(self, metric: str = "accuracy") -> Score | float:
+        """The exact score (a `Score`); NaN without images. accuracy: correct / images;
+        balanced_accuracy: the mean over the classes with images of each one's recall."""
+        _check_option("metric", metric, tuple(METRICS))
+        if not self.images:
+            return math.nan
+        if metric == "accuracy":
+            value = Fraction(sum(self.correct), self.images)
+        else:
+            recalls = [Fraction(c, t) for c, t in zip(self.correct, self.total) if t]
+            value = sum(recalls, Fraction(0)) / len(recalls)
+        return Score(value, counts=self)
+
+    def as_record(self) -> dict[str, list[int]]:
+        return {"correct": list(self.correct), "total": list(self.total)}
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> ClassCounts:
+        return cls(tuple(record["correct"]), tuple(record["total"]))
+
+
+def score_of(record: Mapping, split: str, metric: str = "accuracy") -> Fraction | float | None:
+    """The exact `metric` score on `split` ("val", "test", "holdout") of a metrics.json, a
+    models.csv row or a soup record: accuracy from `<split>_correct`/`<split>_total`
+    (`accuracy_of`), balanced accuracy from the per-class counts `<split>_class_correct` and
+    `<split>_class_total` (lists, or in a CSV cell space-separated integers). A record written
+    before those counts gives its float `<split>_<suffix>` (not exact); None where it has no
+    such score."""
+    _check_option("metric", metric, tuple(METRICS))
+    if metric == "accuracy":
+        return accuracy_of(record, f"{split}_acc")
+    counts = class_counts_of(record, split)
+    if counts is not None:
+        return counts.score(metric)
+    value = record.get(f"{split}_{METRICS[metric]}")
+    return None if is_missing(value) else float(value)
+
+
+def class_counts_of(record: Mapping, split: str) -> ClassCounts | None:
+    """The per-class counts of `split` in a record (lists) or a models.csv row (space-separated
+    integers in a cell); None where it has none."""
+    correct, total = record.get(f"{split}_class_correct"), record.get(f"{split}_class_total")
+    if is_missing(correct) or is_missing(total):
+        return None
+    return ClassCounts(*(tuple(int(v) for v in (x.split() if isinstance(x, str) else x)) for x in (correct, total)))
+
+
+def int_cell(values) -> str:
+    """Per-class counts in one CSV cell: space-separated integers (`score_of` reads them)."""
+    return " ".join(str(int(v)) for v in values)
+
+
 @dataclass(frozen=True)
 class FoldCount:
-    """Correct answers of a soup on one fold after `evaluated` of its `total` images."""
+    """Per-class correct answers of a soup on one fold after `evaluated` of its `total` images
+    of each class (images are evaluated in a fixed order, so classes fill up unevenly)."""
 
-    correct: int
-    evaluated: int
-    total: int
+    correct: tuple[int, ...]
+    evaluated: tuple[int, ...]
+    total: tuple[int, ...]
+    metric: str = "accuracy"
+
+    @classmethod
+    def nothing_evaluated(cls, total: Sequence[int], metric: str) -> FoldCount:
+        return cls((0,) * len(total), (0,) * len(total), tuple(total), metric)
+
+    @property
+    def images(self) -> int:
+        """Images evaluated."""
+        return sum(self.evaluated)
 
     @property
     def complete(self) -> bool:
-        return self.evaluated == self.total
+        return tuple(self.evaluated) == tuple(self.total)
 
     @property
-    def most_correct(self) -> int:
-        """Correct answers if every image not evaluated were right."""
-        return self.correct + self.total - self.evaluated
+    def best_possible(self) -> Score | float:
+        """The score if every image not evaluated were right (a bound per class, exact)."""
+        most = tuple(c + t - e for c, e, t in zip(self.correct, self.evaluated, self.total))
+        return ClassCounts(most, self.total).score(self.metric)
 
     @property
-    def acc(self) -> float:
+    def score(self) -> Score | float:
         if not self.complete:
-            raise ValueError(f"accuracy of a fold evaluated on {self.evaluated} of {self.total} images")
-        return fold_acc(self.correct, self.total)
+            raise ValueError(f"score of a fold evaluated on {self.images} of {sum(self.total)} images")
+        return ClassCounts(self.correct, self.total).score(self.metric)
 
 
 class SoupScorer(Protocol):
@@ -126,14 +238,21 @@ class CountingSoupScorer(SoupScorer, Protocol):
 
     counts: bool  # False: this instance cannot count (greedy_soup then evaluates in full)
 
+    metric: str  # the score it counts (a key of METRICS)
+
     def fold_size(self, fold: int) -> int:
         """Number of val images of `fold`."""
         ...
 
-    def fold_count_with(self, candidate: Candidate, fold: int, need: int) -> FoldCount:
-        """Correct answers of average(accepted + [candidate]) on `fold`, batch by batch in a
-        fixed order, stopping after the first batch where fewer than `need` correct answers
-        remain possible (need 0: the whole fold)."""
+    def class_sizes(self, fold: int) -> tuple[int, ...]:
+        """Val images of each class on `fold`."""
+        ...
+
+    def fold_count_with(self, candidate: Candidate, fold: int,
+                        reaches: Callable[[FoldCount], bool] | None = None) -> FoldCount:
+        """Per-class correct answers of average(accepted + [candidate]) on `fold`, batch by batch
+        in a fixed order, stopping after the first batch whose count no longer `reaches` (None:
+        the whole fold)."""
         ...
 
 
@@ -228,49 +347,36 @@ def evaluation_order(soup_accs: Mapping[int, float], cand: Candidate, folds: Ite
     return sorted(folds, key=lambda f: (soup_accs.get(f, own), f))
 
 
-def needed_correct(fold: int, total: int, known: Mapping[int, float], folds: Iterable[int], best: float,
-                   accept: str, cross_fold: str) -> int:
-    """The fewest correct answers on `fold` (of `total` images) with which the soup can still
-    reach `best`: folds in `known` at their exact accuracy, the other folds not yet evaluated at
-    1.0. total + 1 when none is enough. Computed through the same formulas as the full
-    decision (`fold_acc`, `cross_fold_score` over folds in ascending order), which are
-    non-decreasing in each fold's count, so stopping below it never changes a decision."""
-    folds = sorted(folds)
-
-    def reaches(correct: int) -> bool:
-        accs = {f: fold_acc(correct, total) if f == fold else known.get(f, 1) for f in folds}
-        return _improves(cross_fold_score(accs, cross_fold), best, accept)
-
-    lo, hi = 0, total + 1  # reaches(hi) is taken as true: the answer lies in [lo, hi]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if reaches(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
 def _counted_step(cand: Candidate, scorer: CountingSoupScorer, folds: frozenset[int], soup_accs: Mapping[int, float],
                   best: float | None, accept: str, cross_fold: str) -> GreedyStep:
-    """One candidate, fold by fold in `evaluation_order`, stopped once it cannot reach `best`."""
+    """One candidate, fold by fold in `evaluation_order`, stopped once it cannot reach `best`:
+    a fold's count reaches it while the cross-fold score with that fold at its best possible
+    score, the folds evaluated at theirs and the folds not yet evaluated at 1 does. Scores are
+    non-decreasing in every class's count, so stopping below it never changes a decision."""
     known: dict[int, float] = {}
     images: dict[int, int] = {}
+    metric = getattr(scorer, "metric", "accuracy")
     for fold in evaluation_order(soup_accs, cand, folds):
-        total = scorer.fold_size(fold)
-        need = 0 if best is None else needed_correct(fold, total, known, folds, best, accept, cross_fold)
-        count = scorer.fold_count_with(cand, fold, need) if need <= total else FoldCount(0, 0, total)
-        images[fold] = count.evaluated
-        if count.most_correct < need:
+        def reaches(count: FoldCount, fold: int = fold) -> bool:
+            bound = {f: count.best_possible if f == fold else known.get(f, 1) for f in sorted(folds)}
+            return _improves(cross_fold_score(bound, cross_fold), best, accept)
+
+        if best is None:
+            count = scorer.fold_count_with(cand, fold)
+        else:
+            empty = FoldCount.nothing_evaluated(scorer.class_sizes(fold), metric)
+            count = scorer.fold_count_with(cand, fold, reaches) if reaches(empty) else empty
+        images[fold] = count.images
+        if best is not None and not reaches(count):
             accs = {f: known[f] for f in sorted(known)}
-            reason = (f"fold {fold}: at most {count.most_correct}/{total} correct possible after "
-                      f"{count.evaluated} images, the best needs {need}")
+            reason = (f"fold {fold}: at most {METRIC_LABELS[metric]} {float(count.best_possible):.6g} possible after "
+                      f"{count.images} of {sum(count.total)} images, the best is {float(best):.6g}")
             return GreedyStep(cand.name, accs, None, best, False, images, reason)
-        known[fold] = count.acc
+        known[fold] = count.score
     accs = {f: known[f] for f in sorted(folds)}
     score = cross_fold_score(accs, cross_fold)
     accepted = best is None or _improves(score, best, accept)
-    # Reached every fold's need, so it reaches the best: full evaluation decides the same.
+    # Every fold's count reached the best, so the score does: full evaluation decides the same.
     assert accepted, f"early exit let {cand.name!r} through with {score!r} against {best!r}"
     return GreedyStep(cand.name, accs, score, best, True, images)
 
@@ -379,3 +485,15 @@ def gsgs(
 def best_uniform_per_split(per_fold_uniform: Mapping[int, float]) -> int:
     """Fold whose uniform soup (of its T models) has the best val accuracy (ties: first)."""
     return _argmax_first(per_fold_uniform, "best_uniform_per_split")
+
+
+def score_fields(split: str, counts: ClassCounts | None) -> dict[str, Any]:
+    """A record's fields for `split` ("val", "test", "holdout") from its per-class counts: every
+    metric's score as a float (`val_acc`, `val_bacc`, ...), the accuracy's counts
+    (`val_correct`, `val_total`) and the per-class ones (`val_class_correct`, `val_class_total`)
+    that `score_of` reads back exactly. None: no such split (every score None)."""
+    if counts is None:
+        return {f"{split}_{suffix}": None for suffix in METRICS.values()}
+    return {**{f"{split}_{suffix}": float(counts.score(metric)) for metric, suffix in METRICS.items()},
+            f"{split}_correct": sum(counts.correct), f"{split}_total": counts.images,
+            f"{split}_class_correct": list(counts.correct), f"{split}_class_total": list(counts.total)}

@@ -85,4 +85,10 @@ class Context:
 
         d = self.data
         return Evaluator(self.model(), d.pool_images, d.pool_labels, self.fold_of, d.test_images, d.test_labels,
-                         self.spec, self.cfg["finetune"]["eval_batch_size"], self.cfg["finetune"]["precision"], self.device)
+                         self.spec, self.cfg["finetune"]["eval_batch_size"], self.cfg["finetune"]["precision"], self.device,
+                         num_classes=d.num_classes, metric=self.metric)
+
+    @property
+    def metric(self) -> str:
+        """soups.metric: the score every selection compares."""
+        return self.cfg.get("soups", {}).get("metric", "accuracy")

@@ -47,7 +47,9 @@ class MethodsRun:
         self.fold_of = read_folds(folds_path, self.data.pool_labels)
         self.k = num_folds(self.fold_of)
         table_rows = pd.read_csv(models_csv).to_dict("records")  # grid order, then fold: the tie order
-        self.models = [pick.ModelResult.from_record(r) for r in table_rows]
+        self.metric = cfg["soups"].get("metric", "accuracy")
+        self.models = [pick.ModelResult.from_record(r, metric=self.metric) for r in table_rows]
+        self.rows = {m.name: r for m, r in zip(self.models, table_rows)}
         self.has_holdout = "holdout_acc" in table_rows[0] if table_rows else False
         self.test_logits: dict = {}
 
@@ -66,27 +68,31 @@ class MethodsRun:
         src_predictions = predictions_path(src) if src.parent == self.soups else src.with_name("predictions.safetensors")
         link_selection(src, self.soups / f"{method}.safetensors")
         link_selection(src_predictions, predictions_path(self.soups / f"{method}.safetensors"))
-        rec = {**rec, "method": method, "selected": rec.get("method", rec["ingredients"][0])}
+        rec = {**rec, "method": method, "selected": rec.get("method", rec["ingredients"][0]), "metric": self.metric}
         atomic_write_json(self.soups / f"{method}.json", rec)
         return rec
 
     def single(self, m: pick.ModelResult, method: str, on_holdout: bool = False) -> dict:
-        """A selection of one model, validated on its own fold (or on the outer holdout)."""
-        folds, metric = ([HOLDOUT], "holdout") if on_holdout else ([m.fold], "own")
-        val_acc = m.holdout_acc if on_holdout else m.val_acc
-        rec = {"ingredients": [m.name], "n_ingredients": 1, "folds": folds, "val_metric": metric, "val_acc": float(val_acc),
-               "test_acc": m.test_acc, **({"holdout_acc": select.as_float(m.holdout_acc)} if self.has_holdout else {}),
-               **m.counts}
-        name = "holdout" if on_holdout else "val"  # the counts behind val_acc
-        if f"{name}_correct" in m.counts:
-            count = [m.counts[f"{name}_correct"], m.counts[f"{name}_total"]]
-            rec.update(val_correct=count[0], val_total=count[1], fold_counts={str(folds[0]): count})
+        """A selection of one model, validated on its own fold (or on the outer holdout): its
+        scores and counts from tables/models.csv, the val ones those of that fold."""
+        row = self.rows[m.name]
+        fold = HOLDOUT if on_holdout else m.fold
+        counts = select.class_counts_of(row, "holdout" if on_holdout else "val")
+        rec = soup_record(method, [m.name], {fold: m.holdout_acc if on_holdout else m.val_acc}, "min",
+                          None if counts is None else {fold: counts})
+        del rec["method"]  # adopt names it, and the model it selected
+        for split in ("test", *(["holdout"] if self.has_holdout else [])):
+            split_counts = select.class_counts_of(row, split)
+            if split_counts is not None:
+                rec.update(select.score_fields(split, split_counts))
+            else:  # a table from before the per-class counts
+                rec.update({key: value for key, value in row.items() if key.startswith(f"{split}_")})
         return self.adopt(self.model_file(m.name, "model.safetensors"), method, rec)
 
     def best_soup_per_fold(self, kind: str, method: str) -> dict:
-        """Per fold its soup of `kind` (greedy, uniform); the one with the best val accuracy."""
+        """Per fold its soup of `kind` (greedy, uniform); the one with the best val score."""
         per_fold = {i: self.record(f"{kind}_fold{i}") for i in range(self.k)}
-        chosen = per_fold[select.bgss({i: record_val(r) for i, r in per_fold.items()})]
+        chosen = per_fold[select.bgss({i: record_val(r, self.metric) for i, r in per_fold.items()})]
         return self.adopt(self.soups / f"{chosen['method']}.safetensors", method, chosen)
 
     @cached_property
@@ -99,19 +105,17 @@ class MethodsRun:
     def ensemble(self, method: str, groups: list[list[str]], folds: Iterable[int]) -> dict:
         """The logit ensemble of the models in `groups`: each group's mean, then the mean over
         groups (each group weighs the same; one group: each model does)."""
-        from foldsoup.analysis.uncertainty import correct_count, ensemble_of_groups, fold_counts
+        from foldsoup.analysis.uncertainty import class_counts, ensemble_of_groups, fold_counts
 
         members = [m for group in groups for m in group]
         pool = ensemble_of_groups([[self.logits[m]["pool_logits"] for m in group] for group in groups])
-        labels = self.data.pool_labels
-        rec = soup_record(method, members, {}, self.cfg["soups"]["cross_fold_val"], fold_counts(pool, labels, self.fold_of, folds))
+        labels, n = self.data.pool_labels, self.data.num_classes
+        rec = soup_record(method, members, {}, self.cfg["soups"]["cross_fold_val"], fold_counts(pool, labels, self.fold_of, folds, n))
         if self.has_holdout:
-            correct, total = fold_counts(pool, labels, self.fold_of, [HOLDOUT])[HOLDOUT]
-            rec.update(holdout_acc=float(select.fold_acc(correct, total)), holdout_correct=correct, holdout_total=total)
+            rec.update(select.score_fields("holdout", fold_counts(pool, labels, self.fold_of, [HOLDOUT], n)[HOLDOUT]))
         self.test_logits[method] = ensemble_of_groups([[self.logits[m]["test_logits"] for m in group] for group in groups])
-        correct, total = correct_count(self.test_logits[method], self.data.test_labels)
-        rec.update(test_acc=float(select.fold_acc(correct, total)), test_correct=correct, test_total=total)
-        return rec
+        rec.update(select.score_fields("test", class_counts(self.test_logits[method], self.data.test_labels, n)))
+        return {**rec, "metric": self.metric}
 
 
 BUILDS: dict[str, Callable[[MethodsRun], dict]] = {}
@@ -160,7 +164,7 @@ def _ensemble_best_fold(run: MethodsRun) -> dict:
     """Per fold the logit ensemble of its models; the one with the best val accuracy (an
     ensemble's BGSS)."""
     per_fold = [run.ensemble(f"ensemble_fold{i}", [[n for n in run.logits if _folds_of([n]) == {i}]], [i]) for i in range(run.k)]
-    best = per_fold[select.bgss({i: record_val(r) for i, r in enumerate(per_fold)})]
+    best = per_fold[select.bgss({i: record_val(r, run.metric) for i, r in enumerate(per_fold)})]
     run.test_logits["ensemble_best_fold"] = run.test_logits[best["method"]]
     return {**best, "method": "ensemble_best_fold", "selected": best["method"]}
 
@@ -214,12 +218,17 @@ def methods(cfg: dict, data_path: str, folds_path: str, models_csv: str, model_d
 
     a = cfg["analysis"]
     correct = {r["method"]: run.test_logits[r["method"]].argmax(1) == run.data.test_labels for r in rows}
-    intervals = {b["method"]: b for b in paired_bootstrap(correct, "best_on_val", a["bootstrap_resamples"], cfg["seed"], a["ci_level"])}
+    labels = None if run.metric == "accuracy" else run.data.test_labels  # intervals on the run's metric
+    intervals = {b["method"]: b for b in paired_bootstrap(correct, "best_on_val", a["bootstrap_resamples"], cfg["seed"],
+                                                          a["ci_level"], labels=labels)}
+    # The run's metric first (val, test, holdout), accuracy kept as extra columns.
+    suffixes = list(dict.fromkeys([select.METRICS[run.metric], *select.METRICS.values()]))
+    splits = ["val", "test", *(["holdout"] if run.has_holdout else [])]
     table = pd.DataFrame([{
-        "method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"],
-        **({"holdout_acc": r["holdout_acc"]} if run.has_holdout else {}), "n_ingredients": r["n_ingredients"],
+        "method": r["method"], **{f"{split}_{suffix}": r.get(f"{split}_{suffix}") for suffix in suffixes for split in splits},
+        "n_ingredients": r["n_ingredients"],
         "val_metric": r["val_metric"], "folds": "-".join(map(str, r["folds"])),
-        **{key: value for key, value in intervals[r["method"]].items() if key not in ("method", "test_acc")},
+        **{key: value for key, value in intervals[r["method"]].items() if key not in ("method", "test_score")},
     } for r in rows])
     atomic_write_text(out, table.to_csv(index=False, float_format="%.6g"))
     log("\n" + table.to_string(index=False))

@@ -141,8 +141,9 @@ def write_model(ctx: Context, model, out_dir: str, fold: int, fields: dict, meta
     import torch
 
     from foldsoup.analysis.reliability import at_chance, chance_ceiling, majority_rate
-    from foldsoup.soups.select import fold_acc
-    from foldsoup.training.loop import count, fold_counts, fold_logits, predict_logits
+    from foldsoup.soups.evaluation import class_counts
+    from foldsoup.soups.select import METRICS, score_fields
+    from foldsoup.training.loop import fold_logits, predict_logits
 
     cfg, d = ctx.cfg, ctx.data
     ft = cfg["finetune"]
@@ -158,13 +159,12 @@ def write_model(ctx: Context, model, out_dir: str, fold: int, fields: dict, meta
     pool_logits = fold_logits(model, ctx.tensor(d.pool_images), fold_of, ctx.spec, batch, ft["precision"])
     test_logits = predict_logits(model, ctx.tensor(d.test_images), ctx.spec, batch, ft["precision"])
     labels = ctx.tensor(d.pool_labels)
-    counts = fold_counts(pool_logits, labels, fold_of, range(ctx.k))
-    accs = {i: float(fold_acc(*c)) for i, c in counts.items()}
+    n = d.num_classes
+    counts = {i: class_counts(pool_logits[fold_of == i], labels[fold_of == i], n) for i in range(ctx.k)}
+    accs = {i: float(c.score("accuracy")) for i, c in counts.items()}
     holdout = ctx.tensor(holdout_indices(ctx.fold_of))
-    holdout_count = count(pool_logits[holdout], labels[holdout]) if len(holdout) else None
-    holdout_acc = float(fold_acc(*holdout_count)) if holdout_count else None
-    test_count = count(test_logits, ctx.tensor(d.test_labels))
-    test_acc = float(fold_acc(*test_count))
+    holdout_count = class_counts(pool_logits[holdout], labels[holdout], n) if len(holdout) else None
+    test_count = class_counts(test_logits, ctx.tensor(d.test_labels), n)
     out = Path(out_dir)
     save_weights(out / "model.safetensors", state, meta)
     save_weights(out / "predictions.safetensors", {"pool_logits": pool_logits, "test_logits": test_logits},
@@ -174,12 +174,13 @@ def write_model(ctx: Context, model, out_dir: str, fold: int, fields: dict, meta
     val_labels = d.pool_labels[ctx.fold_of == fold]
     majority, n_val = majority_rate(val_labels), len(val_labels)
     chance, ceiling = at_chance(accs[fold], n_val, majority), chance_ceiling(n_val, majority)
-    metrics = {**fields, "fold": fold, "val_acc": accs[fold], "test_acc": test_acc,
-               "val_correct": counts[fold][0], "val_total": counts[fold][1],
-               "test_correct": test_count[0], "test_total": test_count[1],
-               "fold_accs": {str(i): a for i, a in accs.items()},
-               "fold_counts": {str(i): list(c) for i, c in counts.items()}, "holdout_acc": holdout_acc,
-               **({"holdout_correct": holdout_count[0], "holdout_total": holdout_count[1]} if holdout_count else {}),
+    # Every metric's scores and the per-class counts behind them (soups.metric picks one later,
+    # so changing it reruns no fine-tune).
+    metrics = {**fields, "fold": fold, **score_fields("val", counts[fold]), **score_fields("test", test_count),
+               **score_fields("holdout", holdout_count),
+               **{f"fold_{suffix}s": {str(i): float(c.score(m)) for i, c in counts.items()} for m, suffix in METRICS.items()},
+               "fold_counts": {str(i): [sum(c.correct), c.images] for i, c in counts.items()},
+               "fold_class_counts": {str(i): c.as_record() for i, c in counts.items()},
                "diverged": diverged,
                "at_chance": chance, "chance_ceiling": ceiling, "val_majority": majority, "val_images": n_val, **tail}
     atomic_write_json(out / "metrics.json", metrics)  # written last: its presence means the job finished

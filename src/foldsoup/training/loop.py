@@ -488,8 +488,3 @@ def fold_logits(model: Classifier, pool_images: torch.Tensor, fold_of: torch.Ten
             out = torch.zeros(len(pool_images), logits.shape[1], dtype=logits.dtype, device=logits.device)
         out[idx] = logits
     return out
-
-
-def fold_counts(pool_logits: torch.Tensor, pool_labels: torch.Tensor, fold_of: torch.Tensor, folds) -> dict[int, tuple[int, int]]:
-    """(correct, total) of the model on D_val,i for every fold i in `folds`, from logits on the pool."""
-    return {int(i): count(pool_logits[fold_of == i], pool_labels[fold_of == i]) for i in folds}
