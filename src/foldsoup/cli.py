@@ -14,11 +14,16 @@ import traceback
 from foldsoup.errors import FoldsoupError
 
 
+# Steps that take no configuration but score with soups.metric: it comes as --metric.
+METRIC_OPTION_STEPS = ("reliability", "figures")
+
+
 def _cfg(text: str) -> dict:
     return json.loads(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from foldsoup.soups.select import METRICS
     from foldsoup.steps import INTEGER_OPTIONS, STEPS
 
     p = argparse.ArgumentParser(prog="foldsoup", description=__doc__.splitlines()[0])
@@ -35,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                                type=int if a in INTEGER_OPTIONS else str)
         for option, keyword in step.optional.items():
             s.add_argument(_option(option), nargs="?", default=None, help=f"optional: the step's {keyword}")
+        if name in METRIC_OPTION_STEPS:
+            s.add_argument("--metric", choices=list(METRICS), default="accuracy",
+                           help="soups.metric: the score the tables and figures read (default: accuracy)")
 
     ev = sub.add_parser("evaluate", help="accuracy of a saved model or soup on a prepared dataset")
     ev.add_argument("model", help="a .safetensors file written by foldsoup")
@@ -68,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if c in pl.STEPS:
             step = pl.STEPS[c]
             values = [cfg if a == "config" else getattr(args, a.rstrip("*")) for a in step.args]
-            step.run(*values, **{keyword: getattr(args, option) for option, keyword in step.optional.items()})
+            extra = {"metric": args.metric} if c in METRIC_OPTION_STEPS else {}
+            step.run(*values, **{keyword: getattr(args, option) for option, keyword in step.optional.items()}, **extra)
         elif c == "evaluate":
             from foldsoup.usage import evaluate
 

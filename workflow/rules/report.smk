@@ -11,13 +11,15 @@ rule reliability:
     output:
         subsets=report(f"{R}/tables/uniform_subsets.csv", caption="../report/uniform_subsets.rst", category="Tables"),
         reliability=report(f"{R}/tables/reliability.csv", caption="../report/reliability.rst", category="Tables"),
+    params:
+        metric=config["soups"]["metric"],
     log:
         f"{R}/logs/reliability.log",
     conda:
         ENV
     shell:
         "python -m foldsoup reliability --subsets {input.subsets} --models-csv {input.models}"
-        " --out-subsets {output.subsets} --out {output.reliability} 2> {log}"
+        " --out-subsets {output.subsets} --out {output.reliability} --metric {params.metric} 2> {log}"
 
 
 rule figures:
@@ -34,13 +36,15 @@ rule figures:
         report(f"{R}/figures/methods_test_accuracy.png", caption="../report/methods_figure.rst", category="Figures"),
         report(f"{R}/figures/validation_signals.png", caption="../report/validation_signals.rst", category="Figures"),
         report(f"{R}/figures/confusion.png", caption="../report/confusion.rst", category="Figures"),
+    params:
+        metric=config["soups"]["metric"],
     log:
         f"{R}/logs/figures.log",
     conda:
         ENV
     shell:
         "python -m foldsoup figures --models-csv {input.models} --subsets {input.subsets} --reliability {input.reliability}"
-        " --methods {input.methods} --per-class {input.per_class} --out {output} 2> {log}"
+        " --methods {input.methods} --per-class {input.per_class} --metric {params.metric} --out {output} 2> {log}"
 
 
 rule summary:

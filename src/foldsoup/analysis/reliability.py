@@ -3,6 +3,12 @@
 Pure pandas/numpy/itertools (scipy inside `chance_ceiling`) so that the Snakefile and light jobs can
 import it cheaply.
 Accuracies are fractions in [0, 1] throughout; the summary turns them into percentages.
+
+Tables 1-2 and the threshold follow the run's `soups.metric` (`metric`: accuracy or
+balanced_accuracy, see `foldsoup.soups.select.METRICS`): they read the columns with that metric's
+suffix (avg_bacc, min_bacc, test_bacc, val_bacc, ...). The output columns keep their names
+(rmse_avg_acc, ... describe the statistic, MinAcc/AvgAcc under the metric) and a `metric` column
+says which metric they hold.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from foldsoup.soups.select import METRICS
 
 RELIABILITY_COLUMNS: tuple[str, ...] = (
     "n",
@@ -35,6 +43,8 @@ RELIABILITY_COLUMNS: tuple[str, ...] = (
     # chance (empty when models.csv predates the at_chance column).
     "threshold_model",
     "threshold_at_chance",
+    # soups.metric: what every score above is (accuracy or balanced_accuracy).
+    "metric",
 )
 
 # Significance level of the at-chance test (see `chance_ceiling`).
@@ -168,20 +178,36 @@ def flag_mask(models: pd.DataFrame, column: str) -> pd.Series:
 # --------------------------------------------------------------------------- Tables 1 and 2
 
 
-def val_threshold(models: pd.DataFrame) -> float:
-    """Lowest val accuracy among the single models that did not diverge (Table 2, Fig. 4).
+def metric_suffix(metric: str) -> str:
+    """The column suffix of a `soups.metric` ("accuracy" -> "acc", "balanced_accuracy" -> "bacc")."""
+    try:
+        return METRICS[metric]
+    except KeyError:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}") from None
+
+
+def signal_name(kind: str, metric: str) -> str:
+    """The paper's name of a cross-fold score under `metric` (`kind` "Avg" or "Min"): AvgAcc /
+    MinAcc for accuracy, AvgBAcc / MinBAcc for balanced accuracy."""
+    return f"{kind}{'Acc' if metric_suffix(metric) == 'acc' else 'BAcc'}"
+
+
+def val_threshold(models: pd.DataFrame, metric: str = "accuracy") -> float:
+    """Lowest val score (under `metric`) among the single models that did not diverge (Table 2,
+    Fig. 4).
 
     Diverged models are left out because one collapsed run would otherwise drag the threshold
     to chance level and make "corr over thre" the same as "corr for all". NaN if none is left.
     """
-    model = threshold_model(models)
-    return float(model["val_acc"]) if model is not None else float("nan")
+    model = threshold_model(models, metric)
+    return float(model[f"val_{metric_suffix(metric)}"]) if model is not None else float("nan")
 
 
-def threshold_model(models: pd.DataFrame) -> pd.Series | None:
+def threshold_model(models: pd.DataFrame, metric: str = "accuracy") -> pd.Series | None:
     """The row of the single model that sets the threshold (`val_threshold`): the lowest val
-    accuracy among those that did not diverge, the first in table order on ties; None if none."""
-    val = models["val_acc"].astype(float)
+    score under `metric` among those that did not diverge, the first in table order on ties;
+    None if none."""
+    val = models[f"val_{metric_suffix(metric)}"].astype(float)
     kept = val[~flag_mask(models, "diverged") & np.isfinite(val)]
     return models.loc[kept.idxmin()] if len(kept) else None
 
@@ -218,22 +244,27 @@ def flagged_models(models: pd.DataFrame) -> FlaggedModels:
                          names(kept.loc[lp_val.notna() & (kept["val_acc"] < lp_val)]), int(lp_val.notna().sum()))
 
 
-def reliability_table(subsets: pd.DataFrame, models: pd.DataFrame, k: int | None = None) -> pd.DataFrame:
-    """Tables 1 and 2 (plus mean gaps): one row per soup size n = 1..k.
+def reliability_table(subsets: pd.DataFrame, models: pd.DataFrame, k: int | None = None,
+                      metric: str = "accuracy") -> pd.DataFrame:
+    """Tables 1 and 2 (plus mean gaps): one row per soup size n = 1..k, under `metric`.
 
-    `subsets`: hp, folds, n, avg_acc, min_acc, test_acc[, holdout_acc] (one uniform soup per
-    grid point and fold subset). `models`: hp, fold, val_acc, test_acc[, diverged]. All statistics for size n
+    `subsets`: hp, folds, n, avg_<s>, min_<s>, test_<s>[, holdout_<s>] (one uniform soup per
+    grid point and fold subset), <s> the metric's suffix ("acc", "bacc"). `models`: hp, fold,
+    val_<s>, test_<s>[, diverged]. The output's column names do not change with the metric (its
+    `metric` column names it). All statistics for size n
     are over every (hp, subset) row of that size, diverged or not ("for all"); only the
     threshold ignores diverged models. `k` defaults to the larger of the number of folds seen
     in `models` and the largest n in `subsets`. Sizes without rows get n_soups 0 and NaN.
     Correlations are NaN for fewer than 2 rows or zero variance (see `pearson`).
     """
-    threshold = val_threshold(models)
-    setter = threshold_model(models)
+    suffix = metric_suffix(metric)
+    threshold = val_threshold(models, metric)
+    setter = threshold_model(models, metric)
     who = {"threshold_model": model_name(setter) if setter is not None and {"hp", "fold"} <= set(setter.index) else None,
-           "threshold_at_chance": bool(flag_mask(models, "at_chance")[setter.name]) if setter is not None and "at_chance" in models else None}
+           "threshold_at_chance": bool(flag_mask(models, "at_chance")[setter.name]) if setter is not None and "at_chance" in models else None,
+           "metric": metric}
     k = k or _infer_k(subsets, models)
-    rows = [{**_reliability_row(subsets[subsets["n"].astype(int) == n], n, threshold), **who} for n in range(1, k + 1)]
+    rows = [{**_reliability_row(subsets[subsets["n"].astype(int) == n], n, threshold, suffix), **who} for n in range(1, k + 1)]
     return pd.DataFrame(rows, columns=list(RELIABILITY_COLUMNS))
 
 
@@ -243,9 +274,10 @@ def _infer_k(subsets: pd.DataFrame, models: pd.DataFrame) -> int:
     return max(n_folds, max_n, 1)
 
 
-def _reliability_row(group: pd.DataFrame, n: int, threshold: float) -> dict:
-    avg, mn, test = (group[c].astype(float).to_numpy() for c in ("avg_acc", "min_acc", "test_acc"))
-    holdout = group["holdout_acc"].astype(float).to_numpy() if "holdout_acc" in group else np.full(len(group), np.nan)
+def _reliability_row(group: pd.DataFrame, n: int, threshold: float, suffix: str = "acc") -> dict:
+    avg, mn, test = (group[f"{c}_{suffix}"].astype(float).to_numpy() for c in ("avg", "min", "test"))
+    holdout_col = f"holdout_{suffix}"
+    holdout = group[holdout_col].astype(float).to_numpy() if holdout_col in group else np.full(len(group), np.nan)
     # NaN threshold (every model diverged) selects nothing, as comparisons with NaN are False.
     over = mn >= threshold
     return {

@@ -4,6 +4,10 @@ matplotlib is imported inside the functions (it costs ~0.5 s) and used through t
 Agg canvas API, never pyplot, so no global backend or figure state is touched. Every file is
 written to a temporary name in the target folder, then renamed, so a killed job never leaves a
 truncated PNG under the final name.
+
+Figures 2-4, the validation signals and the methods figure follow the run's `soups.metric`
+(`metric`: accuracy or balanced_accuracy): they plot the columns with its suffix (val_bacc,
+min_bacc, test_bacc, ...) and name it on their axes; with the default they are accuracies.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from foldsoup.analysis.reliability import flag_mask, pearson
+from foldsoup.analysis.reliability import flag_mask, metric_suffix, pearson, signal_name
 from foldsoup.config import methods as method_table
+from foldsoup.soups.select import METRIC_LABELS
 from foldsoup.storage.weights import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,20 +80,27 @@ def _fmt_r(r: float) -> str:
     return "n/a" if not np.isfinite(r) else f"{r:.3f}"
 
 
+def _label(metric: str) -> str:
+    """The metric in words: "accuracy", "balanced accuracy"."""
+    metric_suffix(metric)  # an unknown metric fails here, with the list of known ones
+    return METRIC_LABELS[metric]
+
+
 # --------------------------------------------------------------------------- Figure 2
 
 
-def plot_models_val_test(models_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
-    """Figure 2: own-fold val accuracy vs test accuracy of every fine-tuned model.
+def plot_models_val_test(models_df: pd.DataFrame, path: str | os.PathLike, metric: str = "accuracy") -> Figure:
+    """Figure 2: own-fold val score vs test score (under `metric`) of every fine-tuned model.
 
     Colour = learning rate (grid point's `lr`, or `hp` when there is no lr column); marker =
     fold. Diverged models are left off the axes (they would squash the rest) and counted in the
     title. The best-on-val model is ringed.
     """
+    val_col, test_col, label = f"val_{metric_suffix(metric)}", f"test_{metric_suffix(metric)}", _label(metric)
     fig, ax = _new_figure(6.8, 6.0)
     diverged = flag_mask(models_df, "diverged")
     df = models_df.loc[~diverged]
-    x, y = _pct(df["val_acc"]), _pct(df["test_acc"])
+    x, y = _pct(df[val_col]), _pct(df[test_col])
     _square_limits(ax, x, y)
 
     # Imported models (models_from) have no learning rate: coloured by their config (hp) instead.
@@ -101,17 +113,17 @@ def plot_models_val_test(models_df: pd.DataFrame, path: str | os.PathLike) -> Fi
         for fold in folds:
             sel = (df[colour_key] == level) & ((df["fold"] == fold) if fold is not None else True)
             if sel.any():
-                ax.scatter(_pct(df.loc[sel, "val_acc"]), _pct(df.loc[sel, "test_acc"]), s=36,
+                ax.scatter(_pct(df.loc[sel, val_col]), _pct(df.loc[sel, test_col]), s=36,
                            color=colours[level], marker=markers[fold], edgecolor="black",
                            linewidth=0.4, alpha=0.85, zorder=3)
     if len(df):
-        best = df["val_acc"].astype(float).idxmax()
-        ax.scatter(_pct([df.at[best, "val_acc"]]), _pct([df.at[best, "test_acc"]]), s=180,
+        best = df[val_col].astype(float).idxmax()
+        ax.scatter(_pct([df.at[best, val_col]]), _pct([df.at[best, test_col]]), s=180,
                    facecolor="none", edgecolor="red", linewidth=1.5, zorder=4, label="best on val")
     _legends_colour_marker(ax, colours, markers, "learning rate" if colour_key == "lr" else "grid point")
 
-    ax.set_xlabel("validation accuracy on own fold (%)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel(f"validation {label} on own fold (%)")
+    ax.set_ylabel(f"test {label} (%)")
     title = f"Figure 2: single fine-tuned models ({len(df)} models)"
     if diverged.any():
         title += f"\n{int(diverged.sum())} diverged model(s) not shown"
@@ -139,52 +151,63 @@ def _legends_colour_marker(ax: Axes, colours: dict, markers: dict, colour_title:
 # --------------------------------------------------------------------------- Figures 3 and 4
 
 
-def plot_subsets_val_test(subsets_df: pd.DataFrame, path: str | os.PathLike, threshold: float | None = None) -> Figure:
-    """Figure 3 (threshold None): MinAcc vs test accuracy of every uniform soup, by size n.
+def plot_subsets_val_test(subsets_df: pd.DataFrame, path: str | os.PathLike, threshold: float | None = None,
+                          metric: str = "accuracy") -> Figure:
+    """Figure 3 (threshold None): MinAcc vs test accuracy of every uniform soup, by size n
+    (under `metric`: MinBAcc vs test balanced accuracy for balanced_accuracy).
 
-    Figure 4 (threshold given): only soups with min_acc >= threshold, with the threshold drawn.
+    Figure 4 (threshold given): only soups with min_<s> >= threshold, with the threshold drawn.
     n is shown by colour and marker; the legend gives each n's soup count and Pearson r (the
     numbers of Table 2).
     """
+    min_col, test_col = f"min_{metric_suffix(metric)}", f"test_{metric_suffix(metric)}"
+    min_name = signal_name("Min", metric)
     fig, ax = _new_figure(6.8, 6.0)
     df = subsets_df
     if threshold is not None:
-        df = df[df["min_acc"].astype(float) >= threshold]
+        df = df[df[min_col].astype(float) >= threshold]
     extra = [100.0 * threshold] if threshold is not None and np.isfinite(threshold) else None
-    _square_limits(ax, _pct(df["min_acc"]), _pct(df["test_acc"]), extra)
+    _square_limits(ax, _pct(df[min_col]), _pct(df[test_col]), extra)
 
     sizes = sorted(int(n) for n in subsets_df["n"].unique())
     colours = dict(zip(sizes, _colors(len(sizes))))
     for i, n in enumerate(sizes):
         part = df[df["n"].astype(int) == n]
-        r = pearson(part["min_acc"], part["test_acc"])
-        ax.scatter(_pct(part["min_acc"]), _pct(part["test_acc"]), s=30, color=colours[n],
+        r = pearson(part[min_col], part[test_col])
+        ax.scatter(_pct(part[min_col]), _pct(part[test_col]), s=30, color=colours[n],
                    marker=MARKERS[i % len(MARKERS)], edgecolor="black", linewidth=0.4, alpha=0.8,
                    zorder=3 + i * 0.01, label=f"n = {n} ({len(part)} soups, r = {_fmt_r(r)})")
     if extra:
         ax.axvline(extra[0], color="red", linestyle=":", linewidth=1.2,
                    label=f"threshold = {extra[0]:.2f}% (lowest single-model val)")
     ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
-    ax.set_xlabel("MinAcc over the soup's validation folds (%)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel(f"{min_name} over the soup's validation folds (%)" if metric_suffix(metric) == "acc"
+                  else f"{min_name}: min {_label(metric)} over the soup's validation folds (%)")
+    ax.set_ylabel(f"test {_label(metric)} (%)")
     sampled = "sampled" in subsets_df.columns and bool(subsets_df["sampled"].astype(str).str.lower().eq("true").any())
     note = " (fold subsets sampled)" if sampled else ""
     if threshold is None:
         ax.set_title(f"Figure 3: uniform soups of n folds per grid point{note}")
     else:
-        ax.set_title(f"Figure 4: uniform soups with MinAcc \u2265 threshold{note}")
+        ax.set_title(f"Figure 4: uniform soups with {min_name} \u2265 threshold{note}")
     return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- validation signals
 
 
-VALIDATION_SIGNALS = {"avg_acc": "AvgAcc (Eq. 2)", "min_acc": "MinAcc (Eq. 3)", "holdout_acc": "outer holdout"}
+def validation_signals(metric: str = "accuracy") -> dict[str, str]:
+    """The validation signals under `metric`: their columns (avg_<s>, min_<s>, holdout_<s>) ->
+    names (AvgAcc (Eq. 2), MinAcc (Eq. 3), outer holdout for accuracy)."""
+    s = metric_suffix(metric)
+    return {f"avg_{s}": f"{signal_name('Avg', metric)} (Eq. 2)", f"min_{s}": f"{signal_name('Min', metric)} (Eq. 3)",
+            f"holdout_{s}": "outer holdout"}
 
 
-def plot_validation_signals(subsets_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
+def plot_validation_signals(subsets_df: pd.DataFrame, path: str | os.PathLike, metric: str = "accuracy") -> Figure:
     """The uniform soups of Figure 3 scored by AvgAcc, MinAcc and (when the run has one) the
-    outer holdout, against test accuracy: one panel per signal, colour = soup size n (all n shown),
+    outer holdout, against test accuracy (all under `metric`): one panel per signal, colour =
+    soup size n (all n shown),
     and each panel's RMSE averaged over the sizes n >= 2 (the mean of Table 1's per-n RMSEs, as the
     summary's validation-signals section averages them: at n = 1 AvgAcc and MinAcc are the same
     number) and Pearson r over all soups, so the three estimates compare at a glance."""
@@ -193,13 +216,14 @@ def plot_validation_signals(subsets_df: pd.DataFrame, path: str | os.PathLike) -
 
     from foldsoup.analysis.reliability import rmse
 
-    signals = [c for c in VALIDATION_SIGNALS
+    names, label = validation_signals(metric), _label(metric)
+    signals = [c for c in names
                if c in subsets_df.columns and np.isfinite(subsets_df[c].astype(float)).any()]
     fig = Figure(figsize=(4.6 * len(signals), 5.6), layout="constrained")
     FigureCanvasAgg(fig)
     sizes = sorted(int(n) for n in subsets_df["n"].unique())
     colours = dict(zip(sizes, _colors(len(sizes))))
-    test = subsets_df["test_acc"].astype(float)
+    test = subsets_df[f"test_{metric_suffix(metric)}"].astype(float)
     size = subsets_df["n"].astype(int)
     for j, col in enumerate(signals):
         ax = fig.add_subplot(1, len(signals), j + 1)
@@ -211,21 +235,23 @@ def plot_validation_signals(subsets_df: pd.DataFrame, path: str | os.PathLike) -
                        edgecolor="black", linewidth=0.3, alpha=0.8, zorder=3, label=f"n = {n}")
         per_n = [rmse(val[size == n], test[size == n]) for n in sizes if n >= 2]
         mean_rmse = float(np.nanmean(per_n)) if per_n and np.isfinite(per_n).any() else float("nan")
-        ax.set_title(f"{VALIDATION_SIGNALS[col]}\nRMSE {100 * mean_rmse:.2f} pts (mean over n ≥ 2), "
+        ax.set_title(f"{names[col]}\nRMSE {100 * mean_rmse:.2f} pts (mean over n ≥ 2), "
                      f"r = {_fmt_r(pearson(val, test))} (all n)", fontsize=10)
-        ax.set_xlabel(f"{VALIDATION_SIGNALS[col]} (%)")
+        ax.set_xlabel(f"{names[col]} (%)")
         if j == 0:
-            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylabel(f"test {label} (%)")
             ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
-    fig.suptitle("Uniform soups of n folds: which validation signal tracks test accuracy?")
+    fig.suptitle(f"Uniform soups of n folds: which validation signal tracks test {label}?")
     return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- methods figure
 
 
-def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
-    """Test (filled) and val (hollow) accuracy of every method, over the single models' spread.
+def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | os.PathLike,
+                 metric: str = "accuracy") -> Figure:
+    """Test (filled) and val (hollow) score (under `metric`) of every method, over the single
+    models' spread.
 
     The leftmost column shows every non-diverged single model's test accuracy (box + jittered
     points); its min-max range is shaded across the whole plot and its median dashed, so each
@@ -233,8 +259,9 @@ def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | 
     """
     names = method_table.order(methods_df["method"])
     fig, ax = _new_figure(max(8.0, 1.5 + 1.1 * (len(names) + 1)), 5.8)  # room for every method's label
+    suffix, label = metric_suffix(metric), _label(metric)
     diverged = flag_mask(models_df, "diverged")
-    singles = models_df.loc[~diverged, "test_acc"].astype(float).to_numpy()
+    singles = models_df.loc[~diverged, f"test_{suffix}"].astype(float).to_numpy()
     singles = 100.0 * singles[np.isfinite(singles)]
     methods = methods_df.set_index("method")
     positions = np.arange(1, len(names) + 1)
@@ -249,13 +276,13 @@ def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | 
         jitter = np.random.default_rng(0).uniform(-0.18, 0.18, singles.size)  # fixed: stable images
         ax.scatter(jitter, singles, s=10, color="0.35", alpha=0.6, zorder=3)
 
-    val = _pct([methods.at[m, "val_acc"] for m in names])
-    test = _pct([methods.at[m, "test_acc"] for m in names])
+    val = _pct([methods.at[m, f"val_{suffix}"] for m in names])
+    test = _pct([methods.at[m, f"test_{suffix}"] for m in names])
     ax.vlines(positions, np.minimum(val, test), np.maximum(val, test), color="0.6", linewidth=1, zorder=3)
     ax.scatter(positions, val, s=70, marker="^", facecolor="white", edgecolor="tab:blue", linewidth=1.5,
-               zorder=4, label="val accuracy (MinAcc for soups spanning folds)")
+               zorder=4, label=f"val {label} ({signal_name('Min', metric)} for soups spanning folds)")
     ax.scatter(positions, test, s=70, marker="o", color="tab:orange", edgecolor="black", linewidth=0.6,
-               zorder=5, label="test accuracy")
+               zorder=5, label=f"test {label}")
     for x, t in zip(positions, test):
         if np.isfinite(t):
             ax.annotate(f"{t:.2f}", (x, t), xytext=(8, -3), textcoords="offset points", fontsize=7)
@@ -264,11 +291,11 @@ def plot_methods(methods_df: pd.DataFrame, models_df: pd.DataFrame, path: str | 
     ax.set_xticks(np.concatenate([[0], positions]), [single_label]
                   + [_method_label(m, methods) for m in names], fontsize=8)
     ax.set_xlim(-0.6, len(names) + 0.8)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{label} (%)")
     ax.grid(True, axis="y", color="0.9", zorder=0)
     # Below the axes, so the legend never hides a marker whatever the accuracies are.
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)
-    ax.set_title("Methods: test and val accuracy against single fine-tuned models")
+    ax.set_title(f"Methods: test and val {label} against single fine-tuned models")
     return _save(fig, path)
 
 
@@ -341,6 +368,9 @@ def plot_budget(budget_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
 
     means = mean_table(budget_df)
     names = list(dict.fromkeys(means["method"]))
+    # The table's test_acc holds the run's soups.metric (its `metric` column; absent: accuracy).
+    metrics = set(budget_df["metric"]) if "metric" in budget_df and len(budget_df) else {"accuracy"}
+    short = {"accuracy": "acc", "balanced_accuracy": "balanced acc"}[metrics.pop() if len(metrics) == 1 else "accuracy"]
     gs, fs = sorted(means.grid_points.unique()), sorted(means.n_folds.unique())
     ncols = 2 if len(names) > 1 else 1
     nrows = -(-len(names) // ncols)
@@ -367,13 +397,13 @@ def plot_budget(budget_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
         heat.set_yticks(range(len(gs)), [str(g) for g in gs])
         heat.set_xlabel("folds f")
         heat.set_ylabel("grid points g")
-        heat.set_title(f"{method_table.label(method).replace(chr(10), ' ')}: mean test acc (%)", fontsize=9)
+        heat.set_title(f"{method_table.label(method).replace(chr(10), ' ')}: mean test {short} (%)", fontsize=9)
         for f in fs:
             line = m[m.n_folds == f].sort_values("grid_points")
             lines.plot(line.budget, _pct(line.test_acc), marker="o", markersize=3, color=colours[f], label=f"f = {f}")
         lines.set_xscale("log", base=2)
         lines.set_xlabel("fine-tunes g·f")
-        lines.set_ylabel("mean test acc (%)")
+        lines.set_ylabel(f"mean test {short} (%)")
         lines.grid(True, color="0.9")
         lines.set_title("same x = same budget", fontsize=9)
     for j in range(len(names), nrows * ncols):
@@ -382,8 +412,8 @@ def plot_budget(budget_df: pd.DataFrame, path: str | os.PathLike) -> Figure:
     if names:
         handles, labels = axes[0, 1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=len(fs), fontsize=8, title="folds used")
-        fig.colorbar(image, ax=axes.ravel().tolist(), location="right", shrink=0.5, label="heatmaps: mean test acc (%)")
+        fig.colorbar(image, ax=axes.ravel().tolist(), location="right", shrink=0.5, label=f"heatmaps: mean test {short} (%)")
     draws = int(budget_df.groupby(["method", "grid_points", "n_folds"]).draw.count().max()) if len(budget_df) else 0
-    fig.suptitle(f"Budget: test accuracy from g of {max(gs, default=0)} grid points and f of {max(fs, default=0)} folds "
+    fig.suptitle(f"Budget: test {short.replace('acc', 'accuracy')} from g of {max(gs, default=0)} grid points and f of {max(fs, default=0)} folds "
                  f"(up to {draws} draws per cell, no retraining)")
     return _save(fig, path)
