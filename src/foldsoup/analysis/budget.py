@@ -4,7 +4,7 @@ From the models a run already has, no retraining: for g grid points and f folds,
 of g grid points and f folds (seeded), and compute the methods on the g·f models of each
 subset exactly as the workflow computes them on all T·k models:
 
-* best_on_val: the model with the highest own-fold val accuracy (soups.methods.best_on_val);
+* best_on_val: the model with the highest own-fold val score (soups.methods.best_on_val);
 * uniform_soup: the uniform soup of the subset's models;
 * greedy_soup: Alg. 1 over the subset's models, MinAcc (or AvgAcc) over the subset's folds;
 * bgss / gsgs: per fold of the subset, Alg. 1 over its g models; then the best of those soups
@@ -13,8 +13,10 @@ subset exactly as the workflow computes them on all T·k models:
 
 Every method is the function the workflow's steps call (foldsoup.soups.methods and select, one
 tie rule: grid order, then fold), on candidates in the same order, so the full cell
-(g = T, f = k) reproduces tables/methods.csv. Test accuracy is measured after every decision,
-for reporting only. Folds and grid points are numbered from 0; a subset's `grid` column lists
+(g = T, f = k) reproduces tables/methods.csv. Every score is the run's `soups.metric` (accuracy
+or balanced accuracy, `soups.select.METRICS`): the columns val_acc and test_acc keep their names
+and hold that metric, named in each row's `metric` column. Test scores are measured after every
+decision, for reporting only. Folds and grid points are numbered from 0; a subset's `grid` column lists
 indices into the grid in config order (`config.grid_points`).
 
 Cheap to import: torch only inside the functions that need it.
@@ -41,7 +43,7 @@ from foldsoup.soups.methods import ModelResult
 # The methods of config.methods marked budget=True, in its order (BudgetRun.cell computes each).
 METHODS: tuple[str, ...] = tuple(m.name for m in method_table.METHODS if m.budget)
 COLUMNS: tuple[str, ...] = ("method", "grid_points", "n_folds", "budget", "draw", "grid", "folds", "subsets",
-                            "n_models", "n_ingredients", "val_acc", "test_acc", "n_test")
+                            "n_models", "n_ingredients", "metric", "val_acc", "test_acc", "n_test")
 
 
 # --------------------------------------------------------------------------- the cells and draws
@@ -112,8 +114,8 @@ def draw_subsets(n_grid: int, k: int, g: int, f: int, draws: int, seed: int) -> 
 @dataclass(frozen=True, kw_only=True)
 class Model(ModelResult):
     """A model of the run as every selection sees it (soups.methods.ModelResult: name, fold,
-    exact accuracies, diverged), plus where the budget finds it; `Model.from_record(metrics,
-    grid_index=..., weights=..., predictions=...)`."""
+    exact scores under the run's metric, diverged), plus where the budget finds it;
+    `Model.from_record(metrics, metric, grid_index=..., weights=..., predictions=...)`."""
 
     grid_index: int  # its grid point, in config order
     weights: str
@@ -133,7 +135,8 @@ class BudgetRun:
     def __init__(self, ctx, models: list[Model], pool_labels: np.ndarray, fold_of: np.ndarray, early_exit: bool = True):
         from safetensors.numpy import load_file
 
-        self.ctx, self.ev = ctx, ctx.evaluator()
+        self.ctx, self.ev = ctx, ctx.evaluator()  # scores by the run's metric (ctx.metric)
+        self.metric = ctx.metric
         self.models = models  # grid order, then fold: the order of the workflow's model_paths()
         self.by_name = {m.name: m for m in models}
         self.pool_labels, self.fold_of = pool_labels, fold_of
@@ -201,14 +204,16 @@ class BudgetRun:
         return self._soups[key]
 
     def greedy_test(self, key: tuple) -> float:
-        """Test accuracy of a memoised greedy soup, measured once, and only for a reported row."""
+        """Test score (the run's metric) of a memoised greedy soup, measured once, and only for a
+        reported row."""
         entry = self._greedy[key]
         if entry[1] is None:
             entry[1] = self.ev.test_acc(self.greedy_state(key))  # reporting only, after every choice
         return entry[1]
 
     def uniform(self, names: list[str], folds: Sequence[int]) -> tuple[float, float]:
-        """(val accuracy over `folds`, test accuracy) of the uniform soup of `names`, in order."""
+        """(val score over `folds`, test score), under the run's metric, of the uniform soup of
+        `names`, in order."""
         from foldsoup.soups.average import average
 
         key = (tuple(names), tuple(folds))
@@ -220,7 +225,7 @@ class BudgetRun:
 
     def methods(self, sub: Subset) -> list[dict]:
         """One row per method on the models of `sub` (diverged ones left out); [] when none is left."""
-        from foldsoup.analysis.uncertainty import correct_count, ensemble_logits, fold_accuracies
+        from foldsoup.analysis.uncertainty import class_counts, ensemble_logits, fold_accuracies
         from foldsoup.soups import methods, select
 
         members = [m for m in self.models if m.grid_index in sub.grid and m.fold in sub.folds and not m.diverged]
@@ -231,8 +236,8 @@ class BudgetRun:
         rows = []
 
         def row(method: str, n_ingredients: int, val_acc: float, test_acc: float) -> None:
-            rows.append({"method": method, "n_ingredients": n_ingredients, "val_acc": float(val_acc),
-                         "test_acc": float(test_acc)})
+            rows.append({"method": method, "n_ingredients": n_ingredients, "metric": self.metric,
+                         "val_acc": float(val_acc), "test_acc": float(test_acc)})
 
         best = methods.best_on_val(members)
         row("best_on_val", 1, best.val_acc, best.test_acc)
@@ -260,11 +265,13 @@ class BudgetRun:
         only = by_soup[result.ingredients[0].name] if len(result.ingredients) == 1 else key
         row("gsgs", len(result.ingredients), result.score, self.greedy_test(only))
 
-        # Logit ensemble of the same models, in grid order then fold (as steps.methods).
+        # Logit ensemble of the same models, in grid order then fold (as steps.methods), scored
+        # from its per-class counts under the run's metric.
+        n_classes = self.ctx.data.num_classes
         pool = ensemble_logits([self.logits[n]["pool_logits"] for n in names])
-        val = self._score(fold_accuracies(pool, self.pool_labels, self.fold_of, folds))
+        val = self._score(fold_accuracies(pool, self.pool_labels, self.fold_of, folds, n_classes, self.metric))
         test_logits = ensemble_logits([self.logits[n]["test_logits"] for n in names])
-        row("ensemble_all", len(names), val, float(select.fold_acc(*correct_count(test_logits, self.ctx.data.test_labels))))
+        row("ensemble_all", len(names), val, class_counts(test_logits, self.ctx.data.test_labels, n_classes).score(self.metric))
 
         common = {"grid": join(sub.grid), "folds": join(sub.folds), "n_models": len(members),
                   "n_test": len(self.ctx.data.test_labels)}
@@ -275,9 +282,11 @@ class BudgetRun:
 
 
 def mean_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over draws of val and test accuracy per (method, g, f)."""
+    """Mean and standard deviation over draws of val and test score (the run's metric, named in
+    the `metric` column where the table has one) per (method, g, f)."""
     grouped = table.groupby(["method", "grid_points", "n_folds"], sort=False)
-    out = grouped.agg(budget=("budget", "first"), draws=("draw", "count"), val_acc=("val_acc", "mean"),
+    metric = {"metric": ("metric", "first")} if "metric" in table else {}
+    out = grouped.agg(budget=("budget", "first"), draws=("draw", "count"), **metric, val_acc=("val_acc", "mean"),
                       test_acc=("test_acc", "mean"), test_std=("test_acc", "std")).reset_index()
     order = {m: i for i, m in enumerate(METHODS)}
     return out.sort_values(["method", "grid_points", "n_folds"], key=lambda s: s.map(lambda m: order.get(m, len(order)))

@@ -24,20 +24,22 @@ from foldsoup.steps.soups import log_cost
 
 
 def load_models(cfg: dict, model_dir: str | os.PathLike) -> list[Model]:
-    """Every (grid point, fold) model of the run, in grid order then fold (the workflow's order);
-    with models_from, the configs of its CSV take the grid points' place."""
+    """Every (grid point, fold) model of the run, in grid order then fold (the workflow's order),
+    scored by the run's `soups.metric`; with models_from, the configs of its CSV take the grid
+    points' place."""
     import json
 
     from foldsoup.config.schema import hp_names
 
     root, out = Path(model_dir), []
+    metric = cfg["soups"].get("metric", "accuracy")
     for index, hp in enumerate(hp_names(cfg)):
         for fold in range(cfg["folds"]["k"]):
             folder = root / hp / f"fold{fold}"
             with open(folder / "metrics.json") as f:
                 m = json.load(f)
-            # Accuracies exact, from the counts, as best_on_val and the soups read them (ModelResult.from_record).
-            out.append(Model.from_record({**m, "hp": hp, "fold": fold}, grid_index=index,
+            # Scores exact, from the counts, as best_on_val and the soups read them (ModelResult.from_record).
+            out.append(Model.from_record({**m, "hp": hp, "fold": fold}, metric, grid_index=index,
                                          weights=str(folder / "model.safetensors"),
                                          predictions=str(folder / "predictions.safetensors")))
     return out
@@ -81,5 +83,6 @@ def budget_table(parts: list[str], out_table: str, out_figure: str) -> None:
     atomic_write_text(out_table, table.to_csv(index=False, float_format="%.6g"))
     plot_budget(table, out_figure)
     means = mean_table(table)
-    log(f"{len(table)} rows\n" + means.pivot_table(index=["method", "grid_points"], columns="n_folds", values="test_acc",
-                                                   sort=False).to_string(float_format=lambda x: f"{100 * x:.2f}"))
+    metric = table["metric"].iloc[0] if "metric" in table and len(table) else "accuracy"  # val_acc/test_acc hold it
+    pivot = means.pivot_table(index=["method", "grid_points"], columns="n_folds", values="test_acc", sort=False)
+    log(f"{len(table)} rows, mean test {metric} (%)\n" + pivot.to_string(float_format=lambda x: f"{100 * x:.2f}"))
