@@ -18,6 +18,7 @@ from pathlib import Path
 
 from foldsoup.data.folds import HOLDOUT
 from foldsoup.report.formats import fmt_pct
+from foldsoup.soups.select import METRIC_LABELS, METRICS
 
 UNFAIR = ("choosing among the other rows of tables/methods.csv by their test accuracy is not a fair selection: it "
           "makes the test set a validation set, and the chosen row's test accuracy is then optimistic")
@@ -51,17 +52,20 @@ def ship_record(method: str, record: dict, file: str, copy_of: str, sha256: str)
     from foldsoup.soups.methods import ingredient_folds
 
     folds = ingredient_folds(record["ingredients"])
+    metric = record.get("metric", "accuracy")  # the score its selection compared (soups.metric)
+    suffix = METRICS[metric]
     out = {
         "method": method, "file": file, "copy_of": copy_of,
         **({"selected": record["selected"]} if "selected" in record else {}),
         "sha256": sha256, "chosen_by": "soups.ship (set before the run)",
         "ingredients": record["ingredients"], "n_ingredients": record["n_ingredients"], "ingredient_folds": folds,
-        "val_acc": record["val_acc"], "val_metric": record["val_metric"], "val_folds": record["folds"],
+        "metric": metric, "val_acc": record[f"val_{suffix}"], "val_metric": record["val_metric"], "val_folds": record["folds"],
         "val_estimate": val_estimate(record, folds),
     }
-    if record.get("holdout_acc") is not None and record["val_metric"] != "holdout":
-        out.update(holdout_acc=record["holdout_acc"], holdout_estimate=HOLDOUT_ESTIMATE)
-    return {**out, "test_acc": record["test_acc"], "test_estimate": TEST_ESTIMATE, "note": UNFAIR}
+    if record.get(f"holdout_{suffix}") is not None and record["val_metric"] != "holdout":
+        out.update(holdout_acc=record[f"holdout_{suffix}"], holdout_estimate=HOLDOUT_ESTIMATE)
+    # val_acc, holdout_acc, test_acc: scores under `metric` (accuracy by default)
+    return {**out, "test_acc": record[f"test_{suffix}"], "test_estimate": TEST_ESTIMATE, "note": UNFAIR}
 
 
 def _what(ship: dict) -> str:
@@ -74,7 +78,7 @@ def statement(ship: dict) -> str:
     holdout = (f" Outer holdout: {fmt_pct(ship['holdout_acc'])} ({ship['holdout_estimate']})."
                if ship.get("holdout_acc") is not None else "")
     return (f"**The model to ship: `{ship['file']}`** ({_what(ship)}). Validation estimate: {fmt_pct(ship['val_acc'])}, "
-            f"{ship['val_estimate']}.{holdout} Test accuracy: {fmt_pct(ship['test_acc'])} ({ship['test_estimate']}). "
+            f"{ship['val_estimate']}.{holdout} Test {METRIC_LABELS[ship.get('metric', 'accuracy')]}: {fmt_pct(ship['test_acc'])} ({ship['test_estimate']}). "
             f"The other methods below are for comparison: {UNFAIR}.\n")
 
 

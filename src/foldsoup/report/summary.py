@@ -17,13 +17,16 @@ from foldsoup.analysis.reliability import (
     CHANCE_ALPHA,
     flag_mask,
     flagged_models,
+    metric_suffix,
     model_name,
+    signal_name,
     threshold_model,
     val_threshold,
 )
 from foldsoup.config import methods as method_table
 from foldsoup.report.formats import NOT_AVAILABLE, fmt_pct, is_missing
 from foldsoup.report.ship import statement
+from foldsoup.soups.select import METRIC_LABELS
 from foldsoup.storage.weights import atomic_write_text
 from foldsoup.training.guard import FAR_RULE
 
@@ -169,6 +172,9 @@ def header_section(run_info: dict, models_df: pd.DataFrame, subsets_df: pd.DataF
         + (("sampled" + (f", at most {cap} per size n per grid point" if cap else " per size n"))
            if sampled else "all 2^k - 1 per grid point"),
     ]
+    if run_info.get("metric", "accuracy") != "accuracy":
+        lines.append(f"- score of every selection and table: {METRIC_LABELS[run_info['metric']]} (soups.metric; the mean "
+                     "recall over the classes present), accuracy kept in tables/*.csv")
     if "seed" in run_info:
         lines.append(f"- seed: {run_info['seed']}")
     lines += _flag_lines(models_df)
@@ -188,77 +194,83 @@ def _context_note(run_info: dict) -> str:
             "methods), not values. " + units)
 
 
-def figure2_section(models_df: pd.DataFrame) -> str:
+def figure2_section(models_df: pd.DataFrame, metric: str = "accuracy") -> str:
     df = models_df.loc[~flag_mask(models_df, "diverged")]
     p = PAPER["figure2"]
     if not len(df):
         return "## Single models (Figure 2)\n\nNo non-diverged models.\n"
-    best, low = df.loc[df["val_acc"].astype(float).idxmax()], df.loc[df["val_acc"].astype(float).idxmin()]
+    s, label = metric_suffix(metric), METRIC_LABELS[metric]
+    best, low = df.loc[df[f"val_{s}"].astype(float).idxmax()], df.loc[df[f"val_{s}"].astype(float).idxmin()]
     rows = [
-        ["highest val accuracy: val", fmt_pct(best["val_acc"]), fmt_paper_pct(p["best_val"])],
-        ["highest val accuracy: its test", fmt_pct(best["test_acc"]), fmt_paper_pct(p["best_val_test"])],
-        ["lowest val accuracy (threshold): val", fmt_pct(low["val_acc"]), fmt_paper_pct(p["lowest_val"])],
-        ["lowest val accuracy: its test", fmt_pct(low["test_acc"]), fmt_paper_pct(p["lowest_val_test"])],
+        [f"highest val {label}: val", fmt_pct(best[f"val_{s}"]), fmt_paper_pct(p["best_val"])],
+        [f"highest val {label}: its test", fmt_pct(best[f"test_{s}"]), fmt_paper_pct(p["best_val_test"])],
+        [f"lowest val {label} (threshold): val", fmt_pct(low[f"val_{s}"]), fmt_paper_pct(p["lowest_val"])],
+        [f"lowest val {label}: its test", fmt_pct(low[f"test_{s}"]), fmt_paper_pct(p["lowest_val_test"])],
     ]
     return "## Single models (Figure 2)\n\n" + md_table(["", "this run", "paper"], rows) + "\n"
 
 
-def table1_section(reliability_df: pd.DataFrame) -> str:
+def table1_section(reliability_df: pd.DataFrame, metric: str = "accuracy") -> str:
+    label, avg, mn = METRIC_LABELS[metric], signal_name("Avg", metric), signal_name("Min", metric)
     rows = []
     for r in reliability_df.itertuples():
         paper = PAPER["table1"].get(int(r.n), {"avg_acc": None, "min_acc": None})
         rows.append([int(r.n), fmt_pct(r.rmse_avg_acc), fmt_paper_pct(paper["avg_acc"]),
                      fmt_pct(r.rmse_min_acc), fmt_paper_pct(paper["min_acc"]),
                      fmt_pct(getattr(r, "mean_gap_min_acc", float("nan"))), int(r.n_soups)])
-    headers = ["n", "AvgAcc RMSE (this run)", "AvgAcc RMSE (paper)", "MinAcc RMSE (this run)",
-               "MinAcc RMSE (paper)", "mean MinAcc − test (this run)", "soups"]
-    text = ("## Table 1: RMSE of val vs test accuracy of uniform soups of n folds\n\n"
-            "RMSE over every grid point and fold subset of size n of (ValAcc − test accuracy), Eq. 4, with "
-            "ValAcc = AvgAcc (Eq. 2) or MinAcc (Eq. 3). For n = 1 both equal the model's own val accuracy "
-            "(the paper prints only MinAcc). A positive mean gap means val accuracy is optimistic. Note: the "
-            "paper's text says MinAcc's RMSE is smaller than AvgAcc's, but its printed numbers show the opposite.\n\n")
+    headers = ["n", f"{avg} RMSE (this run)", "AvgAcc RMSE (paper)", f"{mn} RMSE (this run)",
+               "MinAcc RMSE (paper)", f"mean {mn} − test (this run)", "soups"]
+    text = (f"## Table 1: RMSE of val vs test {label} of uniform soups of n folds\n\n"
+            f"RMSE over every grid point and fold subset of size n of (ValAcc − test {label}), Eq. 4, with "
+            f"ValAcc = {avg} (Eq. 2) or {mn} (Eq. 3). For n = 1 both equal the model's own val {label} "
+            f"(the paper prints only MinAcc). A positive mean gap means val {label} is optimistic. Note: the "
+            "paper's text says MinAcc's RMSE is smaller than AvgAcc's, but its printed numbers show the opposite."
+            + ("" if metric == "accuracy" else f" The paper's columns are accuracies (soups.metric: {metric} here).")
+            + "\n\n")
     return text + md_table(headers, rows) + "\n"
 
 
-def table2_section(reliability_df: pd.DataFrame, models_df: pd.DataFrame) -> str:
+def table2_section(reliability_df: pd.DataFrame, models_df: pd.DataFrame, metric: str = "accuracy") -> str:
+    label, mn = METRIC_LABELS[metric], signal_name("Min", metric)
     rows = []
     for r in reliability_df.itertuples():
         paper = PAPER["table2"].get(int(r.n), {"corr_all": None, "corr_over_threshold": None})
         rows.append([int(r.n), fmt_corr(r.corr_all), fmt_paper_corr(paper["corr_all"]),
                      fmt_corr(r.corr_over_threshold), fmt_paper_corr(paper["corr_over_threshold"]),
                      f"{int(r.n_over_threshold)} / {int(r.n_soups)}"])
-    threshold = reliability_df["threshold"].iloc[0] if len(reliability_df) else val_threshold(models_df)
+    threshold = reliability_df["threshold"].iloc[0] if len(reliability_df) else val_threshold(models_df, metric)
     headers = ["n", "corr for all (this run)", "corr for all (paper)", "corr over thre (this run)",
                "corr over thre (paper)", "soups over thre"]
-    setter, chance_note = _threshold_setter(models_df)
-    text = ("## Table 2: Pearson correlation of MinAcc and test accuracy\n\n"
-            "Over all uniform soups of n folds ('corr for all') and over those with MinAcc ≥ threshold "
-            f"('corr over thre'). Threshold = lowest val accuracy among the single (non-diverged) models: "
+    setter, chance_note = _threshold_setter(models_df, metric)
+    text = (f"## Table 2: Pearson correlation of {mn} and test {label}\n\n"
+            f"Over all uniform soups of n folds ('corr for all') and over those with {mn} ≥ threshold "
+            f"('corr over thre'). Threshold = lowest val {label} among the single (non-diverged) models: "
             f"{fmt_pct(threshold)} in this run{setter}, {fmt_paper_pct(PAPER['figure2']['lowest_val'])} in the paper. "
-            f"{chance_note}A correlation needs at least 2 soups with varying accuracies, else n/a.\n\n")
+            f"{chance_note}A correlation needs at least 2 soups with varying scores, else n/a.\n\n")
     return text + md_table(headers, rows) + "\n"
 
 
-def _threshold_setter(models_df: pd.DataFrame) -> tuple[str, str]:
+def _threshold_setter(models_df: pd.DataFrame, metric: str = "accuracy") -> tuple[str, str]:
     """(' (set by <model>)', a note when that model is at chance): what that does to 'corr over
-    thre', and the lowest val accuracy among the models above chance. The threshold is not changed."""
-    setter = threshold_model(models_df)
+    thre', and the lowest val score among the models above chance. The threshold is not changed."""
+    s, label = metric_suffix(metric), METRIC_LABELS[metric]
+    setter = threshold_model(models_df, metric)
     if setter is None or not {"hp", "fold"} <= set(setter.index):
         return "", ""
     name = model_name(setter)
     if not flag_mask(models_df, "at_chance")[setter.name]:
         return f" (set by {name})", ""
     above = models_df.loc[~flag_mask(models_df, "at_chance")]
-    other = threshold_model(above) if len(above) else None
-    lowest = f"{fmt_pct(other['val_acc'])} ({model_name(other)})" if other is not None else "undefined (every model is at chance)"
+    other = threshold_model(above, metric) if len(above) else None
+    lowest = f"{fmt_pct(other[f'val_{s}'])} ({model_name(other)})" if other is not None else "undefined (every model is at chance)"
     return (f" (set by {name})",
             f"**The threshold is set by a model at chance**: {name}'s val accuracy is not significantly above its fold's "
             f"largest-class share (binomial test, p > {CHANCE_ALPHA}), so 'corr over thre' keeps nearly "
             f"every soup and tells little beyond 'corr for all'. The paper's definition is kept; without the models at "
-            f"chance the lowest val accuracy would be {lowest}. ")
+            f"chance the lowest val {label} would be {lowest}. ")
 
 
-def holdout_section(reliability_df: pd.DataFrame) -> str:
+def holdout_section(reliability_df: pd.DataFrame, metric: str = "accuracy") -> str:
     """AvgAcc, MinAcc and the outer holdout side by side as estimates of test accuracy (only
     for runs with folds.holdout_fraction > 0)."""
     if "rmse_holdout_acc" not in reliability_df or not np.isfinite(reliability_df["rmse_holdout_acc"].astype(float)).any():
@@ -266,21 +278,22 @@ def holdout_section(reliability_df: pd.DataFrame) -> str:
     rows = [[int(r.n), fmt_pct(r.rmse_avg_acc), fmt_pct(r.rmse_min_acc), fmt_pct(r.rmse_holdout_acc),
              fmt_pct(r.mean_gap_avg_acc), fmt_pct(r.mean_gap_min_acc), fmt_pct(r.mean_gap_holdout_acc),
              fmt_corr(r.corr_avg_acc), fmt_corr(r.corr_all), fmt_corr(r.corr_holdout_acc)] for r in reliability_df.itertuples()]
-    headers = ["n", "RMSE AvgAcc", "RMSE MinAcc", "RMSE holdout", "gap AvgAcc", "gap MinAcc", "gap holdout",
-               "corr AvgAcc", "corr MinAcc", "corr holdout"]
+    label, avg, mn = METRIC_LABELS[metric], signal_name("Avg", metric), signal_name("Min", metric)
+    headers = ["n", f"RMSE {avg}", f"RMSE {mn}", "RMSE holdout", f"gap {avg}", f"gap {mn}", "gap holdout",
+               f"corr {avg}", f"corr {mn}", "corr holdout"]
     cross = reliability_df[reliability_df["n"].astype(int) >= 2]  # where the signals differ
-    signals = {"AvgAcc": "rmse_avg_acc", "MinAcc": "rmse_min_acc", "holdout": "rmse_holdout_acc"}
+    signals = {avg: "rmse_avg_acc", mn: "rmse_min_acc", "holdout": "rmse_holdout_acc"}
     means = {name: float(cross[col].astype(float).mean()) for name, col in signals.items()} if len(cross) else {}
     finding = ""
     if means and all(math.isfinite(v) for v in means.values()):
         best = min(means, key=means.get)
         finding = ("Averaged over n ≥ 2, the RMSE is " + ", ".join(f"{name} {fmt_pct(v)}" for name, v in means.items())
-                   + f": {best} estimates test accuracy best in this run. ")
-    text = ("## Validation signals: AvgAcc, MinAcc and the outer holdout\n\n"
-            "The uniform soups of Table 1 scored three ways: AvgAcc and MinAcc over their folds' val parts "
-            "(images that the other folds' models trained on) and accuracy on the outer holdout (images no "
+                   + f": {best} estimates test {label} best in this run. ")
+    text = (f"## Validation signals: {avg}, {mn} and the outer holdout\n\n"
+            f"The uniform soups of Table 1 scored three ways: {avg} and {mn} over their folds' val parts "
+            f"(images that the other folds' models trained on) and {label} on the outer holdout (images no "
             "model trained on). RMSE and mean gap (val − test) as in Table 1; corr = Pearson correlation with "
-            "test accuracy over the same soups. " + finding
+            f"test {label} over the same soups. " + finding
             + "Methods selected on the holdout (best_on_holdout, greedy_soup_holdout) are in Table 3.\n\n")
     return text + md_table(headers, rows) + "\n"
 
@@ -290,20 +303,23 @@ def _method_row(methods: pd.DataFrame, method: str) -> pd.Series | None:
     return hit.iloc[0] if len(hit) else None
 
 
-def table3_section(methods_df: pd.DataFrame) -> str:
+def table3_section(methods_df: pd.DataFrame, metric: str = "accuracy") -> str:
+    s, label, mn = metric_suffix(metric), METRIC_LABELS[metric], signal_name("Min", metric)
     only_table4 = {m.name for m in method_table.METHODS if m.paper_tables == (4,)}  # Table 4's baselines
     names = [m for m in method_table.order(list(methods_df["method"]) + list(PAPER["table3"])) if m not in only_table4]
     rows = []
     for m in names:
         row, paper = _method_row(methods_df, m), PAPER["table3"].get(m, {"val": None, "test": None})
-        ours = ("—", "—", "") if row is None else (fmt_pct(row["val_acc"]), fmt_pct(row["test_acc"]), _ingredients(row))
+        ours = ("—", "—", "") if row is None else (fmt_pct(row[f"val_{s}"]), fmt_pct(row[f"test_{s}"]), _ingredients(row))
         rows.append([method_table.title(m), ours[0], fmt_paper_pct(paper["val"]), ours[1],
                      fmt_paper_pct(paper["test"]), ours[2], *_intervals(row)])
     headers = ["method", "val (this run)", "val (paper)", "test (this run)", "test (paper)", "ingredients",
                "test interval", "test − best on val [interval]"]
+    also = "" if metric == "accuracy" else " (every selection compared it; tables/methods.csv keeps accuracy too)"
     text = ("## Table 3: methods\n\n"
-            "Val accuracy is MinAcc over the folds of the soup's ingredients (own-fold val accuracy for "
-            "single-fold entries such as Best on val and BGSS; accuracy on the outer holdout for the *holdout* entries); test accuracy never takes part in a decision. "
+            f"Scores are {label}{also}. Val {label} is {mn} over the folds of the soup's ingredients (own-fold val "
+            f"{label} for single-fold entries such as Best on val and BGSS; {label} on the outer holdout for the "
+            f"*holdout* entries); test {label} never takes part in a decision. "
             "'—' in the this-run columns marks a method this run did not produce. Intervals are paired "
             "bootstrap percentile intervals over the test images (the same resamples for every method); a "
             "difference marked * has its whole interval on one side of zero, any other is not a win. "
@@ -326,15 +342,16 @@ def _ingredients(row: pd.Series) -> str:
     return "" if is_missing(value) or value is None else str(int(value))
 
 
-def table4_section(methods_df: pd.DataFrame) -> str:
+def table4_section(methods_df: pd.DataFrame, metric: str = "accuracy") -> str:
+    s, label = metric_suffix(metric), METRIC_LABELS[metric]
     rows = []
     for m in TABLE4_METHODS:
         row = _method_row(methods_df, m)
-        val, test = ("—", "—") if row is None else (fmt_pct(row["val_acc"]), fmt_pct(row["test_acc"]))
+        val, test = ("—", "—") if row is None else (fmt_pct(row[f"val_{s}"]), fmt_pct(row[f"test_{s}"]))
         rows.append([method_table.title(m), val, test, fmt_paper_pct(PAPER["table4"][m])])
     text = ("## Table 4: uniform soups and Best on val\n\n"
             "Best uniform soup per split: per fold, the uniform soup of its grid points' models, then the one "
-            "with the highest val accuracy. The paper prints a single 'Acc' column (98.44%, 98.14%, 96.88%). "
+            f"with the highest val {label}. The paper prints a single 'Acc' column (98.44%, 98.14%, 96.88%). "
             "These numbers appear to repeat Table 3's val/test columns (Best on val val, Uniform soups val, "
             "Uniform soups test) rather than report new measurements, so read that column with care.\n\n")
     return text + md_table(["method", "val (this run)", "test (this run)", "Acc (paper)"], rows) + "\n"
@@ -348,13 +365,14 @@ def figures_section(run_info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def budget_section(budget_df: pd.DataFrame | None) -> str:
+def budget_section(budget_df: pd.DataFrame | None, metric: str = "accuracy") -> str:
     """Budget: mean test accuracy per method over (grid points g x folds f), and the equal-budget
     comparison (same number of fine-tunes g·f) computed from it."""
     from foldsoup.analysis.budget import compare_equal_budget, equal_budgets, mean_table
 
     if budget_df is None or not len(budget_df):
         return ""
+    label = METRIC_LABELS[metric]  # the budget table's test_acc holds the run's metric
     means = mean_table(budget_df)
     fs = sorted(means["n_folds"].unique())
     gs = sorted(means["grid_points"].unique())
@@ -370,13 +388,13 @@ def budget_section(budget_df: pd.DataFrame | None) -> str:
     n_test = int(budget_df["n_test"].iloc[0]) if "n_test" in budget_df else 0
     image = f" One test image is {100 / n_test:.2f} points." if n_test else ""
     std = means.loc[means["draws"] > 1, "test_std"].mean()
-    spread = "" if is_missing(std) else f" Between draws of one cell, test accuracy varies by {100 * std:.2f} points (mean standard deviation)."
+    spread = "" if is_missing(std) else f" Between draws of one cell, test {label} varies by {100 * std:.2f} points (mean standard deviation)."
     text = ("## Budget: more grid points or more folds?\n\n"
             "The paper's open question (section 5.5), from the models already trained: for g of the grid points "
             "and f of the folds, up to "
             f"{draws} seeded draws of g grid points and f folds per cell; every method on the g·f models of a draw, "
             "exactly as on all of them (the cell with every grid point and every fold is Table 3's run). Mean test "
-            f"accuracy over the draws (rows: g grid points, columns: f folds); per draw in tables/budget.csv, drawn in "
+            f"{label} over the draws (rows: g grid points, columns: f folds); per draw in tables/budget.csv, drawn in "
             f"figures/budget.png.{image}{spread}\n\n")
     text += md_table(["method", "g", *(f"f = {f}" for f in fs)], rows) + "\n"
     budgets = equal_budgets(budget_df)
@@ -384,8 +402,8 @@ def budget_section(budget_df: pd.DataFrame | None) -> str:
         return text
     overall = means.groupby(["grid_points", "n_folds"])["test_acc"].mean()
     same = [[str(b), "; ".join(f"{g} × {f}: {fmt_pct(overall[(g, f)])}" for g, f in cells)] for b, cells in budgets.items()]
-    text += ("\nThe same number of fine-tunes g·f spent two or more ways (grid points × folds), mean test accuracy "
-             "over the methods:\n\n" + md_table(["fine-tunes", "grid points × folds: mean test accuracy"], same) + "\n")
+    text += (f"\nThe same number of fine-tunes g·f spent two or more ways (grid points × folds), mean test {label} "
+             "over the methods:\n\n" + md_table(["fine-tunes", f"grid points × folds: mean test {label}"], same) + "\n")
     c = compare_equal_budget(budget_df)
     best = max(c["cells"], key=lambda cell: c["mean_over_methods"][cell])
     most_folds, most_grid = max(c["cells"], key=lambda cell: cell[1]), max(c["cells"], key=lambda cell: cell[0])
@@ -460,20 +478,21 @@ def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, model
                    ship: dict | None = None, per_class: pd.DataFrame | None = None,
                    folds: pd.DataFrame | None = None) -> str:
     """The Markdown text of summary.md (see `write_summary`)."""
+    metric = run_info.get("metric") or "accuracy"
     title, _, header = header_section(run_info, models_df, subsets_df).partition("\n\n")
     parts = [
         title + "\n",
         ship_section(ship),
         header,
         groups_section(folds),
-        figure2_section(models_df),
-        table1_section(reliability_df),
-        table2_section(reliability_df, models_df),
-        holdout_section(reliability_df),
-        table3_section(methods_df),
-        table4_section(methods_df),
+        figure2_section(models_df, metric),
+        table1_section(reliability_df, metric),
+        table2_section(reliability_df, models_df, metric),
+        holdout_section(reliability_df, metric),
+        table3_section(methods_df, metric),
+        table4_section(methods_df, metric),
         per_class_section(per_class, ship),
-        budget_section(budget),
+        budget_section(budget, metric),
         figures_section(run_info),
     ]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
@@ -488,7 +507,8 @@ def write_summary(path: str | os.PathLike, reliability_df: pd.DataFrame, methods
     run_info keys, all optional: dataset, model, preset (name; "paper..." marks the paper
     preset), paper_preset (bool, overrides the name test; without either, a cifar10 +
     ViT-B-32 run with k = 5 and 18 grid points counts as the paper preset), k, grid_size
-    (alias grid_points), n_models (alias models), seed, max_subsets_per_n, sampled (bool;
+    (alias grid_points), n_models (alias models), metric (soups.metric: the score of every
+    table; default accuracy), seed, max_subsets_per_n, sampled (bool;
     default from subsets_df["sampled"]), figures ({title: path relative to the summary}).
     Diverged models are read from models_df["diverged"], not from run_info. `budget`:
     tables/budget.csv, for the Budget section (left out when None). `ship`: ship/ship.json, for
