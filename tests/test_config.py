@@ -175,7 +175,7 @@ def test_missing_required_keys(base):
     assert message.splitlines()[1:] == [
         "  - data: missing; it is required (allowed: a mapping (key: value) with keys name, root, download, image_size, "
         "mean, std, interpolation, image_settings, hflip, classes, pretrain_classes, test_fraction, max_pool, max_test, class_names, resize, "
-        "background, manifest, columns, group_pattern)",
+        "background, manifest, columns, image_glob, group_pattern)",
         "  - model: missing; it is required (allowed: a mapping (key: value) with keys name, width, norm, arch, pretrained, "
         "quick_gelu, normalize_features)",
     ]

@@ -375,3 +375,37 @@ def test_the_summary_counts_groups_per_fold_and_warns_of_a_large_one():
     assert text.index("| 1 |") < text.index("| outer holdout | 1 | 1 |")
     assert "in fold(s) 0 (p1: 80%), outer holdout (p7: 100%) one group holds more than 25%" in text
     assert groups_section(folds.assign(group=None)) == "" and groups_section(None) == ""
+
+
+def test_image_glob_finds_ham10000_style_images(tmp_path):
+    """HAM10000's metadata names each image by image_id, without folder or extension, and the
+    images lie in two part folders: data.image_glob finds each row's one file; a pattern that
+    matches none or two files is refused naming the row, and the key outside csv or without
+    {image} is refused by the config check."""
+    from PIL import Image
+
+    rows = [{"image_id": f"ISIC_{i:07d}", "dx": r["dx"], "patient": r["patient"], "split": r["split"]}
+            for i, r in enumerate(_rows(split=True))]
+    for i, row in enumerate(rows):
+        part = tmp_path / f"HAM10000_images_part_{1 + i % 2}"
+        part.mkdir(exist_ok=True)
+        Image.new("RGB", (6, 5), (40 + 60 * CLASSES.index(row["dx"]), 0, 0)).save(part / f"{row['image_id']}.jpg")
+    manifest = write_manifest(tmp_path, rows, images=False)
+    cfg = validate(config(manifest, image_glob="HAM10000_images_part_?/{image}.jpg"))
+    data = prepare(cfg["data"], cfg["seed"])
+    assert len(data.pool_labels) + len(data.test_labels) == len(rows)
+    assert data.pool_sources + data.test_sources == [r["image_id"] for r in rows if r["split"] != "test"] + [
+        r["image_id"] for r in rows if r["split"] == "test"]  # each image's source, as the CSV names it
+    assert [int(img[0, 0, 0]) for img in data.test_images] == [40 + 60 * CLASSES.index(r["dx"]) for r in rows
+                                                                if r["split"] == "test"]
+    with pytest.raises(ConfigError, match=r"line 2 \(image 'ISIC_0000000'\), column 'image_id': image file .*ISIC_0000000"
+                                          r"\.png' does not exist \(74 of 74 image\(s\) missing; no file matches data.image_glob"):
+        validate(config(manifest, image_glob="{image}.png"))
+    (tmp_path / "HAM10000_images_part_2" / f"{rows[0]['image_id']}.jpg").write_bytes(b"")  # now in both parts
+    with pytest.raises(ConfigError, match=r"line 2 \(image 'ISIC_0000000'\), column 'image_id': 2 files match "
+                                          r"data.image_glob for 'ISIC_0000000'"):
+        validate(config(manifest, image_glob="HAM10000_images_part_?/{image}.jpg"))
+    assert any("data.image_glob: 'x.jpg' has no {image}" in p for p in problems_of(config(manifest, image_glob="x.jpg")))
+    digits = {"data": {"name": "digits", "image_glob": "{image}.jpg"}, "model": {"name": "digits_cnn"}}
+    assert any(p.startswith("data.image_glob: only for data.name 'csv'") for p in problems_of(digits))
+    assert job_config(cfg, "prepare")["data"]["image_glob"] == "HAM10000_images_part_?/{image}.jpg"  # reruns prepare

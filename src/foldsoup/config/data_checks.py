@@ -81,6 +81,12 @@ def key_problems(data: dict) -> list[str]:
         problems.append(f"data.class_names: only for data.name 'medmnist' or 'csv' ({name} takes its class names from "
                         f"{whose}); allowed: null")
     problems += _group_pattern_problems(data)
+    glob = data.get("image_glob")
+    if glob is not None and name != "csv":
+        problems.append(f"data.image_glob: only for data.name 'csv' (a manifest's image column); allowed: null")
+    elif glob is not None and "{image}" not in glob:
+        problems.append(f"data.image_glob: {glob!r} has no {{image}}; allowed: a glob pattern with {{image}} for the "
+                        f"image column's value, e.g. 'images_part_?/{{image}}.jpg'")
     if data.get("manifest") is not None and name != "csv":
         problems.append(f"data.manifest: only for data.name 'csv' ({name} reads data.root); allowed: null")
     if data.get("manifest") is None and name == "csv":

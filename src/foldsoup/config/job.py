@@ -124,6 +124,10 @@ def step_keys(cfg: dict, step: str, hp: str | None = None) -> tuple[str, ...]:
         # The score the selections compare; only when not the default, so the jobs of runs made
         # before soups.metric existed keep their configuration.
         keys += ("soups.metric",)
+    if step == "prepare" and cfg["data"].get("image_glob") is not None:
+        # Where a manifest's images are found; only when set, so runs made before the key existed
+        # keep their prepare job.
+        keys += ("data.image_glob",)
     if step == "prepare" and cfg["data"].get("group_pattern") is not None:
         # imagefolder's groups (stored in the prepared file: the test split and, through it, the
         # `folds` job depend on them); only when set, so runs made before the key existed keep

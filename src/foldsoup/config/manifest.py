@@ -11,6 +11,7 @@ one line naming the file, the row (its line number in the CSV, and its image) an
 from __future__ import annotations
 
 import csv
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,8 +168,7 @@ def read_manifest(data: dict, k: int | None = None, holdout_fraction: float = 0.
         if fold is not None and split == "test":
             raise DataError(f"{_at(path, row, columns['fold'])}: a test row with fold {fold}; test rows are in no fold, "
                             f"leave their fold empty")
-        file = Path(value["image"])
-        file = file if file.is_absolute() else path.parent / file
+        file = _image_file(path, row, columns["image"], data.get("image_glob"))
         row = Row(line, value["image"], file, value["label"], value["group"], split, fold)
         key = os.path.normpath(file)
         if key in by_path:
@@ -183,12 +183,29 @@ def read_manifest(data: dict, k: int | None = None, holdout_fraction: float = 0.
     if missing:
         row = missing[0]
         what = "is a folder" if row.path.is_dir() else "does not exist"
+        where = (f"no file matches data.image_glob {data['image_glob']!r}" if data.get("image_glob") else
+                 f"relative paths are read from the CSV's folder {str(path.parent)!r}")
         raise DataError(f"{_at(path, row, columns['image'])}: image file {str(row.path)!r} {what} ({len(missing)} of "
-                        f"{len(rows)} image(s) missing; relative paths are read from the CSV's folder {str(path.parent)!r})")
+                        f"{len(rows)} image(s) missing; {where})")
     manifest = Manifest(path, rows, class_names or _classes([r.label for r in rows]), columns)
     _check_splits(manifest)
     _check_folds(manifest, k, holdout_fraction)
     return manifest
+
+
+def _image_file(path: Path, row: Row, column: str, image_glob: str | None) -> Path:
+    """The image file of `row`: its image value as a path (relative to the CSV's folder), or with
+    data.image_glob the one file its pattern matches (none: the pattern as the missing path)."""
+    if image_glob is None:
+        file = Path(row.image)
+        return file if file.is_absolute() else path.parent / file
+    pattern = os.path.join(path.parent, image_glob.replace("{image}", glob.escape(row.image)))
+    matches = sorted(glob.glob(pattern))
+    if len(matches) > 1:
+        raise DataError(f"{_at(path, row, column)}: {len(matches)} files match data.image_glob for {row.image!r} "
+                        f"({matches[0]!r}, {matches[1]!r}{', ...' if len(matches) > 2 else ''}); allowed: a pattern "
+                        f"that matches one file per row")
+    return Path(matches[0]) if matches else Path(pattern)
 
 
 def _check_splits(m: Manifest) -> None:
