@@ -409,3 +409,22 @@ def test_image_glob_finds_ham10000_style_images(tmp_path):
     digits = {"data": {"name": "digits", "image_glob": "{image}.jpg"}, "model": {"name": "digits_cnn"}}
     assert any(p.startswith("data.image_glob: only for data.name 'csv'") for p in problems_of(digits))
     assert job_config(cfg, "prepare")["data"]["image_glob"] == "HAM10000_images_part_?/{image}.jpg"  # reruns prepare
+
+
+def test_a_fold_without_a_class_is_warned_of_in_the_folds_log_and_the_summary():
+    """A class with fewer groups than k is refused before any job; with enough groups a fold can
+    still miss a class (unequal group sizes, or the user's own fold column): its val score then
+    says nothing about that class, and the folds job's log and the summary say so."""
+    from foldsoup.data.folds import fold_summary, missing_classes
+    from foldsoup.report.summary import groups_section
+
+    labels = np.array([0, 1, 2, 1, 2, 2, 0, 2])
+    fold_of = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    assert missing_classes(labels, fold_of, 3) == {1: [0], 2: [1]}
+    lines = fold_summary(fold_of, [f"p{i}" for i in range(8)], labels, ["bcc", "melanoma", "nevus"])
+    assert "WARNING fold 1: no image of class(es) 'bcc' (too few groups of them to reach every fold)" in lines[-2]
+    assert lines[-1].startswith("WARNING fold 2: no image of class(es) 'melanoma'")
+    folds = pd.DataFrame({"label": labels, "fold": fold_of, "group": [f"p{i}" for i in range(8)]})
+    text = groups_section(folds, ["bcc", "melanoma", "nevus"])
+    assert "**Warning**: some folds have no image of a class (fold 1: bcc; fold 2: melanoma)" in text
+    assert "no image of a class" not in groups_section(folds.assign(fold=[0, 0, 0, 1, 1, 1, 1, 0]), ["a", "b", "c"])

@@ -173,9 +173,23 @@ def given_folds(fold_of: np.ndarray, k: int, groups: Sequence[str] | None = None
     return fold_of
 
 
-def fold_summary(fold_of: np.ndarray, groups: Sequence[str] | None) -> list[str]:
+def missing_classes(labels: np.ndarray, fold_of: np.ndarray, num_classes: int) -> dict[int, list[int]]:
+    """fold (and HOLDOUT) -> the classes it has no image of. Group-disjoint folds can leave a
+    rare class out of a fold: that fold's val score then says nothing about the class (balanced
+    accuracy averages over the classes present)."""
+    out = {}
+    for fold in sorted(set(fold_of.tolist()), key=lambda f: (f == HOLDOUT, f)):
+        absent = np.flatnonzero(np.bincount(labels[fold_of == fold], minlength=num_classes) == 0).tolist()
+        if absent:
+            out[int(fold)] = absent
+    return out
+
+
+def fold_summary(fold_of: np.ndarray, groups: Sequence[str] | None, labels: np.ndarray | None = None,
+                 classes: Sequence[str] | None = None) -> list[str]:
     """Per fold (and the holdout) the images and groups, and a WARNING line for each fold where
-    one group holds more than LARGE_GROUP_SHARE of the images. Nothing without groups."""
+    one group holds more than LARGE_GROUP_SHARE of the images; with `labels` and `classes`, a
+    WARNING for each fold without an image of some class. Nothing without groups."""
     if groups is None:
         return []
     groups = np.asarray(groups, dtype=str)
@@ -191,6 +205,11 @@ def fold_summary(fold_of: np.ndarray, groups: Sequence[str] | None) -> list[str]
             warnings.append(f"WARNING {name}: group {biggest!r} holds {share:.0%} of its images ({int(counts[top])} of "
                             f"{int(counts.sum())}, above {LARGE_GROUP_SHARE:.0%}): its accuracy mostly measures that one "
                             f"group")
+    if labels is not None and classes is not None:
+        for fold, absent in missing_classes(np.asarray(labels), fold_of, len(classes)).items():
+            name = "outer holdout" if fold == HOLDOUT else f"fold {fold}"
+            warnings.append(f"WARNING {name}: no image of class(es) {', '.join(repr(classes[c]) for c in absent)} (too few "
+                            f"groups of them to reach every fold): its val score says nothing about them")
     return lines + warnings
 
 

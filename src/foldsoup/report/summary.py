@@ -419,11 +419,12 @@ def budget_section(budget_df: pd.DataFrame | None, metric: str = "accuracy") -> 
     return text
 
 
-def groups_section(folds: pd.DataFrame | None) -> str:
+def groups_section(folds: pd.DataFrame | None, classes: list[str] | None = None) -> str:
     """Groups (patients, subjects) per fold from folds.csv, when the data has them: each fold's
     images and groups and its largest group's share, with a warning where one group holds more
-    than data.folds.LARGE_GROUP_SHARE of a fold (its val accuracy then mostly measures one group)."""
-    from foldsoup.data.folds import HOLDOUT, LARGE_GROUP_SHARE
+    than data.folds.LARGE_GROUP_SHARE of a fold (its val accuracy then mostly measures one group)
+    and, with `classes` (label order), one where a fold has no image of a class."""
+    from foldsoup.data.folds import HOLDOUT, LARGE_GROUP_SHARE, missing_classes
 
     if folds is None or "group" not in folds or folds["group"].isna().all():
         return ""
@@ -437,6 +438,13 @@ def groups_section(folds: pd.DataFrame | None) -> str:
             large.append(f"{name} ({counts.index[0]}: {share:.0%})")
     warning = (f"\n**Warning**: in fold(s) {', '.join(large)} one group holds more than {LARGE_GROUP_SHARE:.0%} of the "
                "images, so that fold's val accuracy mostly measures one group.\n" if large else "")
+    if classes:
+        absent = missing_classes(folds["label"].to_numpy(dtype=np.int64), folds["fold"].to_numpy(dtype=np.int64), len(classes))
+        if absent:
+            where = "; ".join(f"{'outer holdout' if f == HOLDOUT else f'fold {f}'}: {', '.join(classes[c] for c in cs)}"
+                              for f, cs in absent.items())
+            warning += (f"\n**Warning**: some folds have no image of a class ({where}): too few groups of it to "
+                        "reach every fold, so those folds' val scores say nothing about it.\n")
     text = ("## Groups per fold\n\n"
             "The folds, the test split and the outer holdout are group-disjoint: no group (patient, subject) is in two "
             "of them, so a fold's val accuracy is measured on groups its models never trained on.\n\n")
@@ -484,7 +492,7 @@ def render_summary(reliability_df: pd.DataFrame, methods_df: pd.DataFrame, model
         title + "\n",
         ship_section(ship),
         header,
-        groups_section(folds),
+        groups_section(folds, None if per_class is None else list(dict.fromkeys(per_class["class"].astype(str)))),
         figure2_section(models_df, metric),
         table1_section(reliability_df, metric),
         table2_section(reliability_df, models_df, metric),

@@ -34,5 +34,5 @@ def folds(cfg: dict, data_path: str, out: str) -> None:
     write_folds(out, data.pool_labels, fold_of, data.pool_groups, data.pool_sources)
     log(f"{what} of sizes {np.bincount(fold_of[fold_of != HOLDOUT]).tolist()}"
         + (f", outer holdout of {len(holdout_indices(fold_of))} images" if (fold_of == HOLDOUT).any() else ""))
-    for line in fold_summary(fold_of, data.pool_groups):
+    for line in fold_summary(fold_of, data.pool_groups, data.pool_labels, data.classes):
         log(line)
