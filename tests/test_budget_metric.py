@@ -6,7 +6,6 @@ the soup's logits); with accuracy (the default) they hold accuracy, computed the
 from __future__ import annotations
 
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from foldsoup.soups.select import METRICS
+from foldsoup.soups.select import metric_suffix
 
 RELIABILITY_COLUMNS: tuple[str, ...] = (
     "n",
@@ -176,14 +176,6 @@ def flag_mask(models: pd.DataFrame, column: str) -> pd.Series:
 
 
 # --------------------------------------------------------------------------- Tables 1 and 2
-
-
-def metric_suffix(metric: str) -> str:
-    """The column suffix of a `soups.metric` ("accuracy" -> "acc", "balanced_accuracy" -> "bacc")."""
-    try:
-        return METRICS[metric]
-    except KeyError:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}") from None
 
 
 def signal_name(kind: str, metric: str) -> str:

@@ -83,7 +83,7 @@ def key_problems(data: dict) -> list[str]:
     problems += _group_pattern_problems(data)
     glob = data.get("image_glob")
     if glob is not None and name != "csv":
-        problems.append(f"data.image_glob: only for data.name 'csv' (a manifest's image column); allowed: null")
+        problems.append("data.image_glob: only for data.name 'csv' (a manifest's image column); allowed: null")
     elif glob is not None and "{image}" not in glob:
         problems.append(f"data.image_glob: {glob!r} has no {{image}}; allowed: a glob pattern with {{image}} for the "
                         f"image column's value, e.g. 'images_part_?/{{image}}.jpg'")

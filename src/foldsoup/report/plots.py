@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from foldsoup.analysis.reliability import flag_mask, metric_suffix, pearson, signal_name
+from foldsoup.analysis.reliability import flag_mask, pearson, signal_name
 from foldsoup.config import methods as method_table
-from foldsoup.soups.select import METRIC_LABELS
+from foldsoup.soups.select import METRIC_LABELS, metric_suffix
 from foldsoup.storage.weights import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover

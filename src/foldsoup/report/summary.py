@@ -17,7 +17,6 @@ from foldsoup.analysis.reliability import (
     CHANCE_ALPHA,
     flag_mask,
     flagged_models,
-    metric_suffix,
     model_name,
     signal_name,
     threshold_model,
@@ -26,7 +25,7 @@ from foldsoup.analysis.reliability import (
 from foldsoup.config import methods as method_table
 from foldsoup.report.formats import NOT_AVAILABLE, fmt_pct, is_missing
 from foldsoup.report.ship import statement
-from foldsoup.soups.select import METRIC_LABELS
+from foldsoup.soups.select import METRIC_LABELS, metric_suffix
 from foldsoup.storage.weights import atomic_write_text
 from foldsoup.training.guard import FAR_RULE
 

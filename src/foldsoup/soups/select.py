@@ -153,6 +153,13 @@ class ClassCounts:
         return cls(tuple(record["correct"]), tuple(record["total"]))
 
 
+def metric_suffix(metric: str) -> str:
+    """The suffix of a `soups.metric`'s columns and record keys ("accuracy" -> "acc",
+    "balanced_accuracy" -> "bacc"); an unknown metric is refused naming the known ones."""
+    _check_option("metric", metric, tuple(METRICS))
+    return METRICS[metric]
+
+
 def score_of(record: Mapping, split: str, metric: str = "accuracy") -> Fraction | float | None:
     """The exact `metric` score on `split` ("val", "test", "holdout") of a metrics.json, a
     models.csv row or a soup record: accuracy from `<split>_correct`/`<split>_total`
@@ -160,13 +167,13 @@ def score_of(record: Mapping, split: str, metric: str = "accuracy") -> Fraction 
     `<split>_class_total` (lists, or in a CSV cell space-separated integers). A record written
     before those counts gives its float `<split>_<suffix>` (not exact); None where it has no
     such score."""
-    _check_option("metric", metric, tuple(METRICS))
+    suffix = metric_suffix(metric)
     if metric == "accuracy":
         return accuracy_of(record, f"{split}_acc")
     counts = class_counts_of(record, split)
     if counts is not None:
         return counts.score(metric)
-    value = record.get(f"{split}_{METRICS[metric]}")
+    value = record.get(f"{split}_{suffix}")
     return None if is_missing(value) else float(value)
 
 
